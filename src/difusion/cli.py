@@ -1,0 +1,254 @@
+"""The `difusion` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+app = typer.Typer(
+    help="Diffusion models from the noise schedule to text-to-image.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, exit status 1."""
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _check_output(path: Path, suffixes: tuple[str, ...]) -> Path:
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{path}: the output must end in {' or '.join(suffixes)}")
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@app.command()
+def noise(
+    image: Annotated[Path, typer.Argument(help="Any image file (grayscale, RGB, RGBA; any size).")],
+    schedule: Annotated[str, typer.Option(help="linear, cosine or scaled_linear.")] = "cosine",
+    steps: Annotated[
+        str, typer.Option(help="Timesteps to show, comma-separated.")
+    ] = "0,100,250,500,750,999",
+    size: Annotated[int, typer.Option(help="Resize and centre-crop to this size.")] = 64,
+    zero_terminal_snr: Annotated[bool, typer.Option(help="Rescale to zero terminal SNR.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")] = Path(
+        "noise.png"
+    ),
+) -> None:
+    """Show the forward process: an image dissolving into Gaussian noise."""
+    from .images import labelled_strip, load_image, to_pil
+    from .schedule import NoiseSchedule
+
+    if size < 8 or size > 1024:
+        raise UserError(f"--size must be between 8 and 1024, got {size}")
+    _check_output(output, (".png",))
+    sched = NoiseSchedule(kind=schedule, zero_terminal_snr=zero_terminal_snr)
+    ts = _ints(steps, "--steps")
+    if not ts or min(ts) < 0 or max(ts) >= sched.num_steps:
+        raise UserError(f"--steps must lie in 0..{sched.num_steps - 1}, got {steps!r}")
+    x0 = load_image(image, size)
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor(ts)
+    xt = sched.q_sample(x0.expand(len(ts), -1, -1, -1), t, eps.expand(len(ts), -1, -1, -1))
+    snr = sched.snr(t)
+    labels = [f"t={int(ti)}\nSNR={float(s):.3g}" for ti, s in zip(t, snr, strict=True)]
+    scale = max(1, 96 // size)
+    pics = [p.resize((size * scale, size * scale), 0) for p in to_pil(xt)]
+    labelled_strip(pics, labels).save(output)
+    typer.echo(f"wrote {output} ({schedule} schedule, t = {', '.join(map(str, ts))})")
+
+
+@app.command()
+def train(
+    data: Annotated[
+        str, typer.Option(help="digits, fashion, shapes, or a folder of images.")
+    ] = "digits",
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, log, pictures).")] = Path(
+        "runs/run"
+    ),
+    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 5000,
+    minutes: Annotated[
+        float | None, typer.Option(help="Stop (and save) after this wall time.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step (per process).")] = 64,
+    size: Annotated[int | None, typer.Option(help="Image size (default: the data set's).")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
+    warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 200,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the sampling weights.")] = 0.999,
+    prediction: Annotated[str, typer.Option(help="eps, v or x0.")] = "eps",
+    schedule: Annotated[str, typer.Option(help="linear, cosine or scaled_linear.")] = "cosine",
+    zero_terminal_snr: Annotated[
+        bool, typer.Option(help="Rescale the schedule to zero terminal SNR.")
+    ] = False,
+    min_snr_gamma: Annotated[
+        float, typer.Option(help="Min-SNR loss weighting (0: off; 5 is usual).")
+    ] = 0.0,
+    cond: Annotated[
+        str | None, typer.Option(help="'label' for class-conditional training.")
+    ] = None,
+    cond_drop: Annotated[float, typer.Option(help="Probability of dropping the condition.")] = 0.1,
+    channels: Annotated[int, typer.Option(help="Base channel count of the U-Net.")] = 64,
+    channel_mult: Annotated[str, typer.Option(help="Channel multiplier per level.")] = "1,2,2",
+    attention: Annotated[str, typer.Option(help="Resolutions with self-attention.")] = "16,8",
+    layers_per_block: Annotated[int, typer.Option(help="ResBlocks per level.")] = 2,
+    dropout: Annotated[float, typer.Option(help="Dropout in the ResBlocks.")] = 0.0,
+    precision: Annotated[
+        str, typer.Option(help="fp32, bf16 (CPU or CUDA) or fp16 (CUDA).")
+    ] = "fp32",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
+    sample_every: Annotated[
+        int, typer.Option(help="Steps between sample grids and loss plots.")
+    ] = 500,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out exactly where it stopped.")
+    ] = False,
+) -> None:
+    """Train a diffusion model (on one process, or several under torchrun)."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    if steps < 1 or batch_size < 1:
+        raise UserError("--steps and --batch-size must be positive")
+    if cond not in (None, "label"):
+        raise UserError(f"--cond must be 'label', got {cond!r}")
+    if not 0 <= cond_drop < 1:
+        raise UserError("--cond-drop must be in [0, 1)")
+    if prediction not in ("eps", "v", "x0"):
+        raise UserError(f"--prediction must be eps, v or x0, got {prediction!r}")
+    cfg = TrainConfig(
+        data=data,
+        out=str(out),
+        size=size,
+        steps=steps,
+        minutes=minutes,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        ema_decay=ema_decay,
+        prediction=prediction,
+        schedule=schedule,
+        zero_terminal_snr=zero_terminal_snr,
+        min_snr_gamma=min_snr_gamma,
+        cond=cond,
+        cond_drop=cond_drop,
+        channels=channels,
+        channel_mult=_ints(channel_mult, "--channel-mult"),
+        attention_resolutions=_ints(attention, "--attention"),
+        layers_per_block=layers_per_block,
+        dropout=dropout,
+        precision=precision,
+        device=device,
+        seed=seed,
+        sample_every=sample_every,
+        checkpoint_every=checkpoint_every,
+    )
+    run_training(cfg, resume=resume)
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Argument(help="A run folder or a model .safetensors file.")],
+    n: Annotated[int, typer.Option("-n", help="Number of images.")] = 16,
+    sampler: Annotated[
+        str, typer.Option(help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m.")
+    ] = "dpmpp_2m",
+    steps: Annotated[
+        int | None, typer.Option(help="Sampling steps (default 1000 for ddpm, else 20).")
+    ] = None,
+    spacing: Annotated[
+        str, typer.Option(help="trailing, leading, linspace or karras.")
+    ] = "trailing",
+    eta: Annotated[float | None, typer.Option(help="DDIM eta (0 deterministic, 1 = DDPM).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    label: Annotated[
+        int | None, typer.Option(help="Class to draw (class-conditional models).")
+    ] = None,
+    guidance: Annotated[
+        float, typer.Option(help="Classifier-free guidance scale (1 = off).")
+    ] = 1.0,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Grid PNG to write.")] = Path(
+        "samples.png"
+    ),
+    gif: Annotated[Path | None, typer.Option(help="Also write the trajectory as a GIF.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Draw images from a trained model, optionally as an animation from noise."""
+    from .images import auto_scale, grid, save_gif, to_pil
+    from .model import DiffusionModel, resolve_checkpoint
+    from .train import pick_device
+
+    if n < 1 or n > 1024:
+        raise UserError(f"-n must be between 1 and 1024, got {n}")
+    _check_output(output, (".png", ".jpg", ".jpeg", ".webp"))
+    if gif is not None:
+        _check_output(gif, (".gif",))
+    steps = steps or (1000 if sampler == "ddpm" else 20)
+    model = DiffusionModel.load(resolve_checkpoint(checkpoint), pick_device(device))
+    cond = uncond = None
+    if label is not None:
+        cond, uncond = model.label_cond([label] * n)
+    elif model.config.cond == "label":  # no label asked for: every class in turn
+        cond, uncond = model.label_cond([i % model.config.null_label for i in range(n)])
+    elif guidance != 1.0:
+        raise UserError("--guidance needs a condition (--label for a class-conditional model)")
+    frames = []
+    scale = auto_scale(model.config.image_size)
+
+    def record(info: dict) -> None:
+        view = info["x"] / (1 + info["sigma"] ** 2) ** 0.5  # the model's own, unit-variance view
+        frames.append(grid(to_pil(view), scale=scale))
+
+    x = model.sample(
+        n,
+        sampler=sampler,
+        steps=steps,
+        spacing=spacing,
+        seed=seed,
+        cond=cond,
+        uncond=uncond,
+        guidance=guidance,
+        callback=record if gif is not None else None,
+        eta=eta,
+    )
+    final = grid(to_pil(x), scale=scale)
+    final.save(output)
+    if gif is not None:
+        stride = max(1, len(frames) // 100)  # a 1000-step DDPM run keeps ~100 frames
+        save_gif(frames[::stride] + [final], gif)
+    typer.echo(f"wrote {output}" + (f" and {gif}" if gif else "") + f" ({sampler}, {steps} steps)")
+
+
+def main() -> None:
+    from .model import CheckpointError
+    from .train import TrainingError
+
+    try:
+        app()  # standalone: typer reports usage errors itself (exit 2)
+    except (UserError, ValueError, CheckpointError, TrainingError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""A folder of images (PNG, JPEG, WebP, BMP, GIF), searched recursively.
+
+- Each image is resized (shorter side to `size`) and centre-cropped to `size` x `size`;
+  RGB by default, grayscale with `channels=1`. Transparent images are composited over
+  `background` (white by default); EXIF orientation is applied; 16-bit images scaled.
+- Labels: when every image sits in a first-level subfolder, the subfolder names, sorted,
+  are the classes (`label` = index). Images at the top level and in subfolders at once:
+  unlabelled, with a warning.
+- Captions: `photo.png` takes its caption from `photo.txt` beside it, when present. When
+  any image has one, every item carries "caption" ("" where the file is missing).
+- Unreadable files with an image extension and other stray files (not .txt, not hidden)
+  are skipped; `skipped` counts them and one warning names a few.
+- Decoding happens once: small sets (`cache=None` and at most 2,048 images, or
+  `cache=True`) are decoded up front; larger ones are checked with Pillow's cheap
+  `verify()` at scan time, decoded on first use and memoised while that fits in 1 GiB.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+FOLDER_DEFAULT_SIZE = 64
+PRELOAD_MAX_IMAGES = 2048
+LAZY_CACHE_MAX_BYTES = 1 << 30
+
+
+def load_image(
+    path: str | Path,
+    size: int,
+    channels: int = 3,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> torch.Tensor:
+    """Decode, orient, flatten alpha, resize the shorter side and centre-crop -> uint8 [C, S, S]."""
+    with Image.open(path) as im:
+        im.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+            im = im.convert("RGBA")
+            base = Image.new("RGBA", im.size, (*background, 255))
+            im = Image.alpha_composite(base, im)
+        im = im.convert("RGB" if channels == 3 else "L")
+        im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
+        a = np.asarray(im, dtype=np.uint8)
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return torch.from_numpy(np.array(a, dtype=np.uint8, order="C"))  # a writable copy
+
+
+def _verify(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:
+        return False
+
+
+class FolderDataset(Dataset):
+    """Items: {"image": FloatTensor [C, size, size] in [-1, 1]} + "label" / "caption"."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int = FOLDER_DEFAULT_SIZE,
+        channels: int = 3,
+        cache: bool | None = None,
+        background: tuple[int, int, int] = (255, 255, 255),
+    ):
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise ValueError(f"image folder not found: {root}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        self.root, self.size, self.channels, self.background = root, size, channels, background
+
+        candidates, stray = [], []
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+                continue
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                candidates.append(p)
+            elif p.suffix.lower() != ".txt":
+                stray.append(p)
+
+        preload = cache if cache is not None else len(candidates) <= PRELOAD_MAX_IMAGES
+        self.paths: list[Path] = []
+        self._cache: dict[int, torch.Tensor] = {}
+        bad = list(stray)
+        for p in candidates:
+            if preload:
+                try:
+                    x = load_image(p, size, channels, background)
+                except Exception:
+                    bad.append(p)
+                    continue
+                self._cache[len(self.paths)] = x
+            elif not _verify(p):
+                bad.append(p)
+                continue
+            self.paths.append(p)
+        self.skipped = len(bad)
+        if bad:
+            examples = ", ".join(str(p.relative_to(root)) for p in bad[:3])
+            log.warning(
+                "%s: skipped %d unreadable or non-image file(s) (e.g. %s)",
+                root,
+                len(bad),
+                examples,
+            )
+        if not self.paths:
+            raise ValueError(f"no readable images (PNG/JPEG/WebP) in {root}")
+        self._memoise = preload or len(self.paths) * channels * size * size <= LAZY_CACHE_MAX_BYTES
+        self._failed: set[int] = set()
+
+        # labels from first-level subfolders
+        tops = [p.relative_to(root).parts for p in self.paths]
+        in_sub = [len(parts) > 1 for parts in tops]
+        self.labels: list[int] | None = None
+        self.num_classes: int | None = None
+        self.class_names: list[str] | None = None
+        if all(in_sub):
+            self.class_names = sorted({parts[0] for parts in tops})
+            index = {name: k for k, name in enumerate(self.class_names)}
+            self.labels = [index[parts[0]] for parts in tops]
+            self.num_classes = len(self.class_names)
+        elif any(in_sub):
+            log.warning("%s: images both at the top level and in subfolders: no labels", root)
+
+        # captions from same-name .txt files
+        captions = []
+        for p in self.paths:
+            t = p.with_suffix(".txt")
+            captions.append(
+                " ".join(t.read_text(encoding="utf-8", errors="replace").split())
+                if t.is_file()
+                else None
+            )
+        self.captions: list[str] | None = None
+        if any(c is not None for c in captions):
+            self.captions = [c or "" for c in captions]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _pixels(self, i: int) -> torch.Tensor:
+        x = self._cache.get(i)
+        if x is None:
+            x = load_image(self.paths[i], self.size, self.channels, self.background)
+            if self._memoise:
+                self._cache[i] = x
+        return x
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.paths)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        for k in range(n):  # a file that passed verify() but fails to decode: use the next
+            j = (i + k) % n
+            if j in self._failed:
+                continue
+            try:
+                x = self._pixels(j)
+                break
+            except Exception as e:
+                self._failed.add(j)
+                log.warning("%s: cannot decode (%s), skipping it", self.paths[j], e)
+        else:
+            raise RuntimeError(f"no decodable image left in {self.root}")
+        item = {"image": x.float().div_(127.5).sub_(1.0)}
+        if self.labels is not None:
+            item["label"] = self.labels[j]
+        if self.captions is not None:
+            item["caption"] = self.captions[j]
+        return item

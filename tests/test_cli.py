@@ -1,0 +1,125 @@
+import sys
+
+import pytest
+from PIL import Image
+
+from difusion.cli import main
+from difusion.data import DigitsDataset
+from difusion.train import TrainConfig, train
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["difusion", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def ok(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["difusion", *map(str, args)])
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    cfg = TrainConfig(
+        out=str(out), size=8, steps=2, batch_size=4, channels=16, channel_mult=(1, 2),
+        attention_resolutions=(4,), layers_per_block=1, head_dim=16, cond="label",
+    )  # fmt: skip
+    return train(cfg, dataset=DigitsDataset(size=8), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
+def test_noise_strip_from_any_image(monkeypatch, capsys, tmp_path, mode):
+    src = tmp_path / f"in_{mode}.png"
+    Image.new(mode, (50, 37), 120).save(src)
+    out = tmp_path / "strip.png"
+    ok(monkeypatch, capsys, "noise", src, "--steps", "0,500,999", "--size", "32", "-o", out)
+    strip = Image.open(out)
+    assert strip.width > 3 * 32 * 3  # three upscaled panels side by side
+
+
+def test_sample_grid_and_gif(monkeypatch, capsys, tmp_path, run_dir):
+    png, gif = tmp_path / "g.png", tmp_path / "t.gif"
+    text = ok(
+        monkeypatch,
+        capsys,
+        "sample",
+        run_dir,
+        "-n",
+        "4",
+        "--steps",
+        "3",
+        "--label",
+        "7",
+        "--guidance",
+        "3",
+        "-o",
+        png,
+        "--gif",
+        gif,
+    )
+    assert "wrote" in text
+    assert Image.open(png).size[0] > 8
+    animation = Image.open(gif)
+    assert animation.n_frames == 4  # three steps and the final image
+
+
+def test_sample_is_deterministic_for_a_seed(monkeypatch, capsys, tmp_path, run_dir):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    ok(monkeypatch, capsys, "sample", run_dir, "-n", "2", "--steps", "2", "--seed", "3", "-o", a)
+    ok(monkeypatch, capsys, "sample", run_dir, "-n", "2", "--steps", "2", "--seed", "3", "-o", b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sample", "/nonexistent"], "no such checkpoint"),
+        (["sample", "{run}", "--sampler", "plms"], "unknown sampler"),
+        (["sample", "{run}", "--label", "12"], "label must be between 0 and 9"),
+        (["sample", "{run}", "-n", "0"], "-n must be between"),
+        (["sample", "{run}", "-o", "{tmp}/x.txt"], "must end in .png"),
+        (["sample", "{run}", "--spacing", "odd"], "unknown timestep spacing"),
+        (["noise", "{tmp}/missing.png"], "no such file"),
+        (["noise", "{tmp}/bad.png"], "not a readable image"),
+        (["noise", "{tmp}/bad.png", "--steps", "0,1000"], "--steps must lie in 0..999"),
+        (["noise", "{tmp}/bad.png", "--schedule", "quadratic"], "unknown schedule"),
+        (["train", "--data", "nowhere", "--out", "{tmp}/r"], "unknown data set"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/r"], "no readable image"),
+        (["train", "--out", "{run}"], "already holds a run"),
+        (["train", "--out", "{tmp}/none", "--resume"], "nothing to resume"),
+        (["train", "--cond", "text", "--out", "{tmp}/r"], "--cond must be"),
+        (["train", "--prediction", "score", "--out", "{tmp}/r"], "--prediction must be"),
+        (["train", "--precision", "fp16", "--device", "cpu", "--out", "{tmp}/r", "--size", "8"], "fp16 training needs a CUDA device"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_nonzero(monkeypatch, capsys, tmp_path, run_dir, args, message):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    args = [a.format(run=run_dir, tmp=tmp_path) for a in args]
+    if "{tmp}/bad.png" in " ".join(args) and "noise" in args and "--steps" in args:
+        Image.new("RGB", (8, 8)).save(tmp_path / "bad.png")
+    if "--schedule" in args:
+        Image.new("RGB", (8, 8)).save(tmp_path / "bad.png")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_usage_errors_exit_nonzero(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--steps", "abc")
+    assert code == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["noise", "train", "sample"])
+def test_help(monkeypatch, capsys, command):
+    code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+    assert code == 0 and "Usage" in out

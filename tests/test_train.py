@@ -1,0 +1,155 @@
+import json
+
+import pytest
+import torch
+
+from difusion.data import DigitsDataset
+from difusion.model import DiffusionModel
+from difusion.train import Run, TrainConfig, TrainingError, train
+
+
+def tiny(tmp_path, name="run", **kw) -> TrainConfig:
+    base = dict(
+        data="digits",
+        out=str(tmp_path / name),
+        size=8,
+        steps=6,
+        batch_size=4,
+        channels=16,
+        channel_mult=(1, 2),
+        attention_resolutions=(4,),
+        layers_per_block=1,
+        head_dim=16,
+        log_every=1,
+        checkpoint_every=3,
+        sample_every=1000,
+        warmup=2,
+        dropout=0.1,  # dropout draws from the global RNG: resume must restore it too
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return DigitsDataset(size=8)
+
+
+def weights(path):
+    return DiffusionModel.load(path / "model.safetensors").unet.state_dict()
+
+
+def raw_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "train_state.safetensors")
+
+
+def test_resume_continues_exactly(tmp_path, digits8):
+    full = train(tiny(tmp_path, "full", steps=6), dataset=digits8, progress=False)
+    half = train(tiny(tmp_path, "half", steps=3), dataset=digits8, progress=False)
+    resumed = train(tiny(tmp_path, "half", steps=6), resume=True, dataset=digits8, progress=False)
+    assert resumed == half
+    a, b = raw_weights(full), raw_weights(resumed)
+    for key in a:
+        if key.startswith(("model.", "opt.")):
+            assert torch.equal(a[key], b[key]), key
+    ema_a, ema_b = weights(full), weights(resumed)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # the log of the resumed run reads like one run
+    assert [r["step"] for r in Run(resumed).read_log()] == list(range(1, 7))
+
+
+def test_training_reduces_loss_and_writes_run_files(tmp_path, digits8):
+    losses = []
+    out = train(
+        tiny(tmp_path, steps=40, lr=2e-3, dropout=0.0, batch_size=16),
+        dataset=digits8,
+        progress=False,
+        on_step=lambda step, loss: losses.append(loss),
+    )
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:5]) / 5
+    for name in (
+        "model.safetensors",
+        "train_state.safetensors",
+        "log.jsonl",
+        "loss.png",
+        "samples.png",
+    ):
+        assert (out / name).is_file(), name
+    model = DiffusionModel.load(out / "model.safetensors")
+    assert model.config.channels == 1 and model.config.image_size == 8
+    x = model.sample(2, steps=3)
+    assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1
+
+
+def test_class_conditional_training_and_guided_sampling(tmp_path, digits8):
+    out = train(tiny(tmp_path, cond="label", steps=3), dataset=digits8, progress=False)
+    model = DiffusionModel.load(out / "model.safetensors")
+    assert model.config.class_names == [str(i) for i in range(10)]
+    assert model.unet.config.num_classes == 11  # ten digits and the null label
+    cond, uncond = model.label_cond([7, 7])
+    a = model.sample(2, steps=3, cond=cond, uncond=uncond, guidance=3.0)
+    b = model.sample(2, steps=3, cond=cond, uncond=uncond, guidance=1.0)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="label must be between 0 and 9"):
+        model.label_cond([10])
+
+
+class NaNDigits(torch.utils.data.Dataset):
+    """Digits whose images turn into NaN after a few steps."""
+
+    def __init__(self, base, after_steps, batch):
+        self.base, self.calls, self.limit = base, 0, after_steps * batch
+        self.channels, self.size = base.channels, base.size
+        self.num_classes, self.class_names = base.num_classes, base.class_names
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        item = dict(self.base[i])
+        if self.calls > self.limit:
+            item["image"] = item["image"] * float("nan")
+        return item
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits8):
+    cfg = tiny(tmp_path, steps=10, checkpoint_every=3)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*step 3"):
+        train(cfg, dataset=NaNDigits(digits8, after_steps=4, batch=4), progress=False)
+    run = Run(cfg.out)
+    from safetensors import safe_open
+
+    with safe_open(str(run.state_path), "pt") as f:
+        assert f.metadata()["step"] == "3"
+    assert all(torch.isfinite(v).all() for v in weights(run.dir).values())
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, digits8):
+    cfg = tiny(tmp_path, steps=2)
+    train(cfg, dataset=digits8, progress=False)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(cfg, dataset=digits8, progress=False)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(tiny(tmp_path, "empty"), resume=True, dataset=digits8, progress=False)
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_other_prediction_targets_train(tmp_path, digits8, prediction):
+    out = train(
+        tiny(tmp_path, prediction=prediction, steps=2, min_snr_gamma=5),
+        dataset=digits8,
+        progress=False,
+    )
+    meta = json.loads((out / "train_config.json").read_text())
+    assert meta["prediction"] == prediction
+    assert DiffusionModel.load(out / "model.safetensors").config.prediction == prediction
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, digits8):
+    out = train(tiny(tmp_path, precision="bf16", steps=2), dataset=digits8, progress=False)
+    assert (out / "model.safetensors").is_file()
