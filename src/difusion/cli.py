@@ -174,12 +174,13 @@ def sample(
         int | None, typer.Option(help="Sampling steps (default 1000 for ddpm, else 20).")
     ] = None,
     spacing: Annotated[
-        str, typer.Option(help="trailing, leading, linspace or karras.")
-    ] = "trailing",
+        str | None,
+        typer.Option(help="trailing, leading, linspace or karras (default: the model's)."),
+    ] = None,
     eta: Annotated[float | None, typer.Option(help="DDIM eta (0 deterministic, 1 = DDPM).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     label: Annotated[
-        int | None, typer.Option(help="Class to draw (class-conditional models).")
+        int | None, typer.Option(help="Class to draw (default: every class in turn).")
     ] = None,
     guidance: Annotated[
         float, typer.Option(help="Classifier-free guidance scale (1 = off).")
@@ -234,6 +235,74 @@ def sample(
         stride = max(1, len(frames) // 100)  # a 1000-step DDPM run keeps ~100 frames
         save_gif(frames[::stride] + [final], gif)
     typer.echo(f"wrote {output}" + (f" and {gif}" if gif else "") + f" ({sampler}, {steps} steps)")
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts (one grid row each).")],
+    n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance (default: the model's).")
+    ] = None,
+    sampler: Annotated[
+        str, typer.Option(help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m.")
+    ] = "dpmpp_2m",
+    negative: Annotated[
+        str, typer.Option(help="Negative prompt (replaces the unconditional branch).")
+    ] = "",
+    model: Annotated[
+        str, typer.Option(help="'default' (shipped), a run folder or a model file.")
+    ] = "default",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Grid PNG to write.")] = Path(
+        "generated.png"
+    ),
+    gif: Annotated[Path | None, typer.Option(help="Also write the denoising as a GIF.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Generate images from text prompts."""
+    import time
+
+    from .images import auto_scale, grid, save_gif, to_pil
+    from .pipeline import Pipeline
+    from .train import pick_device
+
+    if not 1 <= n <= 256:
+        raise UserError(f"-n must be between 1 and 256, got {n}")
+    if any(not p.strip() for p in prompts):
+        raise UserError("a prompt is empty")
+    _check_output(output, (".png", ".jpg", ".jpeg", ".webp"))
+    if gif is not None:
+        _check_output(gif, (".gif",))
+    pipe = Pipeline.from_pretrained(model, pick_device(device))
+    scale = auto_scale(pipe.model.config.image_size)
+    frames = []
+
+    def record(i: int, sigma: float, x0: torch.Tensor) -> None:
+        frames.append(grid(to_pil(x0), cols=n, scale=scale))
+
+    start = time.monotonic()
+    x = pipe.sample(
+        prompts,
+        negative_prompt=negative,
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        seed=seed,
+        n=n,
+        callback=record if gif is not None else None,
+    )
+    seconds = time.monotonic() - start
+    final = grid(to_pil(x), cols=n, scale=scale)
+    final.save(output)
+    if gif is not None:
+        save_gif(frames, gif, ms_per_frame=150)  # the last x0 estimate is the final image
+    typer.echo(
+        f"wrote {output}"
+        + (f" and {gif}" if gif else "")
+        + f" ({len(x)} images in {seconds:.1f} s)"
+    )
 
 
 def main() -> None:

@@ -40,6 +40,9 @@ class ModelConfig:
     class_names: list[str] | None = None  # for cond="label"; the null class is len(class_names)
     text_encoder: dict | None = None  # for cond="text": encoder name and identity
     clip_x0: bool = True  # pixel models clamp the x0 estimate to [-1, 1] while sampling
+    guidance: float = 5.0  # the classifier-free guidance scale a pipeline uses by default
+    spacing: str = "trailing"  # how sampling timesteps are spaced by default
+    steps_offset: int = 0  # added to "leading" timesteps (Stable Diffusion 1.x uses 1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,13 +63,72 @@ class ModelConfig:
 
 
 class DiffusionModel(nn.Module):
-    def __init__(self, config: ModelConfig, unet: UNet | None = None) -> None:
+    """Holds the U-Net, its schedule and, for text models, the text encoder."""
+
+    TEXT_CACHE = 20_000  # prompts whose (frozen) embeddings are kept: training captions repeat
+
+    def __init__(
+        self, config: ModelConfig, unet: UNet | None = None, text_encoder: nn.Module | None = None
+    ) -> None:
         super().__init__()
         if config.cond not in CONDITIONS:
             raise ValueError(f"unknown condition {config.cond!r}; choose label or text")
+        if config.cond == "text" and text_encoder is None:
+            raise ValueError("a text-conditioned model needs its text encoder")
         self.config = config
         self.unet = unet if unet is not None else UNet(config.unet)
+        self.text_encoder = text_encoder
         self.schedule = NoiseSchedule(config.schedule)
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What the model file stores: the U-Net, and a text encoder trained with it."""
+        state = dict(self.unet.state_dict())
+        if self.text_encoder is not None and self.text_encoder.trainable:
+            state.update(
+                {f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()}
+            )
+        return state
+
+    def load_weights(self, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+        text = {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")}
+        unet = {k: v for k, v in state.items() if not k.startswith("text_encoder.")}
+        missing, unexpected = self.unet.load_state_dict(unet, strict=False, assign=assign)
+        if text and self.text_encoder is not None:
+            self.text_encoder.load_state_dict(text, assign=assign)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"weights do not fit the configuration ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected tensors)"
+            )
+
+    def text_cond(self, prompts: list[str]) -> Cond:
+        """Token embeddings and padding mask of prompts, for cross-attention."""
+        if self.config.cond != "text" or self.text_encoder is None:
+            raise ValueError("this model is not text-conditioned")
+        if self.text_encoder.trainable and self.training:
+            tokens, mask = self.text_encoder.encode(prompts)
+        else:
+            missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+            if missing:
+                with torch.no_grad():
+                    tokens, mask = self.text_encoder.encode(missing)
+                if len(self._text_cache) + len(missing) > self.TEXT_CACHE:
+                    self._text_cache.clear()
+                for i, p in enumerate(missing):
+                    self._text_cache[p] = (tokens[i], mask[i])
+            tokens = torch.stack([self._text_cache[p][0] for p in prompts])
+            mask = torch.stack([self._text_cache[p][1] for p in prompts])
+        return {"context": tokens.to(self.device), "context_mask": mask.to(self.device)}
+
+    def train(self, mode: bool = True) -> DiffusionModel:
+        super().train(mode)
+        if self.text_encoder is not None:
+            if self.text_encoder.trainable:
+                self._text_cache.clear()  # its embeddings change as it trains
+            else:
+                self.text_encoder.eval()  # a frozen encoder never trains (no dropout)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -94,7 +156,7 @@ class DiffusionModel(nn.Module):
         *,
         sampler: str = "dpmpp_2m",
         steps: int = 20,
-        spacing: str = "trailing",
+        spacing: str | None = None,
         seed: int = 0,
         cond: Cond | None = None,
         uncond: Cond | None = None,
@@ -106,7 +168,10 @@ class DiffusionModel(nn.Module):
     ) -> torch.Tensor:
         """n samples in the data range [-1, 1], deterministic for a seed."""
         sample_fn = get_sampler(sampler)
-        sigmas = self.schedule.sample_sigmas(steps, spacing).to(self.device)
+        spacing = spacing or self.config.spacing
+        sigmas = self.schedule.sample_sigmas(steps, spacing, self.config.steps_offset).to(
+            self.device
+        )
         generator = torch.Generator(device="cpu").manual_seed(seed)
         shape = (n, self.config.channels, self.config.image_size, self.config.image_size)
         if noise is None:
@@ -125,11 +190,16 @@ class DiffusionModel(nn.Module):
     def save(self, path: str | Path, extra_metadata: dict | None = None) -> None:
         metadata = {"format": FORMAT, "config": json.dumps(self.config.to_dict())}
         metadata.update(extra_metadata or {})
-        state = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.weights().items()}
         atomic_save(state, path, metadata)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        text_encoder_path: str | None = None,
+    ) -> DiffusionModel:
         tensors, metadata = read_safetensors(path)
         if "config" not in metadata:
             raise CheckpointError(f"{path}: no difusion model configuration in its metadata")
@@ -137,16 +207,38 @@ class DiffusionModel(nn.Module):
             config = ModelConfig.from_dict(json.loads(metadata["config"]))
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{path}: unreadable model configuration ({e})") from None
+        text_encoder = None
+        if config.cond == "text":
+            text_encoder = text_encoder_for(config.text_encoder or {}, tensors, text_encoder_path)
         with torch.device("meta"):  # no random init: it would cost time and consume the RNG
             unet = UNet(config.unet)
-        model = cls(config, unet)
-        missing, unexpected = model.unet.load_state_dict(tensors, strict=False, assign=True)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path}: weights do not fit the configuration "
-                f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
-            )
+        model = cls(config, unet, text_encoder)
+        try:
+            model.load_weights(tensors, assign=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def text_encoder_for(
+    spec: dict, tensors: dict[str, torch.Tensor], path: str | None = None
+) -> nn.Module:
+    """Rebuild the text encoder a checkpoint was trained with, and check it is the same one."""
+    from .text import check_identity, load_text_encoder
+
+    name = spec.get("name")
+    if name is None:
+        raise CheckpointError("text model without a text encoder in its configuration")
+    if name == "scratch":
+        state = {k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+        encoder = load_text_encoder("scratch", config=spec["config"], state_dict=state)
+    else:
+        encoder = load_text_encoder(name, path=path or spec.get("path"))
+    try:
+        check_identity(spec["identity"], encoder)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return encoder
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:

@@ -53,8 +53,12 @@ class TrainConfig:
     schedule: str = "cosine"
     zero_terminal_snr: bool = False
     min_snr_gamma: float = 0.0  # Hang et al. 2023 loss weighting; 0 turns it off
-    cond: str | None = None  # "label" for class-conditional training
+    cond: str | None = None  # "label" (class-conditional) or "text"
     cond_drop: float = 0.1  # how often the condition is dropped (for classifier-free guidance)
+    text_encoder: str = (
+        "minilm"  # for cond="text": minilm, clip (with text_encoder_path) or scratch
+    )
+    text_encoder_path: str | None = None
     channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
     attention_resolutions: tuple[int, ...] = (16, 8)
@@ -81,7 +85,29 @@ class TrainConfig:
         return cls(**d)
 
 
-def model_config_for(cfg: TrainConfig, dataset: Dataset) -> ModelConfig:
+def build_text_encoder(cfg: TrainConfig, dataset: Dataset) -> torch.nn.Module:
+    from .text import build_scratch_encoder, load_text_encoder
+
+    if cfg.text_encoder == "scratch":
+        n = min(len(dataset), 20_000)
+        captions = [dataset[i]["caption"] for i in range(n)]
+        return build_scratch_encoder(captions)
+    encoder = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path)
+    return encoder.requires_grad_(False)
+
+
+def text_encoder_spec(encoder: torch.nn.Module, cfg: TrainConfig) -> dict:
+    spec = {"name": encoder.name, "identity": encoder.identity()}
+    if encoder.trainable:
+        spec["config"] = encoder.config()
+    if cfg.text_encoder_path:
+        spec["path"] = str(cfg.text_encoder_path)
+    return spec
+
+
+def model_config_for(
+    cfg: TrainConfig, dataset: Dataset, text_encoder: torch.nn.Module | None = None
+) -> ModelConfig:
     size = dataset.size
     levels = len(cfg.channel_mult)
     if size % 2 ** (levels - 1):
@@ -96,6 +122,10 @@ def model_config_for(cfg: TrainConfig, dataset: Dataset) -> ModelConfig:
             raise TrainingError(f"--cond label needs labelled data; {cfg.data!r} has no labels")
         class_names = list(dataset.class_names or map(str, range(dataset.num_classes)))
         num_classes = len(class_names) + 1  # the last one is "no label", for guidance
+    if cfg.cond == "text" and text_encoder is None:
+        raise TrainingError("--cond text needs a text encoder")
+    if cfg.cond == "text" and dataset.size > 0 and "caption" not in dataset[0]:
+        raise TrainingError(f"--cond text needs captioned data; {cfg.data!r} has no captions")
     unet = UNetConfig(
         in_channels=dataset.channels,
         out_channels=dataset.channels,
@@ -107,6 +137,7 @@ def model_config_for(cfg: TrainConfig, dataset: Dataset) -> ModelConfig:
         dropout=cfg.dropout,
         norm_groups=min(32, cfg.channels),
         num_classes=num_classes,
+        context_dim=text_encoder.dim if cfg.cond == "text" else None,
     )
     return ModelConfig(
         unet=unet,
@@ -116,6 +147,7 @@ def model_config_for(cfg: TrainConfig, dataset: Dataset) -> ModelConfig:
         channels=dataset.channels,
         cond=cfg.cond,
         class_names=class_names,
+        text_encoder=text_encoder_spec(text_encoder, cfg) if cfg.cond == "text" else None,
     )
 
 
@@ -152,9 +184,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over the parameters being trained."""
     decay = min(decay, (1 + step) / (10 + step))
-    ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+    pairs = [
+        (e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True) if p.requires_grad
+    ]
+    torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - decay)
 
 
 def pick_device(name: str) -> torch.device:
@@ -239,7 +274,7 @@ def save_state(
     generators: dict[str, torch.Generator],
 ) -> None:
     tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.unet.state_dict().items():
+    for k, v in model.weights().items():
         tensors[f"model.{k}"] = v.detach().cpu().contiguous()
     opt_state = opt.state_dict()
     for idx, state in opt_state["state"].items():
@@ -269,7 +304,7 @@ def load_state(
     generators: dict[str, torch.Generator],
 ) -> int:
     tensors, metadata = read_safetensors(run.state_path)
-    model.unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_weights({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -296,18 +331,39 @@ def batch_cond(
     generator: torch.Generator,
     device: torch.device,
 ) -> Cond | None:
-    if diffusion.config.cond != "label":
+    """The batch's condition, dropped (to the null label / empty prompt) with probability `drop`."""
+    kind = diffusion.config.cond
+    if kind is None:
         return None
+    n = len(batch["image"])
+    dropped = (torch.rand(n, generator=generator, device=generator.device) < drop).cpu()
+    if kind == "text":
+        captions = ["" if d else c for c, d in zip(batch["caption"], dropped.tolist(), strict=True)]
+        return diffusion.text_cond(captions)
     labels = batch["label"].clone()
-    dropped = torch.rand(labels.shape, generator=generator, device=generator.device).cpu() < drop
     labels[dropped] = diffusion.config.null_label
     return {"class_labels": labels.to(device)}
+
+
+PREVIEW_PROMPTS = [
+    "a red circle",
+    "a green square",
+    "a blue triangle",
+    "a yellow circle to the left of a magenta square",
+    "a cyan triangle above a red circle",
+    "a blue square below a green triangle",
+]
 
 
 def preview(ema: DiffusionModel, path: Path, seed: int = 0) -> None:
     """A fixed-noise sample grid, so grids from successive steps compare."""
     ema.eval()
-    if ema.config.cond == "label":
+    if ema.config.cond == "text":
+        prompts = PREVIEW_PROMPTS
+        cond, uncond = ema.text_cond(prompts * 3), ema.text_cond([""] * len(prompts) * 3)
+        x = ema.sample(len(prompts) * 3, seed=seed, cond=cond, uncond=uncond, guidance=4.0)
+        cols = len(prompts)
+    elif ema.config.cond == "label":
         k = len(ema.config.class_names or [])
         labels = torch.arange(k).repeat_interleave(max(1, 40 // k))[:40]
         cond, uncond = ema.label_cond(labels)
@@ -337,6 +393,7 @@ def train(
             raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
         stored = stored_train_config(run.dir)
         keep = ("data", "out", "size", "cond", "prediction", "schedule", "zero_terminal_snr")
+        keep += ("text_encoder", "text_encoder_path")
         keep += (
             "channels",
             "channel_mult",
@@ -360,15 +417,18 @@ def train(
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.size)
 
+    if cfg.cond not in (None, "label", "text"):
+        raise TrainingError(f"unknown condition {cfg.cond!r}; choose label or text")
     torch.manual_seed(cfg.seed + rank)
+    text_encoder = build_text_encoder(cfg, dataset) if cfg.cond == "text" else None
+    diffusion = DiffusionModel(
+        model_config_for(cfg, dataset, text_encoder), text_encoder=text_encoder
+    )
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
-    diffusion = DiffusionModel(model_config_for(cfg, dataset)).to(
-        device, memory_format=torch.channels_last
-    )
+    diffusion = diffusion.to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(diffusion).requires_grad_(False)
-    opt = torch.optim.AdamW(
-        diffusion.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
-    )
+    trainable = [p for p in diffusion.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     generators = {
         "data": torch.Generator().manual_seed(cfg.seed * 7919 + rank),
@@ -377,7 +437,7 @@ def train(
     step = 0
     if resume:
         step = load_state(run, diffusion, opt, generators)
-        ema.unet.load_state_dict(DiffusionModel.load(run.model_path).unet.state_dict())
+        ema.load_weights(read_safetensors(run.model_path)[0])
         if rank == 0:
             run.truncate_log(step)
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -438,10 +498,10 @@ def train(
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(diffusion.unet.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
-        update_ema(ema.unet, diffusion.unet, step, cfg.ema_decay)
+        update_ema(ema, diffusion, step, cfg.ema_decay)
         step += 1
         loss_value = loss.item()
         loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
