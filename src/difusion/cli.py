@@ -100,7 +100,13 @@ def train(
         float, typer.Option(help="Min-SNR loss weighting (0: off; 5 is usual).")
     ] = 0.0,
     cond: Annotated[
-        str | None, typer.Option(help="'label' for class-conditional training.")
+        str | None, typer.Option(help="'label' (class-conditional) or 'text' (captioned data).")
+    ] = None,
+    text_encoder: Annotated[
+        str, typer.Option(help="For --cond text: minilm (pretrained, frozen), clip, or scratch.")
+    ] = "minilm",
+    text_encoder_path: Annotated[
+        str | None, typer.Option(help="Folder of a CLIP text encoder (for --text-encoder clip).")
     ] = None,
     cond_drop: Annotated[float, typer.Option(help="Probability of dropping the condition.")] = 0.1,
     channels: Annotated[int, typer.Option(help="Base channel count of the U-Net.")] = 64,
@@ -120,15 +126,27 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out exactly where it stopped.")
     ] = False,
+    model: Annotated[
+        str, typer.Option(help="unet (a diffusion model) or gan (the DCGAN baseline).")
+    ] = "unet",
 ) -> None:
-    """Train a diffusion model (on one process, or several under torchrun)."""
+    """Train a diffusion model (on one process, or several under torchrun), or a DCGAN."""
     from .train import TrainConfig
     from .train import train as run_training
 
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch-size must be positive")
-    if cond not in (None, "label"):
-        raise UserError(f"--cond must be 'label', got {cond!r}")
+    if model not in ("unet", "gan"):
+        raise UserError(f"--model must be unet or gan, got {model!r}")
+    if model == "gan":  # the options it shares with a diffusion run; the others must stay unset
+        from .gan_train import gan_config_from_cli, train_gan
+
+        train_gan(gan_config_from_cli(dict(locals()), train), resume=resume)
+        return
+    if cond not in (None, "label", "text"):
+        raise UserError(f"--cond must be 'label' or 'text', got {cond!r}")
+    if text_encoder not in ("minilm", "clip", "scratch"):
+        raise UserError(f"--text-encoder must be minilm, clip or scratch, got {text_encoder!r}")
     if not 0 <= cond_drop < 1:
         raise UserError("--cond-drop must be in [0, 1)")
     if prediction not in ("eps", "v", "x0"):
@@ -149,6 +167,8 @@ def train(
         min_snr_gamma=min_snr_gamma,
         cond=cond,
         cond_drop=cond_drop,
+        text_encoder=text_encoder,
+        text_encoder_path=text_encoder_path,
         channels=channels,
         channel_mult=_ints(channel_mult, "--channel-mult"),
         attention_resolutions=_ints(attention, "--attention"),
@@ -259,9 +279,24 @@ def generate(
         "generated.png"
     ),
     gif: Annotated[Path | None, typer.Option(help="Also write the denoising as a GIF.")] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Image height (latent models: a multiple of 8).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Image width (latent models: a multiple of 8).")
+    ] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="Start image: img2img, or inpainting with --mask.")
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="Inpainting mask for --image (white = redraw).")
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option(help="img2img: how much of --image to redraw (0-1).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Generate images from text prompts."""
+    """Generate images from text prompts (our models, or Stable Diffusion files and folders)."""
     import time
 
     from .images import auto_scale, grid, save_gif, to_pil
@@ -275,12 +310,27 @@ def generate(
     _check_output(output, (".png", ".jpg", ".jpeg", ".webp"))
     if gif is not None:
         _check_output(gif, (".gif",))
+    if mask is not None and image is None:
+        raise UserError("--mask needs --image")
+    if strength is not None and not 0 < strength <= 1:
+        raise UserError(f"--strength must be in (0, 1], got {strength}")
+    from PIL import Image, UnidentifiedImageError
+
+    def open_image(path: Path | None) -> Image.Image | None:
+        if path is None:
+            return None
+        try:
+            return Image.open(path).convert("RGB")
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            raise UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+
+    init, mask_image = open_image(image), open_image(mask)
     pipe = Pipeline.from_pretrained(model, pick_device(device))
-    scale = auto_scale(pipe.model.config.image_size)
+    scale = auto_scale(height or width or pipe.image_size)
     frames = []
 
     def record(i: int, sigma: float, x0: torch.Tensor) -> None:
-        frames.append(grid(to_pil(x0), cols=n, scale=scale))
+        frames.append(grid(to_pil(pipe.decode(x0)), cols=n, scale=scale))
 
     start = time.monotonic()
     x = pipe.sample(
@@ -292,6 +342,11 @@ def generate(
         seed=seed,
         n=n,
         callback=record if gif is not None else None,
+        height=height,
+        width=width,
+        image=init,
+        mask_image=mask_image,
+        strength=strength,
     )
     seconds = time.monotonic() - start
     final = grid(to_pil(x), cols=n, scale=scale)
@@ -303,6 +358,115 @@ def generate(
         + (f" and {gif}" if gif else "")
         + f" ({len(x)} images in {seconds:.1f} s)"
     )
+
+
+@app.command(name="eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="A run folder or a model .safetensors file.")],
+    data: Annotated[
+        str | None, typer.Option(help="Real data to compare with (default: the run's).")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="Samples (and real images) to compare.")] = 2000,
+    feature_net: Annotated[
+        str | None,
+        typer.Option(help="inception, a data set's shipped classifier (default), or a file."),
+    ] = None,
+    alignment: Annotated[
+        bool, typer.Option(help="Score prompt alignment (shapes text models).")
+    ] = False,
+    prompts: Annotated[
+        int, typer.Option(help="With --alignment: prompts of each kind per seed.")
+    ] = 200,
+    seeds: Annotated[str, typer.Option(help="With --alignment: seeds, comma-separated.")] = "0",
+    sampler: Annotated[str, typer.Option(help="Sampler.")] = "dpmpp_2m",
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Measure a model: FID/KID, precision/recall, mode coverage; or prompt alignment."""
+    import json
+
+    from .evaluate import evaluate, evaluate_alignment, format_table
+    from .model import DiffusionModel, resolve_checkpoint
+    from .train import pick_device
+
+    if n < 2:
+        raise UserError(f"-n must be at least 2, got {n}")
+    path = resolve_checkpoint(checkpoint)
+    model = DiffusionModel.load(path, pick_device(device))
+    if alignment:
+        result = evaluate_alignment(
+            model,
+            prompts,
+            prompts,
+            _ints(seeds, "--seeds"),
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+        )
+    else:
+        if data is None:
+            config_file = path.parent / "train_config.json"
+            if not config_file.is_file():
+                raise UserError("give --data: the model file has no run folder to read it from")
+            data = json.loads(config_file.read_text())["data"]
+        result = evaluate(
+            model, data, n, feature_net or data, sampler=sampler, steps=steps, seed=seed,
+            guidance=1.0 if guidance is None else guidance,
+        )  # fmt: skip
+    typer.echo(json.dumps(result, indent=2) if json_out else format_table(result))
+
+
+@app.command()
+def compare(
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="A data set; repeat for several (default: digits, fashion, shapes)."),
+    ] = None,
+    budget_minutes: Annotated[
+        float, typer.Option(help="Training wall time of each model and seed.")
+    ] = 5.0,
+    seeds: Annotated[int, typer.Option(help="Training seeds per model and data set.")] = 2,
+    out: Annotated[Path, typer.Option(help="Folder of the study: runs, report.md, plots.")] = Path(
+        "compare"
+    ),
+    preset: Annotated[
+        str, typer.Option(help="Network sizes: small (the study) or tiny (smoke tests).")
+    ] = "small",
+    samples: Annotated[int, typer.Option(help="Samples a final model is measured on.")] = 1000,
+    curve_points: Annotated[int, typer.Option(help="Checkpoints measured along training.")] = 5,
+    curve_samples: Annotated[int, typer.Option(help="Samples a point along training.")] = 250,
+    steps_samples: Annotated[
+        int, typer.Option(help="Samples a point of the quality-vs-steps curve.")
+    ] = 200,
+    speed_batch: Annotated[int, typer.Option(help="Batch of the speed measurement.")] = 64,
+    speed_repeats: Annotated[int, typer.Option(help="Timed runs of each sampler.")] = 3,
+    inception: Annotated[
+        bool, typer.Option(help="Also the Inception FID (about 0.3 s an image on a CPU).")
+    ] = False,
+    inception_samples: Annotated[int, typer.Option(help="Samples for the Inception FID.")] = 1000,
+    feature_net: Annotated[
+        str | None,
+        typer.Option(help="Feature network (default: the data set's classifier)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Diffusion vs GAN on the same wall-clock budget: stability, quality, diversity, speed."""
+    from .compare import CompareConfig
+    from .compare import compare as run_study
+
+    cfg = CompareConfig(
+        data=tuple(data or ("digits", "fashion", "shapes")), out=str(out),
+        budget_minutes=budget_minutes, seeds=seeds, preset=preset, samples=samples,
+        curve_points=curve_points, curve_samples=curve_samples, steps_samples=steps_samples,
+        speed_batch=speed_batch, speed_repeats=speed_repeats, inception=inception,
+        inception_samples=inception_samples, feature_net=feature_net, device=device,
+    )  # fmt: skip
+    run_study(cfg)
 
 
 def main() -> None:

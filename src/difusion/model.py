@@ -165,16 +165,48 @@ class DiffusionModel(nn.Module):
         noise: torch.Tensor | None = None,
         callback: Callback | None = None,
         eta: float | None = None,
+        size: tuple[int, int] | None = None,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        final_sigma: float = 0.0,
     ) -> torch.Tensor:
-        """n samples in the data range [-1, 1], deterministic for a seed."""
+        """n samples in the data range [-1, 1], deterministic for a seed.
+
+        `size` (h, w) overrides the model's square `image_size`. `noise` is the initial noise
+        in the model's unit-variance view (diffusers' `latents`). `init` (clean samples, [n or
+        1, C, h, w]) starts img2img: the run skips the first `1 - strength` of its steps and
+        starts from `init` noised to that step's sigma. `mask` ([n or 1, 1, h, w], 1 = generate,
+        0 = keep `init`) inpaints: at every step the kept region is `init` re-noised to the
+        current sigma, and its x0 estimate is `init` itself, so it works for any denoiser.
+        `generator` replaces the one seeded by `seed`. `final_sigma` > 0 ends the run short of
+        the clean sample (diffusers' DDIM with `set_alpha_to_one=False`); the result is then
+        returned in the model's view, x / sqrt(1 + final_sigma^2)."""
         sample_fn = get_sampler(sampler)
         spacing = spacing or self.config.spacing
-        sigmas = self.schedule.sample_sigmas(steps, spacing, self.config.steps_offset).to(
-            self.device
-        )
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        shape = (n, self.config.channels, self.config.image_size, self.config.image_size)
-        if noise is None:
+        sigmas = self.schedule.sample_sigmas(
+            steps, spacing, self.config.steps_offset, final_sigma
+        ).to(self.device)
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        h, w = size or (self.config.image_size, self.config.image_size)
+        shape = (n, self.config.channels, h, w)
+        if mask is not None and init is None:
+            raise ValueError("inpainting (mask) needs the image to keep (init)")
+        if init is not None:
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+            kept = min(int(steps * strength), steps)  # as diffusers' img2img counts
+            if kept < 1:
+                raise ValueError(f"strength {strength} leaves no step of {steps} to run")
+            sigmas = sigmas[steps - kept :]
+            init = init.to(self.device, torch.float32).expand(shape)
+            if noise is None:
+                noise = initial_noise(shape, 0.0, generator, self.device)
+            noise = noise.to(self.device)
+            x = init + float(sigmas[0]) * noise
+        elif noise is None:
             x = initial_noise(shape, float(sigmas[0]), generator, self.device)
         else:
             x = noise.to(self.device) * (1 + float(sigmas[0]) ** 2) ** 0.5
@@ -184,8 +216,20 @@ class DiffusionModel(nn.Module):
             fn = bind(self.denoiser(), cond)
         if self.config.clip_x0:
             fn = clamped(fn)
+        if mask is not None:
+            m = mask.to(self.device, torch.float32)
+            denoise = fn
+
+            def fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+                x = m * x + (1 - m) * (init + s * noise)
+                return m * denoise(x, sigma) + (1 - m) * init
+
         kw = {} if eta is None else {"eta": eta}
-        return sample_fn(fn, x, sigmas, callback=callback, generator=generator, **kw)
+        x = sample_fn(fn, x, sigmas, callback=callback, generator=generator, **kw)
+        if mask is not None:
+            x = m * x + (1 - m) * (init + float(sigmas[-1]) * noise)
+        return x / (1 + float(sigmas[-1]) ** 2) ** 0.5 if sigmas[-1] > 0 else x
 
     def save(self, path: str | Path, extra_metadata: dict | None = None) -> None:
         metadata = {"format": FORMAT, "config": json.dumps(self.config.to_dict())}

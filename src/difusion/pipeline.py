@@ -1,4 +1,4 @@
-"""Pipeline: prompt -> images, for the shipped model, a user's run, or (later) Stable Diffusion."""
+"""Pipeline: prompt -> images, for the shipped model, a user's run, or Stable Diffusion."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .images import to_pil
 from .model import CheckpointError, DiffusionModel, resolve_checkpoint
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
+ImageInput = Image.Image | torch.Tensor
 
 
 def default_model_path() -> Path:
@@ -22,66 +24,174 @@ def default_model_path() -> Path:
     return path
 
 
-class Pipeline:
-    """A text-conditioned DiffusionModel and, for latent models, the VAE that decodes it."""
+def _cast_input_hook(dtype: torch.dtype):
+    """Forward pre-hook: the U-Net's input and text context in its own dtype (the timesteps
+    stay float32: bf16 would round t = 981 to 980)."""
 
-    def __init__(self, model: DiffusionModel, vae: torch.nn.Module | None = None) -> None:
+    def hook(module, args, kwargs):
+        if args and torch.is_tensor(args[0]):
+            args = (args[0].to(dtype), *args[1:])
+        if torch.is_tensor(kwargs.get("context")):
+            kwargs = {**kwargs, "context": kwargs["context"].to(dtype)}
+        return args, kwargs
+
+    return hook
+
+
+class Pipeline:
+    """A text-conditioned DiffusionModel and, for latent models, the VAE that decodes it.
+
+    `set_alpha_to_one=False` makes the "ddim" sampler end as diffusers' DDIM configured so
+    (Stable Diffusion): its last step goes to abar_0, not to the clean sample. `vae_tile`
+    (latent pixels, e.g. 64) decodes larger latents in tiles, to bound the VAE's memory.
+    """
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        vae: torch.nn.Module | None = None,
+        *,
+        set_alpha_to_one: bool = True,
+        vae_tile: int | None = None,
+    ) -> None:
         if model.config.cond != "text":
             raise CheckpointError(
                 "this model is not text-conditioned: draw from it with `difusion sample`"
             )
         self.model = model
         self.vae = vae
+        self.set_alpha_to_one = set_alpha_to_one
+        self.vae_tile = vae_tile
+        self._hook = None
+
+    @property
+    def downscale(self) -> int:
+        """Image pixels per model pixel (8 for Stable Diffusion, 1 for pixel models)."""
+        return 1 if self.vae is None else self.vae.config.downscale
+
+    @property
+    def image_size(self) -> int:
+        """The default image size in pixels."""
+        return self.model.config.image_size * self.downscale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.unet.parameters()).dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """Move the pipeline; `dtype` (e.g. torch.bfloat16) is the U-Net's and the VAE's,
+        the text encoder and the sampler's arithmetic stay float32."""
+        if device is not None:
+            self.model.to(device)
+            if self.vae is not None:
+                self.vae.to(device)
+        if dtype is not None:
+            self.model.unet.to(dtype)
+            if self.vae is not None:
+                self.vae.to(dtype)
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            if dtype != torch.float32:
+                self._hook = self.model.unet.register_forward_pre_hook(
+                    _cast_input_hook(dtype), with_kwargs=True
+                )
+        return self
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> images in [-1, 1] (identity for pixel models)."""
         if self.vae is None:
             return x
-        return self.vae.decode_latents(x.to(next(self.vae.parameters()).dtype)).clamp(-1, 1)
+        z = x.to(next(self.vae.parameters()).dtype)
+        return self.vae.decode_latents(z, tile=self.vae_tile).float().clamp(-1, 1)
+
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images in [-1, 1] -> model space (a posterior sample for latent models)."""
+        if self.vae is None:
+            return images
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode_latents(images.to(self.model.device, dtype), generator).float()
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path = "default", device: str | torch.device = "cpu"
+        cls,
+        name_or_path: str | Path = "default",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        **options,
     ) -> Pipeline:
-        """ "default" (the model shipped with the package), a run folder or a model file."""
+        """ "default" (the model shipped with the package), a run folder or a model file, or a
+        Stable Diffusion checkpoint: a diffusers folder (model_index.json) or a single original
+        .safetensors / .ckpt (see `difusion.sd.load` for its `options`)."""
+        from .sd import is_sd_checkpoint, load
+
+        if str(name_or_path) != "default" and is_sd_checkpoint(name_or_path):
+            return load(name_or_path, device, dtype, **options)
+        if options:
+            raise TypeError(f"options {sorted(options)} are for Stable Diffusion checkpoints")
         if str(name_or_path) == "default":
             path = default_model_path()
         else:
             path = resolve_checkpoint(name_or_path)
-        return cls(DiffusionModel.load(path, device))
+        return cls(DiffusionModel.load(path, device)).to(dtype=dtype)
 
     @property
     def default_guidance(self) -> float:
         return self.model.config.guidance
 
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str = "",
-        steps: int = 20,
-        guidance: float | None = None,
-        sampler: str = "dpmpp_2m",
-        seed: int = 0,
-        n: int = 1,
-        latents: torch.Tensor | None = None,
-        callback: StepCallback | None = None,
-        guidance_rescale: float = 0.0,
-    ) -> list[Image.Image]:
-        """n images for each prompt (prompt-major order), deterministic for a seed."""
-        return to_pil(
-            self.sample(
-                prompt,
-                negative_prompt,
-                steps,
-                guidance,
-                sampler,
-                seed,
-                n,
-                latents,
-                callback,
-                guidance_rescale,
+    def __call__(self, prompt: str | list[str], *args, **kwargs) -> list[Image.Image]:
+        """n images for each prompt (prompt-major order), deterministic for a seed; the
+        arguments are `sample`'s."""
+        return to_pil(self.sample(prompt, *args, **kwargs))
+
+    def _size(self, height: int | None, width: int | None, image) -> tuple[int, int]:
+        f = self.downscale
+        if image is not None and (height is None or width is None):
+            ih, iw = (
+                (image.height, image.width) if isinstance(image, Image.Image) else image.shape[-2:]
             )
-        )
+            height, width = height or ih // f * f, width or iw // f * f
+        height, width = height or self.image_size, width or self.image_size
+        if height % f or width % f or height < f or width < f:
+            raise ValueError(
+                f"height and width must be positive multiples of {f}, got {height}x{width}"
+            )
+        return height, width
+
+    def _image(self, image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
+        """A PIL image or a [3, H, W] / [B, 3, H, W] tensor in [-1, 1] -> [B, 3, h, w]."""
+        h, w = size
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+            if image.size != (w, h):
+                image = image.resize((w, h), Image.LANCZOS)
+            t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3)
+            return t.permute(2, 0, 1)[None].float() / 127.5 - 1
+        t = image.float()[None] if image.dim() == 3 else image.float()
+        if t.dim() != 4 or t.shape[1] != 3:
+            raise ValueError(f"image must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
+        if t.shape[-2:] != (h, w):
+            t = F.interpolate(t, size=(h, w), mode="bicubic", antialias=True).clamp(-1, 1)
+        return t
+
+    def _mask(self, mask: ImageInput, size: tuple[int, int]) -> torch.Tensor:
+        """White (1) = generate, black (0) = keep; binarized at 0.5, then every model pixel
+        that touches the masked area is generated."""
+        h, w = size
+        if isinstance(mask, Image.Image):
+            mask = mask.convert("L").resize((w, h), Image.NEAREST)
+            m = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, 1, h, w)
+            m = m.float() / 255
+        else:
+            m = mask.float()
+            m = m.view(1, 1, *m.shape[-2:]) if m.dim() <= 3 else m
+            if m.shape[-2:] != (h, w):
+                m = F.interpolate(m, size=(h, w), mode="nearest")
+        m = (m > 0.5).float()
+        f = self.downscale
+        return (F.avg_pool2d(m, f) > 0).float() if f > 1 else m
 
     @torch.no_grad()
     def sample(
@@ -96,37 +206,76 @@ class Pipeline:
         latents: torch.Tensor | None = None,
         callback: StepCallback | None = None,
         guidance_rescale: float = 0.0,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        image: ImageInput | None = None,
+        strength: float | None = None,
+        mask_image: ImageInput | None = None,
+        decode: bool = True,
     ) -> torch.Tensor:
-        """As __call__, but the images as a tensor in [-1, 1]; `callback` sees model-space x0."""
+        """As __call__, but the images as a tensor in [-1, 1]; `callback` sees model-space x0.
+
+        `latents`: the initial noise in model space ([len(prompts) * n, C, h, w], as diffusers'
+        `latents`). `height`/`width`: the image size, multiples of the VAE's factor (8 for
+        Stable Diffusion). `image` alone: img2img, starting from the image noised to the
+        `strength` fraction of the run (default 0.8). With `mask_image` (white = generate):
+        inpainting, the black area kept from the image at every step (default strength 1).
+        `decode=False` returns the model-space sample (diffusers' output_type="latent")."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs the image to inpaint (image=)")
         prompts = [p for p in prompts for _ in range(n)]
         guidance = self.default_guidance if guidance is None else guidance
         cfg = self.model.config
-        shape = (len(prompts), cfg.channels, cfg.image_size, cfg.image_size)
+        height, width = self._size(height, width, image)
+        f = self.downscale
+        shape = (len(prompts), cfg.channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         cond = self.model.text_cond(prompts)
         uncond = self.model.text_cond([negative_prompt] * len(prompts))
+        for c in (cond, uncond):  # all real tokens (Stable Diffusion): no mask, faster attention
+            if c["context_mask"] is not None and bool(c["context_mask"].all()):
+                c["context_mask"] = None
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        init = mask = None
+        if image is not None:
+            # the posterior sample and then the noise come from one generator, as in diffusers
+            init = self.encode(self._image(image, (height, width)), generator)
+            if init.shape[0] not in (1, len(prompts)):
+                raise ValueError(f"give 1 or {len(prompts)} images, got {init.shape[0]}")
+            if mask_image is not None:
+                mask = self._mask(mask_image, (height, width)).to(self.model.device)
+            strength = strength if strength is not None else (1.0 if mask is not None else 0.8)
+        elif strength is not None:
+            raise ValueError("strength= needs an image (img2img or inpainting)")
         step_info = None
         if callback is not None:
 
             def step_info(info: dict) -> None:
                 callback(info["i"], info["sigma"], info["x0"])
 
+        ddim_end = sampler == "ddim" and not self.set_alpha_to_one
         x = self.model.sample(
             len(prompts),
             sampler=sampler,
             steps=steps,
-            seed=seed,
             cond=cond,
             uncond=uncond,
             guidance=guidance,
             guidance_rescale=guidance_rescale,
             noise=latents,
             callback=step_info,
+            size=shape[-2:],
+            init=init,
+            strength=1.0 if strength is None else strength,
+            mask=mask,
+            generator=generator,
+            final_sigma=self.model.schedule.sigma_min if ddim_end else 0.0,
         )
-        return self.decode(x)
+        return self.decode(x) if decode else x

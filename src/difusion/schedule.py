@@ -172,13 +172,17 @@ class NoiseSchedule:
             )
         return ts.clamp(0, T - 1)
 
-    def sample_sigmas(self, steps: int, spacing: str = "trailing", offset: int = 0) -> torch.Tensor:
-        """Descending sigmas for a sampler, ending with 0 (the clean image)."""
+    def sample_sigmas(
+        self, steps: int, spacing: str = "trailing", offset: int = 0, final_sigma: float = 0.0
+    ) -> torch.Tensor:
+        """Descending sigmas for a sampler, ending with `final_sigma`: 0 (the clean image) by
+        default; `sigma_min` reproduces diffusers' DDIM with `set_alpha_to_one=False`, whose
+        last step goes to abar_0 rather than to 1."""
         if spacing == "karras":
             sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max)
         else:
             sigmas = self.t_to_sigma(self.timesteps(steps, spacing, offset))
-        return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+        return torch.cat([sigmas, sigmas.new_full((1,), final_sigma)]).float()
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:

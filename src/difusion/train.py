@@ -236,32 +236,52 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def plot_loss(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        records = self.read_log()
+        records = [r for r in self.read_log() if "loss" in r]
         if len(records) < 2:
             return
         steps = [r["step"] for r in records]
         loss = [r["loss"] for r in records]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot(steps, loss, lw=1, alpha=0.4, label="mean loss between log steps")
         k = max(1, len(loss) // 20)
         smooth = [
             sum(loss[max(0, i - k) : i + 1]) / len(loss[max(0, i - k) : i + 1])
             for i in range(len(loss))
         ]
-        ax.plot(steps, smooth, lw=2, label=f"moving average ({k + 1})")
-        ax.set_xlabel("step")
-        ax.set_ylabel("MSE")
+        series = {
+            "mean loss between log steps": (steps, loss),
+            f"moving average ({k + 1})": (steps, smooth),
+        }
+        _plot(self.dir / "loss.png", series, "MSE", log=True)
+
+    def plot_alignment(self) -> None:
+        records = [r for r in self.read_log() if "align_single" in r]
+        if not records:
+            return
+        steps = [r["step"] for r in records]
+        series = {
+            "one-object prompts": (steps, [r["align_single"] for r in records]),
+            "two-object prompts": (steps, [r["align_double"] for r in records]),
+        }
+        _plot(self.dir / "alignment.png", series, "prompts satisfied", log=False)
+
+
+def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, lw=1.5, marker="o" if len(xs) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if log:
         ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.dir / "loss.png")
-        plt.close(fig)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def save_state(
@@ -343,6 +363,24 @@ def batch_cond(
     labels = batch["label"].clone()
     labels[dropped] = diffusion.config.null_label
     return {"class_labels": labels.to(device)}
+
+
+def tracks_alignment(cfg: TrainConfig) -> bool:
+    return cfg.data == "shapes" and cfg.cond == "text"
+
+
+def alignment_probe(ema: DiffusionModel, n_single: int = 18, n_double: int = 18) -> dict:
+    """Fraction of a fixed prompt set the EMA model satisfies (20 DPM-Solver++ steps)."""
+    from .alignment import prompt_set, score_batch
+
+    ema.eval()
+    prompts = prompt_set(n_single, n_double, seed=0)
+    cond, uncond = ema.text_cond(prompts), ema.text_cond([""] * len(prompts))
+    x = ema.sample(
+        len(prompts), steps=20, seed=0, cond=cond, uncond=uncond, guidance=ema.config.guidance
+    )
+    scores = score_batch(x, prompts)
+    return {"align_single": scores["pass_rate_single"], "align_double": scores["pass_rate_double"]}
 
 
 PREVIEW_PROMPTS = [
@@ -527,6 +565,9 @@ def train(
         if step % cfg.sample_every == 0:
             run.plot_loss()
             preview(ema, run.dir / "samples" / f"step_{step:06d}.png")
+            if tracks_alignment(cfg):
+                run.append_log({"step": step, **alignment_probe(ema)})
+                run.plot_alignment()
     if bar is not None:
         bar.close()
     if rank == 0 and step != saved_step:

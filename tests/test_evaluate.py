@@ -1,0 +1,55 @@
+import json
+import sys
+
+import pytest
+
+from difusion.cli import main
+from difusion.data import DigitsDataset, ShapesDataset
+from difusion.evaluate import evaluate_alignment
+from difusion.model import DiffusionModel
+from difusion.train import TrainConfig, train
+
+TINY = dict(steps=2, batch_size=4, channels=16, channel_mult=(1, 2), layers_per_block=1, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def label_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    cfg = TrainConfig(out=str(out), size=8, attention_resolutions=(4,), cond="label", **TINY)
+    return train(cfg, dataset=DigitsDataset(size=8), progress=False)
+
+
+def test_eval_cli_prints_metrics_as_json(monkeypatch, capsys, label_run):
+    argv = ["difusion", "eval", str(label_run), "-n", "20", "--feature-net", "random", "--steps", "2", "--json"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_fake"] == result["n_real"] == 20
+    assert result["feature_net"] and result["data"] == "digits"
+    assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+
+
+def test_eval_errors_are_one_line(monkeypatch, capsys, label_run):
+    for argv, message in [
+        (["eval", str(label_run), "--feature-net", "nothing", "-n", "4", "--steps", "1"], "unknown feature network"),
+        (["eval", str(label_run), "--alignment"], "needs a text-conditioned model"),
+        (["eval", str(label_run / "model.safetensors"), "-n", "1"], "-n must be at least 2"),
+    ]:
+        monkeypatch.setattr(sys, "argv", ["difusion", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_alignment_of_a_tiny_text_model(tmp_path):
+    cfg = TrainConfig(
+        data="shapes", out=str(tmp_path / "t"), size=32, attention_resolutions=(16,), cond="text",
+        text_encoder="scratch", **TINY,
+    )  # fmt: skip
+    run = train(cfg, dataset=ShapesDataset(size=32, length=64), progress=False)
+    result = evaluate_alignment(DiffusionModel.load(run / "model.safetensors"), 4, 4, (0, 1), steps=2)
+    assert result["n_single"] == 8 and result["n_double"] == 8
+    assert result["alignment_single"] == 0.0  # two steps of an untrained model draw no shapes
