@@ -212,8 +212,9 @@ def sample(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Draw images from a trained model, optionally as an animation from noise."""
+    from .compare import load_generator_or_diffusion
     from .images import auto_scale, grid, save_gif, to_pil
-    from .model import DiffusionModel, resolve_checkpoint
+    from .nn.gan import GAN
     from .train import pick_device
 
     if n < 1 or n > 1024:
@@ -222,7 +223,15 @@ def sample(
     if gif is not None:
         _check_output(gif, (".gif",))
     steps = steps or (1000 if sampler == "ddpm" else 20)
-    model = DiffusionModel.load(resolve_checkpoint(checkpoint), pick_device(device))
+    model = load_generator_or_diffusion(checkpoint, pick_device(device))
+    if isinstance(model, GAN):  # one pass of the generator: no sampler, condition or trajectory
+        if label is not None or guidance != 1.0 or gif is not None:
+            raise UserError("--label, --guidance and --gif need a diffusion model; this is a GAN")
+        grid(to_pil(model.sample(n, seed=seed)), scale=auto_scale(model.config.image_size)).save(
+            output
+        )
+        typer.echo(f"wrote {output} (GAN, one pass)")
+        return
     cond = uncond = None
     if label is not None:
         cond, uncond = model.label_cond([label] * n)
@@ -390,14 +399,15 @@ def eval_(
     """Measure a model: FID/KID, precision/recall, mode coverage; or prompt alignment."""
     import json
 
-    from .evaluate import evaluate, evaluate_alignment, format_table
-    from .model import DiffusionModel, resolve_checkpoint
+    from .compare import evaluate_any, load_generator_or_diffusion
+    from .evaluate import evaluate_alignment, format_table
+    from .model import resolve_checkpoint
     from .train import pick_device
 
     if n < 2:
         raise UserError(f"-n must be at least 2, got {n}")
     path = resolve_checkpoint(checkpoint)
-    model = DiffusionModel.load(path, pick_device(device))
+    model = load_generator_or_diffusion(path, pick_device(device))
     if alignment:
         result = evaluate_alignment(
             model,
@@ -414,7 +424,7 @@ def eval_(
             if not config_file.is_file():
                 raise UserError("give --data: the model file has no run folder to read it from")
             data = json.loads(config_file.read_text())["data"]
-        result = evaluate(
+        result = evaluate_any(
             model, data, n, feature_net or data, sampler=sampler, steps=steps, seed=seed,
             guidance=1.0 if guidance is None else guidance,
         )  # fmt: skip

@@ -341,7 +341,10 @@ def load_state(
 
 def stored_train_config(out: str | Path) -> TrainConfig:
     _, metadata = read_safetensors(Run(out).state_path)
-    return TrainConfig.from_dict(json.loads(metadata["train_config"]))
+    stored = json.loads(metadata.get("train_config", "{}"))
+    if stored.get("model") == "gan" or "model_config" not in metadata:
+        raise TrainingError(f"{out} is not a diffusion run (a GAN run resumes with --model gan)")
+    return TrainConfig.from_dict(stored)
 
 
 def batch_cond(

@@ -1,0 +1,359 @@
+"""Training of the DCGAN baseline, with the run-folder conventions of diffusion runs.
+
+The standard recipe: the non-saturating loss, Adam with lr 2e-4 and betas (0.5, 0.999) for
+both networks, one discriminator step then one generator step per batch, and an optional EMA
+of the generator (the weights that are saved for sampling). Like `train.train`: a
+`--minutes` budget, exact resume, a guard against non-finite losses, and a run folder with
+
+    model.safetensors        the (EMA) generator, GANConfig as JSON in the metadata
+    train_state.safetensors  G, D, both optimisers and every RNG: exact --resume
+    train_config.json        the GANTrainConfig (with "model": "gan")
+    log.jsonl                {"step", "loss_d", "loss_g", "d_real", "d_fake", ...} lines
+    loss.png                 the two losses along training
+    samples/step_N.png       fixed-noise sample grids; samples.png at the end
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .data import collate, load_dataset
+from .images import auto_scale, grid, to_pil
+from .model import atomic_save, read_safetensors
+from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
+from .train import STATE_FILE, Run, TrainingError, _plot, pick_device, update_ema
+
+
+@dataclass
+class GANTrainConfig:
+    data: str = "digits"
+    out: str = "runs/gan"
+    size: int | None = None
+    steps: int = 5000
+    minutes: float | None = None  # wall-clock budget; the run stops and saves when it is spent
+    batch_size: int = 64
+    lr: float = 2e-4  # both networks
+    beta1: float = 0.5
+    beta2: float = 0.999
+    z_dim: int = 100
+    channels: int = 64  # generator's last hidden layer (g_channels)
+    d_channels: int | None = None  # discriminator's first layer; None: same as channels
+    ema_decay: float = 0.999  # EMA of the generator; 0 saves the raw generator
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 500
+    checkpoint_every: int = 250
+    model: str = "gan"  # marks the run folder's train_config.json
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GANTrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+ARCHITECTURE = ("data", "out", "size", "z_dim", "channels", "d_channels")
+
+
+def gan_config_for(cfg: GANTrainConfig, dataset: Dataset) -> GANConfig:
+    try:
+        return GANConfig(
+            image_size=dataset.size,
+            channels=dataset.channels,
+            z_dim=cfg.z_dim,
+            g_channels=cfg.channels,
+            d_channels=cfg.d_channels or cfg.channels,
+            data=cfg.data,
+        )
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def save_gan_state(
+    run: Run,
+    step: int,
+    cfg: GANTrainConfig,
+    gen: Generator,
+    disc: Discriminator,
+    ema: GAN,
+    opts: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, net in (("g", gen), ("d", disc)):
+        for k, v in net.state_dict().items():
+            tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
+    groups = {}
+    for name, opt in opts.items():
+        state = opt.state_dict()
+        for idx, entry in state["state"].items():
+            for key, value in entry.items():
+                tensors[f"opt_{name}.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        groups[name] = state["param_groups"]
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for name, g in generators.items():
+        tensors[f"rng.{name}"] = g.get_state().cpu()
+    metadata = {
+        "step": str(step),
+        "train_config": json.dumps(cfg.to_dict()),
+        "model_config": json.dumps(gen.config.to_dict()),
+        "param_groups": json.dumps(groups),
+        "model": "gan",
+    }
+    # the model file first, as train.save_state does: the state never points past it
+    ema.save(run.model_path, {"step": str(step)})
+    atomic_save(tensors, run.state_path, metadata)
+
+
+def load_gan_state(
+    run: Run,
+    gen: Generator,
+    disc: Discriminator,
+    opts: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+) -> int:
+    tensors, metadata = read_safetensors(run.state_path)
+    gen.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("g.")})
+    disc.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("d.")})
+    groups = json.loads(metadata["param_groups"])
+    for name, opt in opts.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        prefix = f"opt_{name}."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                idx, field = key[len(prefix) :].split(".", 1)
+                state.setdefault(int(idx), {})[field] = value
+        opt.load_state_dict({"state": state, "param_groups": groups[name]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    for name, g in generators.items():
+        g.set_state(tensors[f"rng.{name}"].to(g.get_state().device))
+    return int(metadata["step"])
+
+
+def stored_gan_config(out: str | Path) -> GANTrainConfig:
+    _, metadata = read_safetensors(Run(out).state_path)
+    if metadata.get("model") != "gan":
+        raise TrainingError(f"{out} holds a diffusion run, not a GAN run: drop --model gan")
+    return GANTrainConfig.from_dict(json.loads(metadata["train_config"]))
+
+
+def plot_gan_loss(run: Run) -> None:
+    records = [r for r in run.read_log() if "loss_d" in r]
+    if len(records) < 2:
+        return
+    steps = [r["step"] for r in records]
+    series = {
+        "discriminator": (steps, [r["loss_d"] for r in records]),
+        "generator (non-saturating)": (steps, [r["loss_g"] for r in records]),
+    }
+    _plot(run.dir / "loss.png", series, "loss (mean between log steps)", log=False)
+
+
+def gan_preview(ema: GAN, path: Path, seed: int = 0) -> None:
+    """A fixed-noise grid of 36 samples, so grids from successive steps compare."""
+    x = ema.sample(36, seed=seed)
+    grid(to_pil(x), cols=6, scale=auto_scale(ema.config.image_size, 64)).save(path)
+
+
+def copy_buffers(ema: torch.nn.Module, model: torch.nn.Module) -> None:
+    """The EMA generator's BatchNorm statistics are the trained generator's."""
+    with torch.no_grad():
+        for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+
+def train_gan(
+    cfg: GANTrainConfig,
+    resume: bool = False,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Train (or continue) the GAN run in cfg.out; returns the folder.
+
+    `on_step(step, {"loss_d", "loss_g", "d_real", "d_fake"})` is called after every step."""
+    run = Run(cfg.out)
+    if resume:
+        if not run.exists():
+            raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
+        stored = stored_gan_config(run.dir)
+        cfg = replace(cfg, **{k: getattr(stored, k) for k in ARCHITECTURE})
+    elif run.exists():
+        raise TrainingError(
+            f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
+        )
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise TrainingError("steps and batch size must be positive")
+    if not 0 <= cfg.ema_decay < 1:
+        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    device = pick_device(cfg.device)
+    if dataset is None:
+        dataset = load_dataset(cfg.data, cfg.size)
+    config = gan_config_for(cfg, dataset)
+
+    torch.manual_seed(cfg.seed)
+    gen, disc = Generator(config).to(device), Discriminator(config).to(device)
+    ema = GAN(config, copy.deepcopy(gen)).requires_grad_(False)
+    betas = (cfg.beta1, cfg.beta2)
+    opts = {
+        "g": torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=betas),
+        "d": torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=betas),
+    }
+    generators = {
+        "data": torch.Generator().manual_seed(cfg.seed * 7919),
+        "noise": torch.Generator().manual_seed(cfg.seed * 104729 + 1),
+    }
+    step = 0
+    if resume:
+        step = load_gan_state(run, gen, disc, opts, generators)
+        ema.generator.load_state_dict(read_safetensors(run.model_path)[0])
+        run.truncate_log(step)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "samples").mkdir(exist_ok=True)
+    (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    if progress:
+        print(
+            f"training a DCGAN (G {parameter_count(gen) / 1e6:.2f}M, "
+            f"D {parameter_count(disc) / 1e6:.2f}M parameters) on {cfg.data} "
+            f"({len(dataset)} images, {dataset.size}x{dataset.size}) on {device}, "
+            f"steps {step}->{cfg.steps}",
+            flush=True,
+        )
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+
+    start = time.monotonic()
+    last_log_time, last_log_step = start, step
+    saved_step = step
+    sums: dict[str, float] = {}
+    count = 0
+    gen.train()
+    disc.train()
+
+    def stop(what: str, value: torch.Tensor) -> TrainingError:
+        if bar is not None:
+            bar.close()
+        kept = (
+            f"the last good checkpoint (step {saved_step}) is kept in {run.dir}"
+            if saved_step
+            else "nothing was saved"
+        )
+        return TrainingError(
+            f"{what} loss became {value.item()} at step {step + 1}; stopping: {kept}"
+        )
+
+    while step < cfg.steps:
+        if cfg.minutes is not None and time.monotonic() - start > cfg.minutes * 60:
+            break
+        idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generators["data"])
+        real = collate([dataset[int(i)] for i in idx])["image"].to(device)
+        z = torch.randn(cfg.batch_size, config.z_dim, generator=generators["noise"]).to(device)
+        fake = gen(z)
+        # discriminator: real -> 1, fake -> 0
+        logits_real, logits_fake = disc(real), disc(fake.detach())
+        loss_d = d_loss(logits_real, logits_fake)
+        if not torch.isfinite(loss_d):
+            raise stop("discriminator", loss_d)
+        opts["d"].zero_grad(set_to_none=True)
+        loss_d.backward()
+        opts["d"].step()
+        # generator: the non-saturating loss through the updated discriminator
+        loss_g = g_loss(disc(fake))
+        if not torch.isfinite(loss_g):
+            raise stop("generator", loss_g)
+        opts["g"].zero_grad(set_to_none=True)
+        loss_g.backward()
+        opts["g"].step()
+        if cfg.ema_decay > 0:
+            update_ema(ema.generator, gen, step, cfg.ema_decay)
+            copy_buffers(ema.generator, gen)
+        else:
+            ema.generator.load_state_dict(gen.state_dict())
+        step += 1
+        record = {
+            "loss_d": loss_d.item(),
+            "loss_g": loss_g.item(),
+            "d_real": torch.sigmoid(logits_real.detach()).mean().item(),
+            "d_fake": torch.sigmoid(logits_fake.detach()).mean().item(),
+        }
+        for k, v in record.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if on_step is not None:
+            on_step(step, record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss_d=f"{record['loss_d']:.3f}", loss_g=f"{record['loss_g']:.3f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.monotonic()
+            rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+            means = {k: v / count for k, v in sums.items()}
+            run.append_log({"step": step, **means, "lr": cfg.lr, "steps_per_s": rate})
+            last_log_time, last_log_step = now, step
+            sums, count = {}, 0
+        if step % cfg.checkpoint_every == 0:
+            save_gan_state(run, step, cfg, gen, disc, ema, opts, generators)
+            saved_step = step
+        if step % cfg.sample_every == 0:
+            plot_gan_loss(run)
+            gan_preview(ema, run.dir / "samples" / f"step_{step:06d}.png")
+    if bar is not None:
+        bar.close()
+    if step != saved_step:
+        save_gan_state(run, step, cfg, gen, disc, ema, opts, generators)
+    plot_gan_loss(run)
+    gan_preview(ema, run.dir / "samples.png")
+    if progress:
+        elapsed = time.monotonic() - start
+        weights = "EMA generator" if cfg.ema_decay > 0 else "generator"
+        print(f"stopped at step {step} after {elapsed / 60:.1f} min; {weights} in {run.model_path}")
+    return run.dir
+
+
+SHARED_OPTIONS = (
+    "data", "out", "size", "steps", "minutes", "batch_size", "lr", "ema_decay", "channels",
+    "device", "seed", "sample_every", "checkpoint_every",
+)  # fmt: skip
+NOT_FOR_GAN = (
+    "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
+    "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
+    "layers_per_block", "dropout", "precision",
+)  # fmt: skip
+
+
+def gan_config_from_cli(options: dict, command: Callable) -> GANTrainConfig:
+    """`difusion train --model gan`: the options a GAN shares with a diffusion run make its
+    configuration; a diffusion-only option given a value other than its default is an error.
+    `options` are the command's arguments, `command` the command (for its defaults)."""
+    import inspect
+
+    params = inspect.signature(command).parameters
+    given = [
+        "--" + name.replace("_", "-")
+        for name in NOT_FOR_GAN
+        if name in options and name in params and options[name] != params[name].default
+    ]
+    if given:
+        raise TrainingError(f"{', '.join(given)}: not an option of --model gan")
+    shared = {k: options[k] for k in SHARED_OPTIONS if k in options}
+    shared["out"] = str(shared.get("out", "runs/gan"))
+    return GANTrainConfig(**shared)
