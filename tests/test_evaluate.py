@@ -9,7 +9,9 @@ from difusion.evaluate import evaluate_alignment
 from difusion.model import DiffusionModel
 from difusion.train import TrainConfig, train
 
-TINY = dict(steps=2, batch_size=4, channels=16, channel_mult=(1, 2), layers_per_block=1, head_dim=16)
+TINY = dict(
+    steps=2, batch_size=4, channels=16, channel_mult=(1, 2), layers_per_block=1, head_dim=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,18 @@ def label_run(tmp_path_factory):
 
 
 def test_eval_cli_prints_metrics_as_json(monkeypatch, capsys, label_run):
-    argv = ["difusion", "eval", str(label_run), "-n", "20", "--feature-net", "random", "--steps", "2", "--json"]
+    argv = [
+        "difusion",
+        "eval",
+        str(label_run),
+        "-n",
+        "20",
+        "--feature-net",
+        "random",
+        "--steps",
+        "2",
+        "--json",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:
         main()
@@ -33,7 +46,10 @@ def test_eval_cli_prints_metrics_as_json(monkeypatch, capsys, label_run):
 
 def test_eval_errors_are_one_line(monkeypatch, capsys, label_run):
     for argv, message in [
-        (["eval", str(label_run), "--feature-net", "nothing", "-n", "4", "--steps", "1"], "unknown feature network"),
+        (
+            ["eval", str(label_run), "--feature-net", "nothing", "-n", "4", "--steps", "1"],
+            "unknown feature network",
+        ),
         (["eval", str(label_run), "--alignment"], "needs a text-conditioned model"),
         (["eval", str(label_run / "model.safetensors"), "-n", "1"], "-n must be at least 2"),
     ]:
@@ -50,6 +66,8 @@ def test_alignment_of_a_tiny_text_model(tmp_path):
         text_encoder="scratch", **TINY,
     )  # fmt: skip
     run = train(cfg, dataset=ShapesDataset(size=32, length=64), progress=False)
-    result = evaluate_alignment(DiffusionModel.load(run / "model.safetensors"), 4, 4, (0, 1), steps=2)
+    result = evaluate_alignment(
+        DiffusionModel.load(run / "model.safetensors"), 4, 4, (0, 1), steps=2
+    )
     assert result["n_single"] == 8 and result["n_double"] == 8
     assert result["alignment_single"] == 0.0  # two steps of an untrained model draw no shapes
