@@ -213,7 +213,7 @@ def sample(
 ) -> None:
     """Draw images from a trained model, optionally as an animation from noise."""
     from .compare import load_generator_or_diffusion
-    from .images import auto_scale, grid, save_gif, to_pil
+    from .images import auto_scale, grid, save_gif, to_pil, trajectory_frame
     from .nn.gan import GAN
     from .train import pick_device
 
@@ -243,8 +243,7 @@ def sample(
     scale = auto_scale(model.config.image_size)
 
     def record(info: dict) -> None:
-        view = info["x"] / (1 + info["sigma"] ** 2) ** 0.5  # the model's own, unit-variance view
-        frames.append(grid(to_pil(view), scale=scale))
+        frames.append(trajectory_frame(info, scale))
 
     x = model.sample(
         n,

@@ -32,6 +32,11 @@ def grid(
     return canvas
 
 
+def trajectory_frame(info: dict, scale: int = 1, cols: int | None = None) -> Image.Image:
+    """A sampler step as a picture: the noisy x in the model's own unit-variance view."""
+    return grid(to_pil(info["x"] / (1 + info["sigma"] ** 2) ** 0.5), cols=cols, scale=scale)
+
+
 def auto_scale(size: int, target: int = 96) -> int:
     return max(1, target // size)
 

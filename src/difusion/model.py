@@ -231,10 +231,16 @@ class DiffusionModel(nn.Module):
             x = m * x + (1 - m) * (init + float(sigmas[-1]) * noise)
         return x / (1 + float(sigmas[-1]) ** 2) ** 0.5 if sigmas[-1] > 0 else x
 
-    def save(self, path: str | Path, extra_metadata: dict | None = None) -> None:
+    def save(
+        self,
+        path: str | Path,
+        extra_metadata: dict | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """`dtype=torch.float16` halves the file (the shipped model); loading returns float32."""
         metadata = {"format": FORMAT, "config": json.dumps(self.config.to_dict())}
         metadata.update(extra_metadata or {})
-        state = {k: v.detach().contiguous().cpu() for k, v in self.weights().items()}
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.weights().items()}
         atomic_save(state, path, metadata)
 
     @classmethod
@@ -258,7 +264,7 @@ class DiffusionModel(nn.Module):
             unet = UNet(config.unet)
         model = cls(config, unet, text_encoder)
         try:
-            model.load_weights(tensors, assign=True)
+            model.load_weights({k: v.float() for k, v in tensors.items()}, assign=True)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         return model.to(device, memory_format=torch.channels_last).eval()

@@ -1,0 +1,40 @@
+"""Copy a trained shapes text-to-image run into the package as the "default" model.
+
+    .venv/bin/python bench/ship_default.py runs/shapes
+
+Stores the EMA weights in float16 (half the size; loading returns float32) with the run's
+training configuration and step in the metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from difusion.model import DiffusionModel
+
+TARGET = (
+    Path(__file__).resolve().parents[1] / "src" / "difusion" / "weights" / "default.safetensors"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run", type=Path)
+    args = parser.parse_args()
+    model_file = args.run / "model.safetensors"
+    with safe_open(str(model_file), "pt") as f:
+        step = f.metadata().get("step", "?")
+    model = DiffusionModel.load(model_file)
+    train_config = json.loads((args.run / "train_config.json").read_text())
+    extra = {"step": step, "train_config": json.dumps(train_config)}
+    model.save(TARGET, extra, dtype=torch.float16)
+    print(f"wrote {TARGET} ({TARGET.stat().st_size / 2**20:.1f} MiB, step {step})")
+
+
+if __name__ == "__main__":
+    main()
