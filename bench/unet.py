@@ -77,7 +77,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}; max |diff| / max |out| = {err:.1e}")  # fmt: skip
     assert err < 1e-4, "outputs differ"
 
-    def train_step(model: torch.nn.Module, run: Callable[[], torch.Tensor], opt) -> None:
+    def train_step(run: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> None:
         loss = F.mse_loss(run(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,8 +89,8 @@ def main() -> None:
     for name, fns in {
         "forward (no_grad)": (run_ours, run_theirs),
         "train step": (
-            lambda: train_step(ours, run_ours, opt_ours),
-            lambda: train_step(theirs, run_theirs, opt_theirs),
+            lambda: train_step(run_ours, opt_ours),
+            lambda: train_step(run_theirs, opt_theirs),
         ),
     }.items():
         grad = name == "train step"

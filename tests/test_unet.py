@@ -1,6 +1,7 @@
 """The U-Net against diffusers' UNet2DModel / UNet2DConditionModel with the same weights."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,9 +17,7 @@ SMALL = UNetConfig(
     attention_head_dim=8,
     norm_groups=8,
 )
-SMALL_COND = UNetConfig(
-    **{**SMALL.to_dict(), "in_channels": 4, "out_channels": 4, "context_dim": 24}
-)
+SMALL_COND = replace(SMALL, in_channels=4, out_channels=4, context_dim=24)
 
 # the shapes of the Stable Diffusion 1.5 and 2.1 U-Nets, as in their config.json
 SD15 = dict(
@@ -99,11 +98,11 @@ def context(cfg: UNetConfig, batch: int = 3, length: int = 7, seed: int = 2):
             "num_heads": 4,
             "block_out_channels": (32, 32, 32),
         },
-        {"freq_shift": 1, "flip_sin_to_cos": False, "norm_eps": 1e-6},
+        {"freq_shift": 1, "flip_sin_to_cos": False, "norm_eps": 1e-6, "dropout": 0.1},
     ],
 )
 def test_matches_unet2dmodel(changes):
-    cfg = UNetConfig(**{**SMALL.to_dict(), **changes})
+    cfg = replace(SMALL, **changes)
     ours, ref = random_pair(cfg)
     x, t = inputs(cfg)
     labels = torch.tensor([0, 4, 2]) if cfg.num_classes else None
@@ -123,7 +122,7 @@ def test_matches_unet2dmodel(changes):
     ],
 )
 def test_matches_unet2dconditionmodel(changes):
-    cfg = UNetConfig(**{**SMALL_COND.to_dict(), **changes})
+    cfg = replace(SMALL_COND, **changes)
     ours, ref = random_pair(cfg)
     x, t = inputs(cfg)
     ctx, _ = context(cfg)
@@ -132,6 +131,22 @@ def test_matches_unet2dconditionmodel(changes):
         want = ref(x, t, encoder_hidden_states=ctx, class_labels=labels).sample
         got = ours(x, t, context=ctx, class_labels=labels)
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "cfg", [SMALL, SMALL_COND, replace(SMALL_COND, use_linear_projection=True)]
+)
+def test_channels_last_and_contiguous_layouts_agree(cfg):
+    ours, ref = random_pair(cfg)
+    x, t = inputs(cfg)
+    kw = {"context": context(cfg)[0]} if cfg.context_dim else {}
+    with torch.no_grad():
+        want = ref(x, t, **({"encoder_hidden_states": kw["context"]} if kw else {})).sample
+        for min_pixels in (0, None):  # always, never
+            ours.channels_last_min_pixels = min_pixels
+            got = ours(x, t, **kw)
+            assert got.is_contiguous()
+            assert rel_err(got, want) < 1e-5
 
 
 def test_padding_mask_matches_encoder_attention_mask():
@@ -229,7 +244,7 @@ def test_full_size_sd_state_dict_layout(sd, ours):
 
 
 def test_shapes_batch_and_timesteps():
-    cfg = UNetConfig(**{**SMALL.to_dict(), "num_classes": 3})
+    cfg = replace(SMALL, num_classes=3)
     model = UNet(cfg).eval()
     labels = torch.tensor([2])
     with torch.no_grad():
@@ -245,7 +260,7 @@ def test_shapes_batch_and_timesteps():
 
 
 def test_no_grad_path_equals_grad_path_and_every_parameter_learns():
-    cfg = UNetConfig(**{**SMALL_COND.to_dict(), "num_classes": 3, "dropout": 0.0})
+    cfg = replace(SMALL_COND, num_classes=3)
     ours, _ = random_pair(cfg)
     x, t = inputs(cfg)
     ctx, mask = context(cfg)
@@ -257,6 +272,15 @@ def test_no_grad_path_equals_grad_path_and_every_parameter_learns():
     b.square().mean().backward()
     missing = [n for n, p in ours.named_parameters() if p.grad is None or not p.grad.any()]
     assert not missing
+
+
+def test_dropout_only_in_training():
+    model = UNet(replace(SMALL, dropout=0.5))
+    x, t = inputs(SMALL)
+    with torch.no_grad():
+        assert (model(x, t) - model(x, t)).abs().max() > 1e-3
+        model.eval()
+        torch.testing.assert_close(model(x, t), model(x, t))
 
 
 def test_input_validation():

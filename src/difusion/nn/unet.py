@@ -237,7 +237,7 @@ def timestep_embedding(
 
 def norm_silu(norm: nn.Module, x: Tensor) -> Tensor:
     h = norm(x)
-    # in place saves a tensor, but autograd would copy h for SiLU's backward anyway
+    # in place saves a tensor; under autograd it would only add a copy (SiLU's backward needs h)
     return F.silu(h, inplace=not h.requires_grad)
 
 
@@ -451,7 +451,8 @@ class UpBlock(nn.Module):
     def __init__(
         self, cin: int, cprev: int, cout: int, attention: bool, upsample: bool, cfg: UNetConfig
     ):
-        """cprev: channels coming from below; cin: channels of the deepest skip of this level."""
+        """cprev: channels coming from the level below; cin: channels that entered this level
+        on the way down (its first skip connection)."""
         super().__init__()
         n, temb = cfg.layers_per_block + 1, cfg.time_embed_dim
         self.resnets = nn.ModuleList(
@@ -510,6 +511,12 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
+    # On CPU, activations go channels-last once batch x height x width reaches this: oneDNN's
+    # convolutions then run faster, and the attention layers get their tokens [B, H*W, C] as
+    # views instead of copies. Below it, re-laying out the conv weights at each call costs
+    # more than it saves. None: never.
+    channels_last_min_pixels: int | None = 4096
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
@@ -557,8 +564,9 @@ class UNet(nn.Module):
         if (class_labels is None) != (cfg.num_classes is None):
             raise ValueError("class_labels are required exactly when config.num_classes is set")
 
+        B, _, H, W = x.shape
         t = torch.as_tensor(t, device=x.device)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        t = t.expand(B) if t.ndim == 0 else t
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(emb.to(x.dtype))
         if class_labels is not None:
@@ -572,9 +580,8 @@ class UNet(nn.Module):
             # diffusers' additive bias (-10000 on every score) amounts to
             mask = mask | ~mask.any(dim=-1, keepdim=True)
 
-        if x.device.type == "cpu":
-            # channels-last: oneDNN's convolutions run faster, and the attention layers get
-            # their tokens [B, H*W, C] as a free view instead of a copy
+        pixels, min_pixels = B * H * W, self.channels_last_min_pixels
+        if x.device.type == "cpu" and min_pixels is not None and pixels >= min_pixels:
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]
