@@ -42,7 +42,9 @@ def main() -> None:
             setattr(held, attr, getattr(data, attr))
         acc = accuracy(model, held)
         model.save(WEIGHTS / f"classifier-{name}.safetensors")
-        print(f"{name}: held-out accuracy {acc:.4f} ({len(held_out)} images), trained in {seconds:.0f} s")
+        print(
+            f"{name}: held-out accuracy {acc:.4f} ({len(held_out)} images), trained in {seconds:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -157,6 +157,16 @@ def test_samplers_converge_to_gaussian_data(name, steps, spacing):
     assert out.std().item() == pytest.approx(s, rel=0.02)
 
 
+def test_heun_stays_stable_over_the_huge_first_step_of_cosine():
+    """sigma_max of the cosine schedule is ~4096: a slope-averaging Heun explodes there."""
+    schedule = NoiseSchedule(kind="cosine")
+    sigmas = schedule.sample_sigmas(5, "trailing")
+    x = initial_noise((40_000,), float(sigmas[0]), generator=torch.Generator().manual_seed(0))
+    euler = get_sampler("euler")(gaussian_denoiser(0.3, 0.5), x, sigmas).std().item()
+    heun = get_sampler("heun")(gaussian_denoiser(0.3, 0.5), x, sigmas).std().item()
+    assert abs(heun - 0.5) < abs(euler - 0.5) < 0.2
+
+
 def test_higher_order_samplers_converge_faster():
     """At equal steps, Heun and DPM-Solver++ land closer to the data std than Euler."""
     schedule = NoiseSchedule(kind="linear")

@@ -69,17 +69,25 @@ def sample_heun(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1): two evaluations a step."""
+    """Heun's method (trapezoidal rule, two evaluations a step) on the denoiser.
+
+    Karras et al. average the slopes (x - x0) / sigma of the two ends; over the first step of
+    a cosine or zero-terminal-SNR schedule (sigma ~ 4096 down to ~6) that average multiplies
+    the change in the eps estimate by sigma and the sample explodes (measured on an exact
+    Gaussian denoiser: std off by 7.3 at 5 steps). Averaging the two x0 estimates inside the
+    exact DDIM step instead (DPM-Solver-2 with r = 1) is the same method to second order and
+    exact for a constant denoiser, so it stays bounded at any step size.
+    """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, sigma)
         if callback is not None:
             callback({"i": i, "sigma": float(sigma), "x": x, "x0": x0})
-        d = (x - x0) / sigma
-        x_next = x + d * (sigma_next - sigma)
+        ratio = sigma_next / sigma
+        x_next = x0 + ratio * (x - x0)
         if sigma_next > 0:
-            d_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next
-            x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
+            x0 = (x0 + denoiser(x_next, sigma_next)) / 2
+            x_next = x0 + ratio * (x - x0)
         x = x_next
     return x
 
