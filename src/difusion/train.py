@@ -433,16 +433,18 @@ def train(
         if not run.exists():
             raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
         stored = stored_train_config(run.dir)
-        keep = ("data", "out", "size", "cond", "prediction", "schedule", "zero_terminal_snr")
-        keep += ("text_encoder", "text_encoder_path")
-        keep += (
-            "channels",
-            "channel_mult",
-            "attention_resolutions",
-            "layers_per_block",
-            "head_dim",
+        # everything that shapes the optimisation continues as it was; only the budget, the
+        # device and how often to log / save / sample may change
+        given = (
+            "out",
+            "steps",
+            "minutes",
+            "device",
+            "log_every",
+            "sample_every",
+            "checkpoint_every",
         )
-        cfg = replace(cfg, **{k: getattr(stored, k) for k in keep})
+        cfg = replace(stored, **{k: getattr(cfg, k) for k in given})
     elif run.exists():
         raise TrainingError(
             f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
