@@ -29,7 +29,17 @@ from .data import collate, load_dataset
 from .images import auto_scale, grid, to_pil
 from .model import atomic_save, read_safetensors
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
-from .train import STATE_FILE, Run, TrainingError, _plot, pick_device, update_ema
+from .train import (
+    STATE_FILE,
+    Run,
+    TrainingError,
+    plot_series,
+    module_state,
+    pick_device,
+    restore_training_state,
+    training_state,
+    update_ema,
+)
 
 
 @dataclass
@@ -90,29 +100,15 @@ def save_gan_state(
     opts: dict[str, torch.optim.Optimizer],
     generators: dict[str, torch.Generator],
 ) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, net in (("g", gen), ("d", disc)):
-        for k, v in net.state_dict().items():
-            tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
-    groups = {}
-    for name, opt in opts.items():
-        state = opt.state_dict()
-        for idx, entry in state["state"].items():
-            for key, value in entry.items():
-                tensors[f"opt_{name}.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
-        groups[name] = state["param_groups"]
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    for name, g in generators.items():
-        tensors[f"rng.{name}"] = g.get_state().cpu()
-    metadata = {
-        "step": str(step),
-        "train_config": json.dumps(cfg.to_dict()),
-        "model_config": json.dumps(gen.config.to_dict()),
-        "param_groups": json.dumps(groups),
-        "model": "gan",
-    }
+    tensors, metadata = training_state(
+        {"g": gen.state_dict(), "d": disc.state_dict()}, opts, generators
+    )
+    metadata.update(
+        step=str(step),
+        train_config=json.dumps(cfg.to_dict()),
+        model_config=json.dumps(gen.config.to_dict()),
+        model="gan",
+    )
     # the model file first, as train.save_state does: the state never points past it
     ema.save(run.model_path, {"step": str(step)})
     atomic_save(tensors, run.state_path, metadata)
@@ -126,22 +122,9 @@ def load_gan_state(
     generators: dict[str, torch.Generator],
 ) -> int:
     tensors, metadata = read_safetensors(run.state_path)
-    gen.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("g.")})
-    disc.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("d.")})
-    groups = json.loads(metadata["param_groups"])
-    for name, opt in opts.items():
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        prefix = f"opt_{name}."
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                idx, field = key[len(prefix) :].split(".", 1)
-                state.setdefault(int(idx), {})[field] = value
-        opt.load_state_dict({"state": state, "param_groups": groups[name]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    for name, g in generators.items():
-        g.set_state(tensors[f"rng.{name}"].to(g.get_state().device))
+    gen.load_state_dict(module_state(tensors, "g"))
+    disc.load_state_dict(module_state(tensors, "d"))
+    restore_training_state(tensors, metadata, opts, generators)
     return int(metadata["step"])
 
 
@@ -161,7 +144,7 @@ def plot_gan_loss(run: Run) -> None:
         "discriminator": (steps, [r["loss_d"] for r in records]),
         "generator (non-saturating)": (steps, [r["loss_g"] for r in records]),
     }
-    _plot(run.dir / "loss.png", series, "loss (mean between log steps)", log=False)
+    plot_series(run.dir / "loss.png", series, "loss (mean between log steps)", log=False)
 
 
 def gan_preview(ema: GAN, path: Path, seed: int = 0) -> None:

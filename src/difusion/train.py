@@ -250,7 +250,7 @@ class Run:
             "mean loss between log steps": (steps, loss),
             f"moving average ({k + 1})": (steps, smooth),
         }
-        _plot(self.dir / "loss.png", series, "MSE", log=True)
+        plot_series(self.dir / "loss.png", series, "MSE", log=True)
 
     def plot_alignment(self) -> None:
         records = [r for r in self.read_log() if "align_single" in r]
@@ -261,10 +261,10 @@ class Run:
             "one-object prompts": (steps, [r["align_single"] for r in records]),
             "two-object prompts": (steps, [r["align_double"] for r in records]),
         }
-        _plot(self.dir / "alignment.png", series, "prompts satisfied", log=False)
+        plot_series(self.dir / "alignment.png", series, "prompts satisfied", log=False)
 
 
-def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bool) -> None:
+def plot_series(path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,6 +284,62 @@ def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bo
     plt.close(fig)
 
 
+def training_state(
+    modules: dict[str, dict[str, torch.Tensor]],
+    opts: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Weights, optimizer states and RNG states as flat tensors (plus the optimizers' param
+    groups as JSON metadata): everything an exact resume needs, in one safetensors file."""
+    tensors = {
+        f"{prefix}.{k}": v.detach().cpu().contiguous()
+        for prefix, state in modules.items()
+        for k, v in state.items()
+    }
+    groups = {}
+    for name, opt in opts.items():
+        state = opt.state_dict()
+        for idx, entry in state["state"].items():
+            for key, value in entry.items():
+                tensors[f"opt_{name}.{idx}.{key}"] = (
+                    torch.as_tensor(value).detach().cpu().contiguous()
+                )
+        groups[name] = state["param_groups"]
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for name, g in generators.items():
+        tensors[f"rng.{name}"] = g.get_state().cpu()
+    return tensors, {"param_groups": json.dumps(groups)}
+
+
+def restore_training_state(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    opts: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+) -> None:
+    """The inverse of `training_state` for optimizers and RNGs (weights: `module_state`)."""
+    groups = json.loads(metadata["param_groups"])
+    for name, opt in opts.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        prefix = f"opt_{name}."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                idx, field = key[len(prefix) :].split(".", 1)
+                state.setdefault(int(idx), {})[field] = value
+        opt.load_state_dict({"state": state, "param_groups": groups[name]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    for name, g in generators.items():
+        g.set_state(tensors[f"rng.{name}"].to(g.get_state().device))
+
+
+def module_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
 def save_state(
     run: Run,
     step: int,
@@ -293,24 +349,12 @@ def save_state(
     opt: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
 ) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.weights().items():
-        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
-    opt_state = opt.state_dict()
-    for idx, state in opt_state["state"].items():
-        for name, value in state.items():
-            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    for name, g in generators.items():
-        tensors[f"rng.{name}"] = g.get_state().cpu()
-    metadata = {
-        "step": str(step),
-        "train_config": json.dumps(cfg.to_dict()),
-        "model_config": json.dumps(model.config.to_dict()),
-        "param_groups": json.dumps(opt_state["param_groups"]),
-    }
+    tensors, metadata = training_state({"model": model.weights()}, {"model": opt}, generators)
+    metadata.update(
+        step=str(step),
+        train_config=json.dumps(cfg.to_dict()),
+        model_config=json.dumps(model.config.to_dict()),
+    )
     # EMA first: if we die between the two writes, the state still points at an older step
     # whose EMA is at least as new, never the reverse.
     ema.save(run.model_path, {"step": str(step)})
@@ -324,18 +368,8 @@ def load_state(
     generators: dict[str, torch.Generator],
 ) -> int:
     tensors, metadata = read_safetensors(run.state_path)
-    model.load_weights({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    for name, g in generators.items():
-        g.set_state(tensors[f"rng.{name}"].to(g.get_state().device))
+    model.load_weights(module_state(tensors, "model"))
+    restore_training_state(tensors, metadata, {"model": opt}, generators)
     return int(metadata["step"])
 
 
