@@ -213,7 +213,7 @@ def test_cli_trains_a_gan_and_resumes(monkeypatch, capsys, tmp_path):
     [
         (("--cond", "label"), "--cond: not an option of --model gan"),
         (("--prediction", "v", "--dropout", "0.1"), "--prediction, --dropout: not an option"),
-        (("--model", "vae"), "--model must be unet or gan"),
+        (("--model", "flow"), "--model must be unet, gan or vae"),
     ],
 )
 def test_cli_gan_errors_are_one_line(monkeypatch, capsys, tmp_path, extra, message):

@@ -127,17 +127,29 @@ def train(
         bool, typer.Option(help="Continue the run in --out exactly where it stopped.")
     ] = False,
     model: Annotated[
-        str, typer.Option(help="unet (a diffusion model) or gan (the DCGAN baseline).")
+        str,
+        typer.Option(
+            help="unet (a diffusion model), gan (the DCGAN baseline) or vae (a KL autoencoder)."
+        ),
     ] = "unet",
+    latent: Annotated[
+        str | None,
+        typer.Option(help="A VAE run folder or file: train the U-Net in its latent space."),
+    ] = None,
 ) -> None:
-    """Train a diffusion model (on one process, or several under torchrun), or a DCGAN."""
+    """Train a diffusion model (on one process, or several under torchrun), a DCGAN or a VAE."""
     from .train import TrainConfig
     from .train import train as run_training
 
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch-size must be positive")
-    if model not in ("unet", "gan"):
-        raise UserError(f"--model must be unet or gan, got {model!r}")
+    if model not in ("unet", "gan", "vae"):
+        raise UserError(f"--model must be unet, gan or vae, got {model!r}")
+    if model == "vae":  # shares --channels, --channel-mult, --layers-per-block, ...
+        from .vae_train import train_vae, vae_config_from_cli
+
+        train_vae(vae_config_from_cli(dict(locals()), train), resume=resume)
+        return
     if model == "gan":  # the options it shares with a diffusion run; the others must stay unset
         from .gan_train import gan_config_from_cli, train_gan
 
@@ -179,6 +191,7 @@ def train(
         seed=seed,
         sample_every=sample_every,
         checkpoint_every=checkpoint_every,
+        latent=latent,
     )
     run_training(cfg, resume=resume)
 
@@ -239,8 +252,15 @@ def sample(
         cond, uncond = model.label_cond([i % model.config.null_label for i in range(n)])
     elif guidance != 1.0:
         raise UserError("--guidance needs a condition (--label for a class-conditional model)")
+    vae = None
+    if model.config.latent is not None:  # a latent model: its VAE decodes the samples
+        from .vae_train import vae_for
+
+        if gif is not None:
+            raise UserError("--gif is not supported for latent models yet")
+        vae = vae_for(model.config.latent, model.device)
     frames = []
-    scale = auto_scale(model.config.image_size)
+    scale = auto_scale(model.config.image_size * (vae.config.downscale if vae else 1))
 
     def record(info: dict) -> None:
         frames.append(trajectory_frame(info, scale))
@@ -257,6 +277,9 @@ def sample(
         callback=record if gif is not None else None,
         eta=eta,
     )
+    if vae is not None:
+        with torch.no_grad():
+            x = vae.decode_latents(x).clamp(-1, 1)
     final = grid(to_pil(x), scale=scale)
     final.save(output)
     if gif is not None:

@@ -21,7 +21,13 @@ def draw(
     guidance: float = 1.0,
     batch_size: int = 250,
 ) -> torch.Tensor:
-    """n samples in [-1, 1]; class-conditional models draw every class in turn."""
+    """n images in [-1, 1]; class-conditional models draw every class in turn, latent models
+    are decoded by their VAE."""
+    vae = None
+    if model.config.latent is not None:
+        from .vae_train import vae_for
+
+        vae = vae_for(model.config.latent, model.device)
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
@@ -40,6 +46,8 @@ def draw(
             uncond=uncond,
             guidance=guidance,
         )
+        if vae is not None:
+            x = vae.decode_latents(x).clamp(-1, 1)
         out.append(x.cpu())
     return torch.cat(out)
 

@@ -319,7 +319,7 @@ SHARED_OPTIONS = (
 NOT_FOR_GAN = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
-    "layers_per_block", "dropout", "precision",
+    "layers_per_block", "dropout", "precision", "latent",
 )  # fmt: skip
 
 

@@ -43,6 +43,7 @@ class ModelConfig:
     guidance: float = 5.0  # the classifier-free guidance scale a pipeline uses by default
     spacing: str = "trailing"  # how sampling timesteps are spaced by default
     steps_offset: int = 0  # added to "leading" timesteps (Stable Diffusion 1.x uses 1)
+    latent: dict | None = None  # latent models: {"vae": VAEConfig dict, "sha256", "path"}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -251,6 +252,8 @@ class DiffusionModel(nn.Module):
         text_encoder_path: str | None = None,
     ) -> DiffusionModel:
         tensors, metadata = read_safetensors(path)
+        if metadata.get("format") == "difusion-vae/1":
+            raise CheckpointError(f"{path}: a VAE, not a diffusion model")
         if "config" not in metadata:
             raise CheckpointError(f"{path}: no difusion model configuration in its metadata")
         try:

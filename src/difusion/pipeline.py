@@ -135,7 +135,13 @@ class Pipeline:
             path = default_model_path()
         else:
             path = resolve_checkpoint(name_or_path)
-        return cls(DiffusionModel.load(path, device)).to(dtype=dtype)
+        model = DiffusionModel.load(path, device)
+        vae = None
+        if model.config.latent is not None:  # a latent model of ours: its VAE decodes
+            from .vae_train import vae_for
+
+            vae = vae_for(model.config.latent, device)
+        return cls(model, vae).to(dtype=dtype)
 
     @property
     def default_guidance(self) -> float:

@@ -71,6 +71,7 @@ class TrainConfig:
     log_every: int = 25
     sample_every: int = 500
     checkpoint_every: int = 250
+    latent: str | None = None  # a VAE run folder or file: train in its latent space
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,9 +107,23 @@ def text_encoder_spec(encoder: torch.nn.Module, cfg: TrainConfig) -> dict:
 
 
 def model_config_for(
-    cfg: TrainConfig, dataset: Dataset, text_encoder: torch.nn.Module | None = None
+    cfg: TrainConfig,
+    dataset: Dataset,
+    text_encoder: torch.nn.Module | None = None,
+    latent: dict | None = None,
 ) -> ModelConfig:
-    size = dataset.size
+    """`latent` (from `vae_train.latent_spec`): the U-Net works on the VAE's latents."""
+    size, channels = dataset.size, dataset.channels
+    if latent is not None:
+        vae = latent["vae"]
+        f = 2 ** (len(vae["block_out_channels"]) - 1)
+        if vae["in_channels"] != channels:
+            raise TrainingError(
+                f"the VAE takes {vae['in_channels']}-channel images; {cfg.data!r} has {channels}"
+            )
+        if size % f:
+            raise TrainingError(f"image size {size} is not divisible by the VAE's downscale {f}")
+        size, channels = size // f, vae["latent_channels"]
     levels = len(cfg.channel_mult)
     if size % 2 ** (levels - 1):
         raise TrainingError(
@@ -127,8 +142,8 @@ def model_config_for(
     if cfg.cond == "text" and dataset.size > 0 and "caption" not in dataset[0]:
         raise TrainingError(f"--cond text needs captioned data; {cfg.data!r} has no captions")
     unet = UNetConfig(
-        in_channels=dataset.channels,
-        out_channels=dataset.channels,
+        in_channels=channels,
+        out_channels=channels,
         sample_size=size,
         block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
         layers_per_block=cfg.layers_per_block,
@@ -144,10 +159,12 @@ def model_config_for(
         schedule=ScheduleConfig(kind=cfg.schedule, zero_terminal_snr=cfg.zero_terminal_snr),
         prediction=cfg.prediction,
         image_size=size,
-        channels=dataset.channels,
+        channels=channels,
         cond=cfg.cond,
         class_names=class_names,
         text_encoder=text_encoder_spec(text_encoder, cfg) if cfg.cond == "text" else None,
+        clip_x0=latent is None,
+        latent=latent,
     )
 
 
@@ -376,7 +393,7 @@ def load_state(
 def stored_train_config(out: str | Path) -> TrainConfig:
     _, metadata = read_safetensors(Run(out).state_path)
     stored = json.loads(metadata.get("train_config", "{}"))
-    if stored.get("model") == "gan" or "model_config" not in metadata:
+    if stored.get("model") in ("gan", "vae") or "model_config" not in metadata:
         raise TrainingError(f"{out} is not a diffusion run (a GAN run resumes with --model gan)")
     return TrainConfig.from_dict(stored)
 
@@ -403,7 +420,7 @@ def batch_cond(
 
 
 def tracks_alignment(cfg: TrainConfig) -> bool:
-    return cfg.data == "shapes" and cfg.cond == "text"
+    return cfg.data == "shapes" and cfg.cond == "text" and cfg.latent is None
 
 
 def alignment_probe(ema: DiffusionModel, n_single: int = 18, n_double: int = 18) -> dict:
@@ -430,8 +447,9 @@ PREVIEW_PROMPTS = [
 ]
 
 
-def preview(ema: DiffusionModel, path: Path, seed: int = 0) -> None:
-    """A fixed-noise sample grid, so grids from successive steps compare."""
+def preview(ema: DiffusionModel, path: Path, seed: int = 0, vae=None) -> None:
+    """A fixed-noise sample grid, so grids from successive steps compare (decoded by `vae`
+    for a latent model)."""
     ema.eval()
     if ema.config.cond == "text":
         prompts = PREVIEW_PROMPTS
@@ -446,7 +464,12 @@ def preview(ema: DiffusionModel, path: Path, seed: int = 0) -> None:
         cols = max(1, 40 // k)
     else:
         x, cols = ema.sample(36, seed=seed), 6
-    grid(to_pil(x), cols=cols, scale=auto_scale(ema.config.image_size, 64)).save(path)
+    size = ema.config.image_size
+    if vae is not None:
+        with torch.no_grad():
+            x = vae.decode_latents(x).clamp(-1, 1)
+        size *= vae.config.downscale
+    grid(to_pil(x), cols=cols, scale=auto_scale(size, 64)).save(path)
 
 
 def train(
@@ -498,8 +521,22 @@ def train(
         raise TrainingError(f"unknown condition {cfg.cond!r}; choose label or text")
     torch.manual_seed(cfg.seed + rank)
     text_encoder = build_text_encoder(cfg, dataset) if cfg.cond == "text" else None
+    vae, latent = None, None
+    if cfg.latent is not None:
+        from .vae_train import latent_spec
+
+        latent, vae = latent_spec(cfg.latent)
+        vae = vae.to(device)
+        if resume:  # the run continues only with the VAE it started with
+            stored_latent = (
+                json.loads(read_safetensors(run.state_path)[1]["model_config"]).get("latent") or {}
+            )
+            if stored_latent.get("sha256") != latent["sha256"]:
+                raise TrainingError(
+                    f"{cfg.latent}: not the VAE this run was trained with (sha256 differs)"
+                )
     diffusion = DiffusionModel(
-        model_config_for(cfg, dataset, text_encoder), text_encoder=text_encoder
+        model_config_for(cfg, dataset, text_encoder, latent), text_encoder=text_encoder
     )
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
     diffusion = diffusion.to(device, memory_format=torch.channels_last)
@@ -554,7 +591,11 @@ def train(
             break
         idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generators["data"])
         batch = collate([dataset[int(i)] for i in idx])
-        x0 = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+        x0 = batch["image"].to(device)
+        if vae is not None:  # the latents: a posterior sample, scaled to about unit variance
+            with torch.no_grad():
+                x0 = vae.encode_latents(x0, generator=generators["noise"])
+        x0 = x0.contiguous(memory_format=torch.channels_last)
         cond = batch_cond(batch, diffusion, cfg.cond_drop, generators["noise"], device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -603,7 +644,7 @@ def train(
             saved_step = step
         if step % cfg.sample_every == 0:
             run.plot_loss()
-            preview(ema, run.dir / "samples" / f"step_{step:06d}.png")
+            preview(ema, run.dir / "samples" / f"step_{step:06d}.png", vae=vae)
             if tracks_alignment(cfg):
                 run.append_log({"step": step, **alignment_probe(ema)})
                 run.plot_alignment()
@@ -613,7 +654,7 @@ def train(
         save_state(run, step, cfg, diffusion, ema, opt, generators)
     if rank == 0:
         run.plot_loss()
-        preview(ema, run.dir / "samples.png")
+        preview(ema, run.dir / "samples.png", vae=vae)
         if progress:
             elapsed = time.monotonic() - start
             print(

@@ -7,6 +7,7 @@ set has `channels`, `size`, `num_classes` (None when unlabelled) and `class_name
 Names `load_dataset` knows (default size in brackets):
 
 - "digits"  scikit-learn's 8x8 digits upscaled, 1 channel, 10 labels [16]
+- "emoji"   Noto Color Emoji (Debian font), ~1,360, RGB, captioned by Unicode name [32]
 - "fashion" Fashion-MNIST, 70,000 images, 1 channel, 10 labels, 28 px padded by 2 [32]
 - "mnist"   MNIST IDX files from `root=PATH`, same layout as fashion [32]
 - "shapes"  procedural captioned shapes (the fixed spec of the design notes), RGB [32]
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .digits import DigitsDataset
+from .emoji import EmojiDataset
 from .fashion import FashionMNIST, IDXDataset, has_idx_files, mnist
 from .folder import FolderDataset
 from .idx import read_idx, write_idx
@@ -33,6 +35,7 @@ from .shapes import ShapesDataset
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": DigitsDataset,
+    "emoji": EmojiDataset,
     "fashion": FashionMNIST,
     "mnist": mnist,
     "shapes": ShapesDataset,
@@ -41,6 +44,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 __all__ = [
     "DATASETS",
     "DigitsDataset",
+    "EmojiDataset",
     "FashionMNIST",
     "FolderDataset",
     "IDXDataset",
@@ -66,7 +70,7 @@ def _build(name: str, factory: Callable[..., Dataset], size: int | None, kw: dic
 
 
 def load_dataset(name_or_path: str | Path, size: int | None = None, **kw: Any) -> Dataset:
-    """A data set by name ("digits", "fashion", "mnist", "shapes") or folder path.
+    """A data set by name ("digits", "emoji", "fashion", "mnist", "shapes") or folder path.
 
     `size` None keeps the data set's default; other options go to its constructor
     (e.g. `root=`, `split=`, `seed=`, `channels=`). Raises ValueError with a one-line

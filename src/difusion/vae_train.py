@@ -1,0 +1,400 @@
+"""Training of the KL autoencoder of latent diffusion, with the run-folder conventions of
+diffusion runs, and the VAE side of latent diffusion (the VAE file and its identity).
+
+The objective is `vae_loss` (L1 reconstruction + a small KL), AdamW, an EMA of the weights
+(the one saved), a `--minutes` budget, exact resume and a guard against non-finite losses.
+After training the latent std is measured on data batches and `scaling_factor = 1 / std` is
+stored in the VAEConfig, so the latents a diffusion model sees have about unit variance.
+
+    model.safetensors        the (EMA) VAE, VAEConfig as JSON in the metadata ("difusion-vae/1")
+    train_state.safetensors  VAE, optimiser and every RNG: exact --resume
+    train_config.json        the VAETrainConfig (with "model": "vae")
+    log.jsonl                {"step", "loss", "rec", "kl", "lr", "steps_per_s"} lines
+    loss.png                 the loss along training
+    samples/step_N.png       reconstructions (top: data, bottom: EMA VAE); reconstructions.png
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .data import collate, load_dataset
+from .images import auto_scale, grid, to_pil
+from .model import CheckpointError, atomic_save, read_safetensors
+from .nn.vae import AutoencoderKL, VAEConfig, vae_loss
+from .train import (
+    STATE_FILE,
+    Run,
+    TrainingError,
+    module_state,
+    pick_device,
+    plot_series,
+    restore_training_state,
+    training_state,
+    update_ema,
+)
+
+FORMAT = "difusion-vae/1"
+
+
+@dataclass
+class VAETrainConfig:
+    data: str = "digits"
+    out: str = "runs/vae"
+    size: int | None = None
+    steps: int = 5000
+    minutes: float | None = None
+    batch_size: int = 64
+    lr: float = 2e-4
+    kl_weight: float = 1e-6  # LDM's weighting (see vae_loss)
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one level each; downscale f = 2^(levels - 1)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    ema_decay: float = 0.999
+    scale_batches: int = 8  # data batches the latent std (scaling factor) is measured on
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 500
+    checkpoint_every: int = 250
+    model: str = "vae"  # marks the run folder's train_config.json
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAETrainConfig:
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "channel_mult" in d:
+            d["channel_mult"] = tuple(d["channel_mult"])
+        return cls(**d)
+
+
+ARCHITECTURE = (
+    "data", "size", "kl_weight", "channels", "channel_mult", "layers_per_block",
+    "latent_channels", "lr", "batch_size", "ema_decay", "seed", "scale_batches",
+)  # fmt: skip
+
+
+# --- the VAE file -----------------------------------------------------------------------------
+
+
+def save_vae(vae: AutoencoderKL, path: str | Path, extra_metadata: dict | None = None) -> None:
+    metadata = {"format": FORMAT, "config": json.dumps(vae.config.to_dict())}
+    metadata.update(extra_metadata or {})
+    state = {k: v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()}
+    atomic_save(state, path, metadata)
+
+
+def resolve_vae(path: str | Path) -> Path:
+    """A VAE run folder or file -> the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such VAE file (give a VAE run folder or its file)")
+    return path
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
+    path = resolve_vae(path)
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{path}: not a difusion VAE file (format {FORMAT})")
+    try:
+        config = VAEConfig.from_dict(json.loads(metadata["config"]))
+        vae = AutoencoderKL(config)
+        vae.load_state_dict(tensors)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: the VAE does not load ({first})") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def latent_spec(path: str | Path) -> tuple[dict, AutoencoderKL]:
+    """What a latent diffusion model records of its VAE (config, sha256, path), and the VAE."""
+    path = resolve_vae(path)
+    vae = load_vae(path)
+    spec = {"vae": vae.config.to_dict(), "sha256": file_sha256(path), "path": str(path.resolve())}
+    return spec, vae
+
+
+def vae_for(spec: dict, device: str | torch.device = "cpu", path: str | None = None):
+    """The VAE a latent model was trained with, refused if its file is not the same one."""
+    where = path or spec.get("path")
+    if not where:
+        raise CheckpointError("latent model without a VAE path in its configuration")
+    file = resolve_vae(where)
+    digest = file_sha256(file)
+    if digest != spec.get("sha256"):
+        raise CheckpointError(
+            f"{file}: not the VAE this model was trained with "
+            f"(sha256 {digest[:12]}, expected {str(spec.get('sha256'))[:12]})"
+        )
+    return load_vae(file, device)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def vae_config_for(cfg: VAETrainConfig, dataset: Dataset) -> VAEConfig:
+    chans = tuple(cfg.channels * m for m in cfg.channel_mult)
+    groups = min(32, cfg.channels)
+    if any(c % groups for c in chans):
+        raise TrainingError(f"channels {chans} are not divisible into {groups} norm groups")
+    config = VAEConfig(
+        in_channels=dataset.channels,
+        out_channels=dataset.channels,
+        latent_channels=cfg.latent_channels,
+        block_out_channels=chans,
+        layers_per_block=cfg.layers_per_block,
+        norm_groups=groups,
+        scaling_factor=1.0,
+        sample_size=dataset.size,
+    )
+    if dataset.size % config.downscale:
+        raise TrainingError(
+            f"image size {dataset.size} is not divisible by the VAE's downscale {config.downscale}"
+        )
+    return config
+
+
+def save_vae_state(run, step, cfg, vae, ema, opt, generators) -> None:
+    tensors, metadata = training_state({"vae": vae.state_dict()}, {"vae": opt}, generators)
+    metadata.update(
+        step=str(step),
+        train_config=json.dumps(cfg.to_dict()),
+        model_config=json.dumps(vae.config.to_dict()),
+        model="vae",
+    )
+    save_vae(ema, run.model_path, {"step": str(step)})  # model first, as train.save_state
+    atomic_save(tensors, run.state_path, metadata)
+
+
+def stored_vae_config(out: str | Path) -> VAETrainConfig:
+    _, metadata = read_safetensors(Run(out).state_path)
+    if metadata.get("model") != "vae":
+        raise TrainingError(f"{out} does not hold a VAE run: drop --model vae")
+    return VAETrainConfig.from_dict(json.loads(metadata["train_config"]))
+
+
+def data_batch(dataset: Dataset, n: int, generator: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(len(dataset), (n,), generator=generator)
+    return collate([dataset[int(i)] for i in idx])["image"]
+
+
+@torch.no_grad()
+def measure_scaling_factor(
+    vae: AutoencoderKL, dataset: Dataset, batches: int, batch_size: int, seed: int = 0
+) -> float:
+    """1 / std of the (unscaled, shift-free) posterior samples over some data batches."""
+    g = torch.Generator().manual_seed(seed)
+    device = next(vae.parameters()).device
+    zs = []
+    for _ in range(max(1, batches)):
+        x = data_batch(dataset, batch_size, g).to(device)
+        zs.append(vae.encode(x).sample(g).float().cpu())
+    std = torch.cat(zs).std().item()
+    if not std > 0 or not torch.isfinite(torch.tensor(std)):
+        raise TrainingError(f"latent std is {std}: cannot set a scaling factor")
+    return 1.0 / std
+
+
+@torch.no_grad()
+def reconstruction_grid(vae: AutoencoderKL, dataset: Dataset, path: Path, n: int = 8) -> None:
+    x = collate([dataset[i] for i in range(min(n, len(dataset)))])["image"]
+    x = x.to(next(vae.parameters()).device)
+    recon = vae(x, sample_posterior=False)[0].clamp(-1, 1)
+    images = to_pil(torch.cat([x, recon]))
+    grid(images, cols=len(x), scale=auto_scale(dataset.size, 64)).save(path)
+
+
+def plot_vae_loss(run: Run) -> None:
+    records = [r for r in run.read_log() if "loss" in r]
+    if len(records) < 2:
+        return
+    steps = [r["step"] for r in records]
+    series = {
+        "loss (L1 + KL term)": (steps, [r["loss"] for r in records]),
+        "L1 reconstruction": (steps, [r["rec"] for r in records]),
+    }
+    plot_series(run.dir / "loss.png", series, "per-value error", log=True)
+
+
+def train_vae(
+    cfg: VAETrainConfig,
+    resume: bool = False,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Train (or continue) the VAE run in cfg.out; returns the folder."""
+    run = Run(cfg.out)
+    if resume:
+        if not run.exists():
+            raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
+        stored = stored_vae_config(run.dir)
+        cfg = replace(cfg, **{k: getattr(stored, k) for k in ARCHITECTURE})
+    elif run.exists():
+        raise TrainingError(
+            f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
+        )
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise TrainingError("steps and batch size must be positive")
+    if not 0 <= cfg.ema_decay < 1:
+        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    device = pick_device(cfg.device)
+    if dataset is None:
+        dataset = load_dataset(cfg.data, cfg.size)
+    config = vae_config_for(cfg, dataset)
+
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(config).to(device)
+    ema = copy.deepcopy(vae).requires_grad_(False)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    generators = {
+        "data": torch.Generator().manual_seed(cfg.seed * 7919),
+        "noise": torch.Generator().manual_seed(cfg.seed * 104729 + 1),
+    }
+    step = 0
+    if resume:
+        tensors, metadata = read_safetensors(run.state_path)
+        vae.load_state_dict(module_state(tensors, "vae"))
+        restore_training_state(tensors, metadata, {"vae": opt}, generators)
+        step = int(metadata["step"])
+        ema.load_state_dict(read_safetensors(run.model_path)[0])
+        run.truncate_log(step)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "samples").mkdir(exist_ok=True)
+    (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if progress:
+        params = sum(p.numel() for p in vae.parameters())
+        print(
+            f"training a KL autoencoder ({params / 1e6:.2f}M parameters, f={config.downscale}, "
+            f"{config.latent_channels} latent channels) on {cfg.data} ({len(dataset)} images, "
+            f"{dataset.size}x{dataset.size}) on {device}, steps {step}->{cfg.steps}",
+            flush=True,
+        )
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+
+    start = time.monotonic()
+    last_log_time, last_log_step = start, step
+    saved_step = step
+    sums: dict[str, float] = {}
+    count = 0
+    vae.train()
+    while step < cfg.steps:
+        if cfg.minutes is not None and time.monotonic() - start > cfg.minutes * 60:
+            break
+        x = data_batch(dataset, cfg.batch_size, generators["data"]).to(device)
+        loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=generators["noise"])
+        if not torch.isfinite(loss):
+            if bar is not None:
+                bar.close()
+            kept = (
+                f"the last good checkpoint (step {saved_step}) is kept in {run.dir}"
+                if saved_step
+                else "nothing was saved"
+            )
+            raise TrainingError(f"loss became {loss.item()} at step {step + 1}; stopping: {kept}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        update_ema(ema, vae, step, cfg.ema_decay)
+        step += 1
+        record = {k: v.item() for k, v in parts.items()}
+        for k, v in record.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if on_step is not None:
+            on_step(step, record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.monotonic()
+            rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+            means = {k: v / count for k, v in sums.items()}
+            run.append_log({"step": step, **means, "lr": cfg.lr, "steps_per_s": rate})
+            last_log_time, last_log_step = now, step
+            sums, count = {}, 0
+        if step % cfg.checkpoint_every == 0:
+            save_vae_state(run, step, cfg, vae, ema, opt, generators)
+            saved_step = step
+        if step % cfg.sample_every == 0:
+            plot_vae_loss(run)
+            reconstruction_grid(ema, dataset, run.dir / "samples" / f"step_{step:06d}.png")
+    if bar is not None:
+        bar.close()
+    # the scaling factor of the EMA weights that are saved, then the final files
+    ema.eval()
+    ema.config.scaling_factor = measure_scaling_factor(
+        ema, dataset, cfg.scale_batches, cfg.batch_size, seed=cfg.seed
+    )
+    save_vae_state(run, step, cfg, vae, ema, opt, generators)
+    plot_vae_loss(run)
+    reconstruction_grid(ema, dataset, run.dir / "reconstructions.png")
+    if progress:
+        elapsed = time.monotonic() - start
+        print(
+            f"stopped at step {step} after {elapsed / 60:.1f} min; scaling factor "
+            f"{ema.config.scaling_factor:.4f}; EMA VAE in {run.model_path}"
+        )
+    return run.dir
+
+
+SHARED_OPTIONS = (
+    "data", "out", "size", "steps", "minutes", "batch_size", "lr", "ema_decay", "channels",
+    "layers_per_block", "device", "seed", "sample_every", "checkpoint_every",
+)  # fmt: skip
+NOT_FOR_VAE = (
+    "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
+    "text_encoder", "text_encoder_path", "cond_drop", "attention", "dropout", "precision",
+    "latent",
+)  # fmt: skip
+
+
+def vae_config_from_cli(options: dict, command: Callable) -> VAETrainConfig:
+    """`difusion train --model vae`: the shared options make its configuration (with
+    `--channel-mult` giving its levels); a diffusion-only option set is an error."""
+    import inspect
+
+    params = inspect.signature(command).parameters
+    given = [
+        "--" + name.replace("_", "-")
+        for name in NOT_FOR_VAE
+        if name in options and name in params and options[name] != params[name].default
+    ]
+    if given:
+        raise TrainingError(f"{', '.join(given)}: not an option of --model vae")
+    shared = {k: options[k] for k in SHARED_OPTIONS if k in options}
+    shared["out"] = str(shared.get("out", "runs/vae"))
+    if "channel_mult" in options:
+        try:
+            shared["channel_mult"] = tuple(int(v) for v in str(options["channel_mult"]).split(","))
+        except ValueError:
+            raise TrainingError(f"--channel-mult: bad list {options['channel_mult']!r}") from None
+    return VAETrainConfig(**shared)
