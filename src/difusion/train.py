@@ -281,7 +281,9 @@ class Run:
         plot_series(self.dir / "alignment.png", series, "prompts satisfied", log=False)
 
 
-def plot_series(path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bool) -> None:
+def plot_series(
+    path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bool, xlabel: str = "step"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,7 +292,7 @@ def plot_series(path: Path, series: dict[str, tuple[list, list]], ylabel: str, l
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, lw=1.5, marker="o" if len(xs) < 30 else None, label=label)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
