@@ -30,9 +30,9 @@ from .images import auto_scale, grid, to_pil
 from .model import atomic_save, read_safetensors
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
 from .train import (
-    STATE_FILE,
     Run,
     TrainingError,
+    check_run_folder,
     module_state,
     pick_device,
     plot_series,
@@ -171,15 +171,10 @@ def train_gan(
 
     `on_step(step, {"loss_d", "loss_g", "d_real", "d_fake"})` is called after every step."""
     run = Run(cfg.out)
+    check_run_folder(run, resume)
     if resume:
-        if not run.exists():
-            raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
         stored = stored_gan_config(run.dir)
         cfg = replace(cfg, **{k: getattr(stored, k) for k in ARCHITECTURE})
-    elif run.exists():
-        raise TrainingError(
-            f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
-        )
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise TrainingError("steps and batch size must be positive")
     if not 0 <= cfg.ema_decay < 1:

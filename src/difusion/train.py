@@ -392,6 +392,16 @@ def load_state(
     return int(metadata["step"])
 
 
+def check_run_folder(run: Run, resume: bool) -> None:
+    """Resume needs a run; a fresh start never overwrites one."""
+    if resume and not run.exists():
+        raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
+    if not resume and run.exists():
+        raise TrainingError(
+            f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
+        )
+
+
 def stored_train_config(out: str | Path) -> TrainConfig:
     _, metadata = read_safetensors(Run(out).state_path)
     stored = json.loads(metadata.get("train_config", "{}"))
@@ -488,9 +498,8 @@ def train(
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
+    check_run_folder(run, resume)
     if resume:
-        if not run.exists():
-            raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
         stored = stored_train_config(run.dir)
         # everything that shapes the optimisation continues as it was; only the budget, the
         # device and how often to log / save / sample may change
@@ -504,10 +513,6 @@ def train(
             "checkpoint_every",
         )
         cfg = replace(stored, **{k: getattr(cfg, k) for k in given})
-    elif run.exists():
-        raise TrainingError(
-            f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
-        )
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16")
     device = pick_device(cfg.device)
