@@ -7,8 +7,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from difusion.cli import main
-from difusion.compare import draw_any, evaluate_any, load_generator_or_diffusion
+from difusion.compare import load_generator_or_diffusion
 from difusion.data import DigitsDataset
+from difusion.evaluate import draw, evaluate
 from difusion.gan_train import GANTrainConfig, train_gan
 from difusion.model import CheckpointError, DiffusionModel
 from difusion.nn.gan import GAN, Discriminator, GANConfig, Generator, is_gan_file, parameter_count
@@ -160,12 +161,12 @@ def test_loader_dispatches_on_the_checkpoint_format(tmp_path, digits16):
     out = train_gan(tiny(tmp_path, steps=2), dataset=digits16, progress=False)
     gan = load_generator_or_diffusion(out)
     assert isinstance(gan, GAN)
-    assert draw_any(gan, 3, sampler="ddpm", steps=1000).shape == (3, 1, 16, 16)
+    assert draw(gan, 3, sampler="ddpm", steps=1000).shape == (3, 1, 16, 16)
     with pytest.raises(CheckpointError):
         DiffusionModel.load(out / "model.safetensors")
     with pytest.raises(CheckpointError, match="not a difusion GAN"):
         GAN.load(_diffusion_file(tmp_path))
-    result = evaluate_any(gan, "digits", 20, "random")
+    result = evaluate(gan, "digits", 20, "random")
     assert result["n_fake"] == 20 and result["steps"] == 1 and result["fid"] > 0
 
 

@@ -421,8 +421,8 @@ def eval_(
     """Measure a model: FID/KID, precision/recall, mode coverage; or prompt alignment."""
     import json
 
-    from .compare import evaluate_any, load_generator_or_diffusion
-    from .evaluate import evaluate_alignment, format_table
+    from .compare import load_generator_or_diffusion
+    from .evaluate import evaluate, evaluate_alignment, format_table
     from .model import resolve_checkpoint
     from .train import pick_device
 
@@ -446,7 +446,7 @@ def eval_(
             if not config_file.is_file():
                 raise UserError("give --data: the model file has no run folder to read it from")
             data = json.loads(config_file.read_text())["data"]
-        result = evaluate_any(
+        result = evaluate(
             model, data, n, feature_net or data, sampler=sampler, steps=steps, seed=seed,
             guidance=1.0 if guidance is None else guidance,
         )  # fmt: skip

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluate import draw
 from .nn.gan import GAN, is_gan_file, parameter_count
 
 HEADLINE = ("dpmpp_2m", 20)
@@ -149,62 +150,6 @@ def load_generator_or_diffusion(path: str | Path, device: str | torch.device = "
     if is_gan_file(path):
         return GAN.load(path, device)
     return DiffusionModel.load(path, device)
-
-
-@torch.no_grad()
-def draw_any(
-    model,
-    n: int,
-    *,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
-    seed: int = 0,
-    batch_size: int = 250,
-) -> torch.Tensor:
-    """n samples in [-1, 1] on the CPU: a GAN in one pass (sampler and steps unused), a
-    diffusion model with `evaluate.draw`."""
-    if isinstance(model, GAN):
-        return model.sample(n, seed=seed, batch_size=batch_size).cpu()
-    from .evaluate import draw
-
-    return draw(model, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)
-
-
-def evaluate_any(
-    model,
-    data: str,
-    n: int,
-    feature_net: str,
-    *,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
-    seed: int = 0,
-    guidance: float = 1.0,
-) -> dict:
-    """`evaluate.evaluate` for a diffusion model; the same measurements for a GAN."""
-    from .evaluate import evaluate, real_images
-    from .metrics import compute_metrics, load_feature_net
-
-    if not isinstance(model, GAN):
-        return evaluate(
-            model,
-            data,
-            n,
-            feature_net,
-            sampler=sampler,
-            steps=steps,
-            seed=seed,
-            guidance=guidance,
-        )
-    net = load_feature_net(feature_net)
-    start = time.monotonic()
-    fake = draw_any(model, n, seed=seed)
-    seconds = time.monotonic() - start
-    real = real_images(data, n, model.config.image_size, model.config.channels, seed)
-    result = compute_metrics(real, fake, net)
-    result.update({"sampler": "gan (one pass)", "steps": 1, "images_per_s": n / seconds})
-    result["data"] = data
-    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,13 +427,13 @@ def measure_run(
     curve = []
     for snap in info["snapshots"]:
         model = load_generator_or_diffusion(run_dir / "snapshots" / snap["file"], device)
-        fake = draw_any(model, cfg.curve_samples, sampler=sampler, steps=steps)
+        fake = draw(model, cfg.curve_samples, sampler=sampler, steps=steps)
         curve.append({"step": snap["step"], "seconds": snap["seconds"], **scorer(fake)})
     final = final_inception = None
     if info["has_model"]:
         model = load_generator_or_diffusion(run_dir, device)
         n = max(cfg.samples, cfg.inception_samples if inception is not None else 0)
-        fake = draw_any(model, n, sampler=sampler, steps=steps)
+        fake = draw(model, n, sampler=sampler, steps=steps)
         final = scorer(fake[: cfg.samples])
         if inception is not None:
             final_inception = inception(fake[: cfg.inception_samples])
@@ -609,7 +554,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> Path:
         ):
             if (seed0 / kind / "model.safetensors").is_file():
                 model = load_generator_or_diffusion(seed0 / kind, device)
-                x = draw_any(model, 36, sampler=HEADLINE[0], steps=HEADLINE[1], seed=0)
+                x = draw(model, 36, sampler=HEADLINE[0], steps=HEADLINE[1], seed=0)
                 pics.append((grid(to_pil(x), cols=6, scale=auto_scale(dataset.size, 64)), label))
         if pics:
             labelled_strip([p for p, _ in pics], [label for _, label in pics]).save(
@@ -657,12 +602,12 @@ def seed0_extras(ddir: Path, entry: dict, scorer: Scorer, cfg: CompareConfig, de
     n = min(cfg.steps_samples, len(scorer.real_f))
     curve: dict = {"n": n, "feature_net": scorer.name, "samplers": {}}
     if gan is not None:
-        curve["gan_fid"] = scorer(draw_any(gan, n))["fid"]
+        curve["gan_fid"] = scorer(draw(gan, n))["fid"]
     if diffusion is not None:
         for sampler, grid_steps in cfg.steps_grid.items():
             points = []
             for steps in grid_steps:
-                fake = draw_any(diffusion, n, sampler=sampler, steps=steps)
+                fake = draw(diffusion, n, sampler=sampler, steps=steps)
                 points.append({"steps": steps, **scorer(fake)})
             curve["samplers"][sampler] = points
     return {"models": models, "speed": speed, "steps_curve": curve}

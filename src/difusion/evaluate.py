@@ -21,8 +21,12 @@ def draw(
     guidance: float = 1.0,
     batch_size: int = 250,
 ) -> torch.Tensor:
-    """n images in [-1, 1]; class-conditional models draw every class in turn, latent models
-    are decoded by their VAE."""
+    """n images in [-1, 1] from a diffusion model or a GAN (one pass, sampler ignored);
+    class-conditional models draw every class in turn, latent models are decoded by their VAE."""
+    from .nn.gan import GAN
+
+    if isinstance(model, GAN):
+        return model.sample(n, seed=seed, batch_size=batch_size).cpu()
     vae = None
     if model.config.latent is not None:
         from .vae_train import vae_for
@@ -73,7 +77,8 @@ def evaluate(
     seed: int = 0,
     guidance: float = 1.0,
 ) -> dict:
-    """FID, KID, precision/recall (and mode coverage with a classifier) of n samples."""
+    """FID, KID, precision/recall (and mode coverage with a classifier) of n samples of a
+    diffusion model or a GAN."""
     from .metrics import compute_metrics, load_feature_net
 
     net = load_feature_net(feature_net)
@@ -82,6 +87,10 @@ def evaluate(
     seconds = time.monotonic() - start
     real = real_images(data, n, model.config.image_size, model.config.channels, seed)
     result = compute_metrics(real, fake, net)
+    from .nn.gan import GAN
+
+    if isinstance(model, GAN):
+        sampler, steps = "gan (one pass)", 1
     result.update({"sampler": sampler, "steps": steps, "images_per_s": n / seconds, "data": data})
     return result
 

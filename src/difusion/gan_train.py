@@ -33,6 +33,7 @@ from .train import (
     Run,
     TrainingError,
     check_run_folder,
+    diverged,
     module_state,
     pick_device,
     plot_series,
@@ -227,18 +228,6 @@ def train_gan(
     gen.train()
     disc.train()
 
-    def stop(what: str, value: torch.Tensor) -> TrainingError:
-        if bar is not None:
-            bar.close()
-        kept = (
-            f"the last good checkpoint (step {saved_step}) is kept in {run.dir}"
-            if saved_step
-            else "nothing was saved"
-        )
-        return TrainingError(
-            f"{what} loss became {value.item()} at step {step + 1}; stopping: {kept}"
-        )
-
     while step < cfg.steps:
         if cfg.minutes is not None and time.monotonic() - start > cfg.minutes * 60:
             break
@@ -250,14 +239,14 @@ def train_gan(
         logits_real, logits_fake = disc(real), disc(fake.detach())
         loss_d = d_loss(logits_real, logits_fake)
         if not torch.isfinite(loss_d):
-            raise stop("discriminator", loss_d)
+            raise diverged("discriminator loss", loss_d, step, saved_step, run, bar)
         opts["d"].zero_grad(set_to_none=True)
         loss_d.backward()
         opts["d"].step()
         # generator: the non-saturating loss through the updated discriminator
         loss_g = g_loss(disc(fake))
         if not torch.isfinite(loss_g):
-            raise stop("generator", loss_g)
+            raise diverged("generator loss", loss_g, step, saved_step, run, bar)
         opts["g"].zero_grad(set_to_none=True)
         loss_g.backward()
         opts["g"].step()

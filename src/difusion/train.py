@@ -392,6 +392,20 @@ def load_state(
     return int(metadata["step"])
 
 
+def diverged(
+    what: str, value: torch.Tensor, step: int, saved_step: int, run: Run, bar=None
+) -> TrainingError:
+    """The error that stops a run whose loss is no longer finite; saved files stay as they are."""
+    if bar is not None:
+        bar.close()
+    kept = (
+        f"the last good checkpoint (step {saved_step}) is kept in {run.dir}"
+        if saved_step
+        else "nothing was saved"
+    )
+    return TrainingError(f"{what} became {value.item()} at step {step + 1}; stopping: {kept}")
+
+
 def check_run_folder(run: Run, resume: bool) -> None:
     """Resume needs a run; a fresh start never overwrites one."""
     if resume and not run.exists():
@@ -611,14 +625,7 @@ def train(
         ):
             loss = diffusion_loss(net, diffusion, x0, cond, generators["noise"], cfg.min_snr_gamma)
         if not torch.isfinite(loss):
-            if bar is not None:
-                bar.close()
-            kept = (
-                f"the last good checkpoint (step {saved_step}) is kept in {run.dir}"
-                if saved_step
-                else "nothing was saved"
-            )
-            raise TrainingError(f"loss became {loss.item()} at step {step + 1}; stopping: {kept}")
+            raise diverged("loss", loss, step, saved_step, run, bar)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)

@@ -35,6 +35,7 @@ from .train import (
     Run,
     TrainingError,
     check_run_folder,
+    diverged,
     module_state,
     pick_device,
     plot_series,
@@ -307,14 +308,7 @@ def train_vae(
         x = data_batch(dataset, cfg.batch_size, generators["data"]).to(device)
         loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=generators["noise"])
         if not torch.isfinite(loss):
-            if bar is not None:
-                bar.close()
-            kept = (
-                f"the last good checkpoint (step {saved_step}) is kept in {run.dir}"
-                if saved_step
-                else "nothing was saved"
-            )
-            raise TrainingError(f"loss became {loss.item()} at step {step + 1}; stopping: {kept}")
+            raise diverged("loss", loss, step, saved_step, run, bar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
