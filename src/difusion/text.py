@@ -161,6 +161,14 @@ def _load_hf(model_cls, folder: Path, what: str) -> nn.Module:
     return model.float().eval().requires_grad_(False)
 
 
+def _load_tokenizer(tokenizer_cls, folder: Path, what: str):
+    """tokenizer_cls.from_pretrained(folder) offline; any failure is one ValueError line."""
+    try:
+        return tokenizer_cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot load the {what} from {folder}: {_one_line(e)}") from None
+
+
 class _FrozenHF(TextEncoder):
     """A frozen transformers model + tokenizer: eval mode always, no gradients."""
 
@@ -223,12 +231,7 @@ class MiniLMEncoder(_FrozenHF):
                 raise ValueError(f"no MiniLM model in {folder}: config.json not found")
         weights = _weight_files(folder)
         model = _load_hf(AutoModel, folder, "MiniLM text encoder")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except Exception as e:
-            raise ValueError(
-                f"cannot load the MiniLM tokenizer from {folder}: {_one_line(e)}"
-            ) from None
+        tokenizer = _load_tokenizer(AutoTokenizer, folder, "MiniLM tokenizer")
         super().__init__(model, tokenizer, max_length, None)
         self._weight_paths = weights
         self.folder = folder
@@ -297,12 +300,7 @@ class ClipEncoder(_FrozenHF):
         model_dir, tok_dir = _clip_folders(path)
         weights = _weight_files(model_dir)
         model = _load_hf(CLIPTextModel, model_dir, "CLIP text model")
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        except Exception as e:
-            raise ValueError(
-                f"cannot load the CLIP tokenizer from {tok_dir}: {_one_line(e)}"
-            ) from None
+        tokenizer = _load_tokenizer(CLIPTokenizer, tok_dir, "CLIP tokenizer")
         enc = cls(model, tokenizer, max_length=max_length, layer=layer)
         enc._weight_paths = weights
         enc.folder = model_dir
