@@ -165,3 +165,18 @@ def test_compare_end_to_end_on_digits(monkeypatch, capsys, tmp_path):
     code, stdout, err = cli(monkeypatch, capsys, *args)
     assert code == 0, err
     assert "training" not in stdout and "wrote" in stdout
+
+
+def test_seeds_per_data_set():
+    cfg = CompareConfig(data=("digits", "fashion", "shapes"))
+    assert [cfg.seeds_for(d) for d in cfg.data] == [1, 3, 1]
+    assert CompareConfig(data=("digits", "fashion"), seeds="2").seeds_for("fashion") == 2
+    folder = CompareConfig(data=("photos/cats",), seeds="cats=4")
+    assert folder.seeds_for("photos/cats") == 4
+    for bad, message in [
+        ("fashion=3", "gives no count for 'digits'"),
+        ("x", "is not N or NAME=N"),
+        ("0", "at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            CompareConfig(data=("digits",), seeds=bad)

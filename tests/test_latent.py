@@ -1,5 +1,6 @@
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -130,12 +131,20 @@ def test_latent_diffusion_trains_and_samples(monkeypatch, capsys, tmp_path, vae_
     assert spec["sha256"] == latent_spec(vae_run)[0]["sha256"]
     assert model.config.channels == 4 and model.config.image_size == 8
     assert not model.config.clip_x0
-    png = tmp_path / "s.png"
-    code, _, err = cli(monkeypatch, capsys, "sample", out, "-n", "1", "--steps", "2", "-o", png)
+    png, gif = tmp_path / "s.png", tmp_path / "s.gif"
+    code, _, err = cli(
+        monkeypatch, capsys, "sample", out, "-n", "1", "--steps", "3", "-o", png, "--gif", gif
+    )
     assert code == 0, err
     pixel_grid = grid(to_pil(torch.zeros(1, 1, 16, 16)), scale=auto_scale(16))
     with Image.open(png) as im:
         assert im.size == pixel_grid.size
+        final = np.asarray(im.convert("L"))
+    with Image.open(gif) as anim:  # decoded frames at pixel size, ending on the image
+        # (Pillow merges identical consecutive frames: a 2-step VAE decodes alike when noisy)
+        assert 2 <= anim.n_frames <= 4 and anim.size == pixel_grid.size
+        anim.seek(anim.n_frames - 1)
+        assert np.array_equal(np.asarray(anim.convert("L")), final)
 
 
 def test_latent_model_refuses_another_vae(monkeypatch, capsys, tmp_path, vae_run, digits16):

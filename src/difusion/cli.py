@@ -256,14 +256,12 @@ def sample(
     if model.config.latent is not None:  # a latent model: its VAE decodes the samples
         from .vae_train import vae_for
 
-        if gif is not None:
-            raise UserError("--gif is not supported for latent models yet")
         vae = vae_for(model.config.latent, model.device)
     frames = []
     scale = auto_scale(model.config.image_size * (vae.config.downscale if vae else 1))
 
     def record(info: dict) -> None:
-        frames.append(trajectory_frame(info, scale))
+        frames.append(trajectory_frame(info, scale, decode=vae.decode_latents if vae else None))
 
     x = model.sample(
         n,
@@ -462,7 +460,10 @@ def compare(
     budget_minutes: Annotated[
         float, typer.Option(help="Training wall time of each model and seed.")
     ] = 5.0,
-    seeds: Annotated[int, typer.Option(help="Training seeds per model and data set.")] = 2,
+    seeds: Annotated[
+        str,
+        typer.Option(help='Training seeds per model: N, or per data set as "fashion=3,1".'),
+    ] = "fashion=3,1",
     out: Annotated[Path, typer.Option(help="Folder of the study: runs, report.md, plots.")] = Path(
         "compare"
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,9 +33,19 @@ def grid(
     return canvas
 
 
-def trajectory_frame(info: dict, scale: int = 1, cols: int | None = None) -> Image.Image:
-    """A sampler step as a picture: the noisy x in the model's own unit-variance view."""
-    return grid(to_pil(info["x"] / (1 + info["sigma"] ** 2) ** 0.5), cols=cols, scale=scale)
+def trajectory_frame(
+    info: dict,
+    scale: int = 1,
+    cols: int | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Image.Image:
+    """A sampler step as a picture: the noisy x in the model's own unit-variance view (for a
+    latent model, that noisy latent through `decode`, its VAE's decoder)."""
+    x = info["x"] / (1 + info["sigma"] ** 2) ** 0.5
+    if decode is not None:
+        with torch.no_grad():
+            x = decode(x).clamp(-1, 1)
+    return grid(to_pil(x), cols=cols, scale=scale)
 
 
 def auto_scale(size: int, target: int = 96) -> int:
