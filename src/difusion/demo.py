@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from .images import auto_scale, grid, save_gif, to_pil, trajectory_frame
-from .model import CheckpointError, DiffusionModel
-from .pipeline import Pipeline, default_model_path
+from .model import CheckpointError, DiffusionModel, default_model_path
+from .pipeline import Pipeline
 from .train import TrainConfig, train
 
 PROMPTS = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -316,8 +317,18 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
+def default_model_path() -> Path:
+    """The text-to-image model shipped inside the package ("default")."""
+    path = Path(str(resources.files("difusion") / "weights" / "default.safetensors"))
+    if not path.is_file():
+        raise CheckpointError("the default model is not installed with this copy of difusion")
+    return path
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder or a model file -> the model file."""
+    """ "default" (the shipped model), a run folder or a model file -> the model file."""
+    if str(path) == "default":
+        return default_model_path()
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -15,13 +14,6 @@ from .model import CheckpointError, DiffusionModel, resolve_checkpoint
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 ImageInput = Image.Image | torch.Tensor
-
-
-def default_model_path() -> Path:
-    path = Path(str(resources.files("difusion") / "weights" / "default.safetensors"))
-    if not path.is_file():
-        raise CheckpointError("the default model is not installed with this copy of difusion")
-    return path
 
 
 def _cast_input_hook(dtype: torch.dtype):
@@ -131,10 +123,7 @@ class Pipeline:
             return load(name_or_path, device, dtype, **options)
         if options:
             raise TypeError(f"options {sorted(options)} are for Stable Diffusion checkpoints")
-        if str(name_or_path) == "default":
-            path = default_model_path()
-        else:
-            path = resolve_checkpoint(name_or_path)
+        path = resolve_checkpoint(name_or_path)
         model = DiffusionModel.load(path, device)
         vae = None
         if model.config.latent is not None:  # a latent model of ours: its VAE decodes
