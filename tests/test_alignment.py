@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 
 from difusion.alignment import (
+    UNSEEN_WORDINGS,
     DetectedObject,
     Verdict,
     detect,
     prompt_set,
+    reword,
     score_batch,
     score_image,
 )
@@ -317,3 +319,19 @@ def test_fast_enough():
     print(f"scoring speed: {rate:.0f} images/s at 32 px")
     assert r["pass_rate"] >= 0.99
     assert rate >= 500
+
+
+def test_unseen_wordings_are_unseen_and_keep_the_meaning():
+    captions = [ShapesDataset(seed=0)[i]["caption"] for i in range(3000)]
+    seen = {w for c in captions for w in c.split()}
+    for kind, words in UNSEEN_WORDINGS.items():
+        for new in words.values():
+            assert not set(new.split()) <= seen, (kind, new)  # each wording brings a new word
+    prompt = "a red circle to the left of a blue square"
+    assert reword(prompt, "colour") == "a crimson circle to the left of a cobalt square"
+    assert reword(prompt, "shape") == "a red disc to the left of a blue box"
+    assert reword(prompt, "relation") == "a red circle on the left side of a blue square"
+    assert reword("a yellow triangle", "relation") == "a yellow triangle"
+    assert parse_prompt(reword(prompt, "colour")) is None  # outside the training language
+    with pytest.raises(ValueError, match="unknown wording"):
+        reword(prompt, "texture")

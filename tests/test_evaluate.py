@@ -71,3 +71,25 @@ def test_alignment_of_a_tiny_text_model(tmp_path):
     )
     assert result["n_single"] == 8 and result["n_double"] == 8
     assert result["alignment_single"] == 0.0  # two steps of an untrained model draw no shapes
+
+
+def test_alignment_with_unseen_wordings(tmp_path):
+    cfg = TrainConfig(
+        data="shapes", out=str(tmp_path / "t"), size=32, attention_resolutions=(16,), cond="text",
+        text_encoder="scratch", **TINY,
+    )  # fmt: skip
+    run = train(cfg, dataset=ShapesDataset(size=32, length=64), progress=False)
+    model = DiffusionModel.load(run / "model.safetensors")
+    asked: list[str] = []
+    text_cond = model.text_cond
+    model.text_cond = lambda prompts: asked.extend(prompts) or text_cond(prompts)
+    result = evaluate_alignment(model, 2, 2, (0,), steps=1, wording="colour")
+    assert result["wording"] == "colour" and result["n_single"] == result["n_double"] == 2
+    prompts = [p for p in asked if p]
+    assert len(prompts) == 4 and all("crimson" in p or "cobalt" in p or "golden" in p
+                                      or "emerald" in p or "fuchsia" in p or "turquoise" in p
+                                      for p in prompts)  # fmt: skip
+    # the from-scratch encoder has never seen them: its tokenizer maps them to [UNK]
+    assert "[UNK]" in model.text_encoder.tokens(prompts[0])
+    with pytest.raises(ValueError, match="unknown wording 'smell'"):
+        evaluate_alignment(model, 1, 1, (0,), steps=1, wording="smell")

@@ -50,6 +50,7 @@ relation evenly). Images: PIL, uint8 numpy [H, W, 3], or float tensors / arrays
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -561,3 +562,34 @@ def prompt_set(n_single: int = 200, n_double: int = 200, seed: int = 0) -> list[
         b = (a + 1 + off) % n_cls
         prompts.append(canonical_caption({"objects": [obj(a), obj(b)], "relation": RELATIONS[r]}))
     return prompts
+
+
+# Words that `shapes.paraphrase` never writes, so no training caption holds them: prompts
+# reworded with them measure what a pretrained encoder brings (a from-scratch encoder maps
+# them all to its unknown token).
+UNSEEN_WORDINGS: dict[str, dict[str, str]] = {
+    "colour": {
+        "red": "crimson",
+        "green": "emerald",
+        "blue": "cobalt",
+        "yellow": "golden",
+        "magenta": "fuchsia",
+        "cyan": "turquoise",
+    },
+    "shape": {"circle": "disc", "square": "box", "triangle": "pyramid"},
+    "relation": {
+        "to the left of": "on the left side of",
+        "to the right of": "on the right side of",
+        "above": "on top of",
+        "below": "underneath",
+    },
+}
+
+
+def reword(prompt: str, kind: str) -> str:
+    """A canonical prompt with its colours, shapes or relation in words training never saw."""
+    if kind not in UNSEEN_WORDINGS:
+        raise ValueError(f"unknown wording {kind!r}; choose one of {', '.join(UNSEEN_WORDINGS)}")
+    words = UNSEEN_WORDINGS[kind]
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
+    return pattern.sub(lambda m: words[m.group(1)], prompt)

@@ -407,6 +407,12 @@ def eval_(
         int, typer.Option(help="With --alignment: prompts of each kind per seed.")
     ] = 200,
     seeds: Annotated[str, typer.Option(help="With --alignment: seeds, comma-separated.")] = "0",
+    wording: Annotated[
+        str | None,
+        typer.Option(
+            help="With --alignment: prompt with colour, shape or relation words unseen in training."
+        ),
+    ] = None,
     sampler: Annotated[str, typer.Option(help="Sampler.")] = "dpmpp_2m",
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
@@ -437,6 +443,7 @@ def eval_(
             sampler=sampler,
             steps=steps,
             guidance=guidance,
+            wording=wording,
         )
     else:
         if data is None:

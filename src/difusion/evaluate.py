@@ -105,9 +105,17 @@ def evaluate_alignment(
     steps: int = 20,
     guidance: float | None = None,
     batch_size: int = 200,
+    wording: str | None = None,
 ) -> dict:
-    """Fraction of canonical shapes prompts the model satisfies, by the strict scorer."""
-    from .alignment import prompt_set, score_batch
+    """Fraction of canonical shapes prompts the model satisfies, by the strict scorer.
+
+    `wording` ("colour", "shape" or "relation", see `alignment.UNSEEN_WORDINGS`): the model is
+    prompted with that part of each prompt in words no training caption holds, and scored
+    against the canonical prompt."""
+    from .alignment import UNSEEN_WORDINGS, prompt_set, reword, score_batch
+
+    if wording is not None and wording not in UNSEEN_WORDINGS:
+        raise ValueError(f"unknown wording {wording!r}; choose one of {', '.join(UNSEEN_WORDINGS)}")
 
     if model.config.cond != "text":
         raise ValueError("--alignment needs a text-conditioned model")
@@ -117,7 +125,8 @@ def evaluate_alignment(
         prompts = prompt_set(n_single, n_double, seed=seed)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            cond, uncond = model.text_cond(chunk), model.text_cond([""] * len(chunk))
+            asked = [reword(p, wording) for p in chunk] if wording else chunk
+            cond, uncond = model.text_cond(asked), model.text_cond([""] * len(chunk))
             x = model.sample(
                 len(chunk), sampler=sampler, steps=steps, seed=seed * 100_003 + start,
                 cond=cond, uncond=uncond, guidance=guidance,
@@ -137,6 +146,7 @@ def evaluate_alignment(
         "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
+        "wording": wording or "canonical",
     }
 
 
