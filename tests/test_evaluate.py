@@ -60,26 +60,26 @@ def test_eval_errors_are_one_line(monkeypatch, capsys, label_run):
         assert e.value.code == 1 and message in err and len(err.splitlines()) == 1, err
 
 
-def test_alignment_of_a_tiny_text_model(tmp_path):
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "text"
     cfg = TrainConfig(
-        data="shapes", out=str(tmp_path / "t"), size=32, attention_resolutions=(16,), cond="text",
+        data="shapes", out=str(out), size=32, attention_resolutions=(16,), cond="text",
         text_encoder="scratch", **TINY,
     )  # fmt: skip
-    run = train(cfg, dataset=ShapesDataset(size=32, length=64), progress=False)
+    return train(cfg, dataset=ShapesDataset(size=32, length=64), progress=False)
+
+
+def test_alignment_of_a_tiny_text_model(text_run):
     result = evaluate_alignment(
-        DiffusionModel.load(run / "model.safetensors"), 4, 4, (0, 1), steps=2
+        DiffusionModel.load(text_run / "model.safetensors"), 4, 4, (0, 1), steps=2
     )
     assert result["n_single"] == 8 and result["n_double"] == 8
     assert result["alignment_single"] == 0.0  # two steps of an untrained model draw no shapes
 
 
-def test_alignment_with_unseen_wordings(tmp_path):
-    cfg = TrainConfig(
-        data="shapes", out=str(tmp_path / "t"), size=32, attention_resolutions=(16,), cond="text",
-        text_encoder="scratch", **TINY,
-    )  # fmt: skip
-    run = train(cfg, dataset=ShapesDataset(size=32, length=64), progress=False)
-    model = DiffusionModel.load(run / "model.safetensors")
+def test_alignment_with_unseen_wordings(text_run):
+    model = DiffusionModel.load(text_run / "model.safetensors")
     asked: list[str] = []
     text_cond = model.text_cond
     model.text_cond = lambda prompts: asked.extend(prompts) or text_cond(prompts)

@@ -17,29 +17,29 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from .data import collate, load_dataset
+from .data import collate
 from .images import auto_scale, grid, to_pil
 from .model import atomic_save, read_safetensors
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
 from .train import (
     Run,
     TrainingError,
-    check_run_folder,
-    diverged,
+    TrainLoop,
     module_state,
-    pick_device,
     plot_series,
     restore_training_state,
+    seeded_generators,
+    start_run,
     training_state,
     update_ema,
+    write_run_config,
 )
 
 
@@ -171,18 +171,7 @@ def train_gan(
     """Train (or continue) the GAN run in cfg.out; returns the folder.
 
     `on_step(step, {"loss_d", "loss_g", "d_real", "d_fake"})` is called after every step."""
-    run = Run(cfg.out)
-    check_run_folder(run, resume)
-    if resume:
-        stored = stored_gan_config(run.dir)
-        cfg = replace(cfg, **{k: getattr(stored, k) for k in ARCHITECTURE})
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise TrainingError("steps and batch size must be positive")
-    if not 0 <= cfg.ema_decay < 1:
-        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    device = pick_device(cfg.device)
-    if dataset is None:
-        dataset = load_dataset(cfg.data, cfg.size)
+    run, cfg, device, dataset = start_run(cfg, resume, stored_gan_config, ARCHITECTURE, dataset)
     config = gan_config_for(cfg, dataset)
 
     torch.manual_seed(cfg.seed)
@@ -193,18 +182,13 @@ def train_gan(
         "g": torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=betas),
         "d": torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=betas),
     }
-    generators = {
-        "data": torch.Generator().manual_seed(cfg.seed * 7919),
-        "noise": torch.Generator().manual_seed(cfg.seed * 104729 + 1),
-    }
+    generators = seeded_generators(cfg.seed)
     step = 0
     if resume:
         step = load_gan_state(run, gen, disc, opts, generators)
         ema.generator.load_state_dict(read_safetensors(run.model_path)[0])
         run.truncate_log(step)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    (run.dir / "samples").mkdir(exist_ok=True)
-    (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    write_run_config(run, cfg)
 
     if progress:
         print(
@@ -214,23 +198,10 @@ def train_gan(
             f"steps {step}->{cfg.steps}",
             flush=True,
         )
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
-
-    start = time.monotonic()
-    last_log_time, last_log_step = start, step
-    saved_step = step
-    sums: dict[str, float] = {}
-    count = 0
+    loop = TrainLoop(run, step, cfg.steps, cfg.minutes, cfg.log_every, progress, on_step)
     gen.train()
     disc.train()
-
-    while step < cfg.steps:
-        if cfg.minutes is not None and time.monotonic() - start > cfg.minutes * 60:
-            break
+    while loop.running():
         idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generators["data"])
         real = collate([dataset[int(i)] for i in idx])["image"].to(device)
         z = torch.randn(cfg.batch_size, config.z_dim, generator=generators["noise"]).to(device)
@@ -238,61 +209,45 @@ def train_gan(
         # discriminator: real -> 1, fake -> 0
         logits_real, logits_fake = disc(real), disc(fake.detach())
         loss_d = d_loss(logits_real, logits_fake)
-        if not torch.isfinite(loss_d):
-            raise diverged("discriminator loss", loss_d, step, saved_step, run, bar)
+        loop.check_finite("discriminator loss", loss_d)
         opts["d"].zero_grad(set_to_none=True)
         loss_d.backward()
         opts["d"].step()
         # generator: the non-saturating loss through the updated discriminator
         loss_g = g_loss(disc(fake))
-        if not torch.isfinite(loss_g):
-            raise diverged("generator loss", loss_g, step, saved_step, run, bar)
+        loop.check_finite("generator loss", loss_g)
         opts["g"].zero_grad(set_to_none=True)
         loss_g.backward()
         opts["g"].step()
         if cfg.ema_decay > 0:
-            update_ema(ema.generator, gen, step, cfg.ema_decay)
+            update_ema(ema.generator, gen, loop.step, cfg.ema_decay)
             copy_buffers(ema.generator, gen)
         else:
             ema.generator.load_state_dict(gen.state_dict())
-        step += 1
         record = {
             "loss_d": loss_d.item(),
             "loss_g": loss_g.item(),
             "d_real": torch.sigmoid(logits_real.detach()).mean().item(),
             "d_fake": torch.sigmoid(logits_fake.detach()).mean().item(),
         }
-        for k, v in record.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        if on_step is not None:
-            on_step(step, record)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss_d=f"{record['loss_d']:.3f}", loss_g=f"{record['loss_g']:.3f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.monotonic()
-            rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-            means = {k: v / count for k, v in sums.items()}
-            run.append_log({"step": step, **means, "lr": cfg.lr, "steps_per_s": rate})
-            last_log_time, last_log_step = now, step
-            sums, count = {}, 0
-        if step % cfg.checkpoint_every == 0:
-            save_gan_state(run, step, cfg, gen, disc, ema, opts, generators)
-            saved_step = step
-        if step % cfg.sample_every == 0:
+        loop.advance(record, cfg.lr)
+        if loop.due(cfg.checkpoint_every):
+            save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators)
+            loop.saved_step = loop.step
+        if loop.due(cfg.sample_every):
             plot_gan_loss(run)
-            gan_preview(ema, run.dir / "samples" / f"step_{step:06d}.png")
-    if bar is not None:
-        bar.close()
-    if step != saved_step:
-        save_gan_state(run, step, cfg, gen, disc, ema, opts, generators)
+            gan_preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png")
+    loop.close()
+    if loop.step != loop.saved_step:
+        save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators)
     plot_gan_loss(run)
     gan_preview(ema, run.dir / "samples.png")
     if progress:
-        elapsed = time.monotonic() - start
         weights = "EMA generator" if cfg.ema_decay > 0 else "generator"
-        print(f"stopped at step {step} after {elapsed / 60:.1f} min; {weights} in {run.model_path}")
+        print(
+            f"stopped at step {loop.step} after {loop.elapsed() / 60:.1f} min; "
+            f"{weights} in {run.model_path}"
+        )
     return run.dir
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -406,6 +407,74 @@ def diverged(
     return TrainingError(f"{what} became {value.item()} at step {step + 1}; stopping: {kept}")
 
 
+class TrainLoop:
+    """The bookkeeping around every trainer's step (diffusion, GAN, VAE): the step and
+    minutes budget, the progress bar, the `on_step` callback, the log of running means every
+    `log_every` steps, and the last checkpointed step for the non-finite-loss stop."""
+
+    def __init__(
+        self,
+        run: Run,
+        step: int,
+        steps: int,
+        minutes: float | None,
+        log_every: int,
+        progress: bool,
+        on_step: Callable[[int, dict], None] | None = None,
+        write_log: bool = True,
+    ) -> None:
+        self.run, self.step, self.steps, self.minutes = run, step, steps, minutes
+        self.log_every, self.on_step, self.write_log = log_every, on_step, write_log
+        self.saved_step = step
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
+        self.start = self.last_log_time = time.monotonic()
+        self.last_log_step = step
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def running(self) -> bool:
+        """Steps and time are left."""
+        over_time = self.minutes is not None and self.elapsed() > self.minutes * 60
+        return self.step < self.steps and not over_time
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def check_finite(self, what: str, value: torch.Tensor) -> None:
+        if not torch.isfinite(value):
+            raise diverged(what, value, self.step, self.saved_step, self.run, self.bar)
+
+    def advance(self, record: dict[str, float], lr: float) -> None:
+        """One step done: `record` holds its scalars (the first one is shown on the bar)."""
+        self.step += 1
+        for k, v in record.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        if self.on_step is not None:
+            self.on_step(self.step, record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in list(record.items())[:2]})
+        if self.write_log and (self.step % self.log_every == 0 or self.step == self.steps):
+            now = time.monotonic()
+            rate = (self.step - self.last_log_step) / max(now - self.last_log_time, 1e-9)
+            means = {k: v / self.count for k, v in self.sums.items()}
+            self.run.append_log({"step": self.step, **means, "lr": lr, "steps_per_s": rate})
+            self.last_log_time, self.last_log_step = now, self.step
+            self.sums, self.count = {}, 0
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def check_run_folder(run: Run, resume: bool) -> None:
     """Resume needs a run; a fresh start never overwrites one."""
     if resume and not run.exists():
@@ -414,6 +483,46 @@ def check_run_folder(run: Run, resume: bool) -> None:
         raise TrainingError(
             f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
         )
+
+
+def start_run(
+    cfg, resume: bool, stored_config: Callable[[Path], Any], architecture: tuple[str, ...],
+    dataset: Dataset | None,
+) -> tuple[Run, Any, torch.device, Dataset]:  # fmt: skip
+    """The start the GAN and VAE trainers share: the run folder checked; on resume the stored
+    `architecture` fields win over `cfg`'s; budget and EMA decay validated; device and data."""
+    run = Run(cfg.out)
+    check_run_folder(run, resume)
+    if resume:
+        stored = stored_config(run.dir)
+        cfg = replace(cfg, **{k: getattr(stored, k) for k in architecture})
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise TrainingError("steps and batch size must be positive")
+    if not 0 <= cfg.ema_decay < 1:
+        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    device = pick_device(cfg.device)
+    if dataset is None:
+        dataset = load_dataset(cfg.data, cfg.size)
+    return run, cfg, device, dataset
+
+
+def seeded_generators(
+    seed: int, rank: int = 0, noise_device: torch.device | None = None
+) -> dict[str, torch.Generator]:
+    """The data-order and noise generators of a run (one pair per process)."""
+    return {
+        "data": torch.Generator().manual_seed(seed * 7919 + rank),
+        "noise": torch.Generator(device=noise_device or "cpu").manual_seed(
+            seed * 104729 + rank + 1
+        ),
+    }
+
+
+def write_run_config(run: Run, cfg) -> None:
+    """The run folder, its samples/ folder and train_config.json (what `--resume` reads)."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "samples").mkdir(exist_ok=True)
+    (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
 def stored_train_config(out: str | Path) -> TrainConfig:
@@ -565,10 +674,7 @@ def train(
     trainable = [p for p in diffusion.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     gen_device = device if device.type == "cuda" else torch.device("cpu")
-    generators = {
-        "data": torch.Generator().manual_seed(cfg.seed * 7919 + rank),
-        "noise": torch.Generator(device=gen_device).manual_seed(cfg.seed * 104729 + rank + 1),
-    }
+    generators = seeded_generators(cfg.seed, rank, gen_device)
     step = 0
     if resume:
         step = load_state(run, diffusion, opt, generators)
@@ -577,8 +683,7 @@ def train(
             run.truncate_log(step)
     run.dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (run.dir / "samples").mkdir(exist_ok=True)
-        (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_run_config(run, cfg)
 
     net: torch.nn.Module = diffusion.unet
     if distributed:
@@ -596,20 +701,13 @@ def train(
             + f", steps {step}->{cfg.steps}",
             flush=True,
         )
-    bar = None
-    if rank == 0 and progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
-
-    start = time.monotonic()
-    last_log_time, last_log_step = start, step
-    saved_step = step
-    loss_sum, loss_count = 0.0, 0
+    loop = TrainLoop(
+        run, step, cfg.steps, cfg.minutes, cfg.log_every, rank == 0 and progress,
+        on_step=(lambda s, record: on_step(s, record["loss"])) if on_step else None,
+        write_log=rank == 0,
+    )  # fmt: skip
     diffusion.train()
-    while step < cfg.steps:
-        if cfg.minutes is not None and time.monotonic() - start > cfg.minutes * 60:
-            break
+    while loop.running():
         idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generators["data"])
         batch = collate([dataset[int(i)] for i in idx])
         x0 = batch["image"].to(device)
@@ -618,14 +716,14 @@ def train(
                 x0 = vae.encode_latents(x0, generator=generators["noise"])
         x0 = x0.contiguous(memory_format=torch.channels_last)
         cond = batch_cond(batch, diffusion, cfg.cond_drop, generators["noise"], device)
+        lr = lr_at(loop.step, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr
         with torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
             loss = diffusion_loss(net, diffusion, x0, cond, generators["noise"], cfg.min_snr_gamma)
-        if not torch.isfinite(loss):
-            raise diverged("loss", loss, step, saved_step, run, bar)
+        loop.check_finite("loss", loss)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -633,46 +731,31 @@ def train(
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
-        update_ema(ema, diffusion, step, cfg.ema_decay)
-        step += 1
-        loss_value = loss.item()
-        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-        if on_step is not None:
-            on_step(step, loss_value)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+        update_ema(ema, diffusion, loop.step, cfg.ema_decay)
+        loop.advance({"loss": loss.item()}, lr)
+        step = loop.step
         if rank != 0:
             continue
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.monotonic()
-            rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-            mean_loss = loss_sum / loss_count
-            run.append_log(
-                {"step": step, "loss": mean_loss, "lr": lr_at(step - 1, cfg), "steps_per_s": rate}
-            )
-            last_log_time, last_log_step = now, step
-            loss_sum, loss_count = 0.0, 0
-        if step % cfg.checkpoint_every == 0:
+        if loop.due(cfg.checkpoint_every):
             save_state(run, step, cfg, diffusion, ema, opt, generators)
-            saved_step = step
-        if step % cfg.sample_every == 0:
+            loop.saved_step = step
+        if loop.due(cfg.sample_every):
             run.plot_loss()
             preview(ema, run.dir / "samples" / f"step_{step:06d}.png", vae=vae)
             if tracks_alignment(cfg):
                 run.append_log({"step": step, **alignment_probe(ema)})
                 run.plot_alignment()
-    if bar is not None:
-        bar.close()
-    if rank == 0 and step != saved_step:
+    loop.close()
+    step = loop.step
+    if rank == 0 and step != loop.saved_step:
         save_state(run, step, cfg, diffusion, ema, opt, generators)
     if rank == 0:
         run.plot_loss()
         preview(ema, run.dir / "samples.png", vae=vae)
         if progress:
-            elapsed = time.monotonic() - start
             print(
-                f"stopped at step {step} after {elapsed / 60:.1f} min; EMA weights in {run.model_path}"
+                f"stopped at step {step} after {loop.elapsed() / 60:.1f} min; "
+                f"EMA weights in {run.model_path}"
             )
     if distributed:
         dist.barrier()

@@ -19,29 +19,29 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from .data import collate, load_dataset
+from .data import collate
 from .images import auto_scale, grid, to_pil
 from .model import CheckpointError, atomic_save, read_safetensors
 from .nn.vae import AutoencoderKL, VAEConfig, vae_loss
 from .train import (
     Run,
     TrainingError,
-    check_run_folder,
-    diverged,
+    TrainLoop,
     module_state,
-    pick_device,
     plot_series,
     restore_training_state,
+    seeded_generators,
+    start_run,
     training_state,
     update_ema,
+    write_run_config,
 )
 
 FORMAT = "difusion-vae/1"
@@ -249,28 +249,14 @@ def train_vae(
     on_step: Callable[[int, dict], None] | None = None,
 ) -> Path:
     """Train (or continue) the VAE run in cfg.out; returns the folder."""
-    run = Run(cfg.out)
-    check_run_folder(run, resume)
-    if resume:
-        stored = stored_vae_config(run.dir)
-        cfg = replace(cfg, **{k: getattr(stored, k) for k in ARCHITECTURE})
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise TrainingError("steps and batch size must be positive")
-    if not 0 <= cfg.ema_decay < 1:
-        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    device = pick_device(cfg.device)
-    if dataset is None:
-        dataset = load_dataset(cfg.data, cfg.size)
+    run, cfg, device, dataset = start_run(cfg, resume, stored_vae_config, ARCHITECTURE, dataset)
     config = vae_config_for(cfg, dataset)
 
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(config).to(device)
     ema = copy.deepcopy(vae).requires_grad_(False)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    generators = {
-        "data": torch.Generator().manual_seed(cfg.seed * 7919),
-        "noise": torch.Generator().manual_seed(cfg.seed * 104729 + 1),
-    }
+    generators = seeded_generators(cfg.seed)
     step = 0
     if resume:
         tensors, metadata = read_safetensors(run.state_path)
@@ -279,9 +265,7 @@ def train_vae(
         step = int(metadata["step"])
         ema.load_state_dict(read_safetensors(run.model_path)[0])
         run.truncate_log(step)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    (run.dir / "samples").mkdir(exist_ok=True)
-    (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    write_run_config(run, cfg)
     if progress:
         params = sum(p.numel() for p in vae.parameters())
         print(
@@ -290,54 +274,25 @@ def train_vae(
             f"{dataset.size}x{dataset.size}) on {device}, steps {step}->{cfg.steps}",
             flush=True,
         )
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
-
-    start = time.monotonic()
-    last_log_time, last_log_step = start, step
-    saved_step = step
-    sums: dict[str, float] = {}
-    count = 0
+    loop = TrainLoop(run, step, cfg.steps, cfg.minutes, cfg.log_every, progress, on_step)
     vae.train()
-    while step < cfg.steps:
-        if cfg.minutes is not None and time.monotonic() - start > cfg.minutes * 60:
-            break
+    while loop.running():
         x = data_batch(dataset, cfg.batch_size, generators["data"]).to(device)
         loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=generators["noise"])
-        if not torch.isfinite(loss):
-            raise diverged("loss", loss, step, saved_step, run, bar)
+        loop.check_finite("loss", loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        update_ema(ema, vae, step, cfg.ema_decay)
-        step += 1
-        record = {k: v.item() for k, v in parts.items()}
-        for k, v in record.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        if on_step is not None:
-            on_step(step, record)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.monotonic()
-            rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-            means = {k: v / count for k, v in sums.items()}
-            run.append_log({"step": step, **means, "lr": cfg.lr, "steps_per_s": rate})
-            last_log_time, last_log_step = now, step
-            sums, count = {}, 0
-        if step % cfg.checkpoint_every == 0:
-            save_vae_state(run, step, cfg, vae, ema, opt, generators)
-            saved_step = step
-        if step % cfg.sample_every == 0:
+        update_ema(ema, vae, loop.step, cfg.ema_decay)
+        loop.advance({k: v.item() for k, v in parts.items()}, cfg.lr)
+        if loop.due(cfg.checkpoint_every):
+            save_vae_state(run, loop.step, cfg, vae, ema, opt, generators)
+            loop.saved_step = loop.step
+        if loop.due(cfg.sample_every):
             plot_vae_loss(run)
-            reconstruction_grid(ema, dataset, run.dir / "samples" / f"step_{step:06d}.png")
-    if bar is not None:
-        bar.close()
+            reconstruction_grid(ema, dataset, run.dir / "samples" / f"step_{loop.step:06d}.png")
+    loop.close()
+    step = loop.step
     # the scaling factor of the EMA weights that are saved, then the final files
     ema.eval()
     ema.config.scaling_factor = measure_scaling_factor(
@@ -347,9 +302,8 @@ def train_vae(
     plot_vae_loss(run)
     reconstruction_grid(ema, dataset, run.dir / "reconstructions.png")
     if progress:
-        elapsed = time.monotonic() - start
         print(
-            f"stopped at step {step} after {elapsed / 60:.1f} min; scaling factor "
+            f"stopped at step {step} after {loop.elapsed() / 60:.1f} min; scaling factor "
             f"{ema.config.scaling_factor:.4f}; EMA VAE in {run.model_path}"
         )
     return run.dir
