@@ -97,6 +97,8 @@ def child(impl: str, reps: int, out: Path) -> None:
 
             model = UNet2DConditionModel(**SD15_UNET)
     fill(model)
+    if impl == "ours":  # as the library loads it (sd.py, DiffusionModel.load)
+        model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
     loaded = rss_mib()
     g = torch.Generator().manual_seed(0)

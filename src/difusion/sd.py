@@ -146,6 +146,9 @@ def _pipeline(
         guidance=SD_GUIDANCE,
         **options,
     )
+    # conv weights channels-last once, as DiffusionModel.load does: with NCHW weights oneDNN
+    # re-lays them out at every call (a 1280-channel 3x3 conv at 16x16: 0.17 s -> 0.125 s)
+    unet, vae = (m.to(memory_format=torch.channels_last) for m in (unet, vae))
     model = DiffusionModel(config, unet, SDTextEncoder(text_encoder)).eval()
     return Pipeline(model, vae.eval(), set_alpha_to_one=set_alpha_to_one)
 
