@@ -79,7 +79,7 @@ def plot(rows: list[tuple[float, float, float, float]], path: Path, net: str) ->
     import matplotlib.pyplot as plt
 
     scales = [r[0] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(scales, [r[2] for r in rows], marker="o", label="one-object prompts satisfied")
     ax.plot(scales, [r[3] for r in rows], marker="o", label="two-object prompts satisfied")
     ax.set_xlabel("guidance scale")
@@ -87,10 +87,15 @@ def plot(rows: list[tuple[float, float, float, float]], path: Path, net: str) ->
     ax.set_ylim(0, 1.02)
     twin = ax.twinx()
     twin.plot(scales, [r[1] for r in rows], marker="s", color="black", ls="--", label="FID")
-    twin.set_ylabel(f"FID ({net} features)")
+    twin.set_ylim(0, 1.15 * max(r[1] for r in rows))
+    twin.set_ylabel("FID")
+    ax.set_title(f"FID in {net} features", fontsize=8)
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center right")
+    ax.legend(
+        lines[0] + more[0], lines[1] + more[1], fontsize=8, ncol=3,
+        loc="upper center", bbox_to_anchor=(0.5, -0.2),
+    )  # fmt: skip
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
