@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -56,7 +57,9 @@ def test_train_loop_budget_log_and_callback(tmp_path):
     # means over each logging window: steps 3-4, 5-6, then the last step 7
     assert [(r["step"], r["a"]) for r in run.read_log()] == [(4, 2.5), (6, 4.5), (7, 6.0)]
     assert all(r["lr"] == 0.1 and r["b"] == 1.0 for r in run.read_log())
-    assert not TrainLoop(run, 0, 10, 0.0, 1, False).running()  # no minutes left
+    loop = TrainLoop(run, 0, 10, 1e-6, 1, False)
+    time.sleep(0.01)
+    assert not loop.running()  # no minutes left
     loop = TrainLoop(run, 4, 10, None, 1, False)
     loop.saved_step = 3
     with pytest.raises(TrainingError, match="at step 5; stopping: the last good checkpoint"):

@@ -393,20 +393,6 @@ def load_state(
     return int(metadata["step"])
 
 
-def diverged(
-    what: str, value: torch.Tensor, step: int, saved_step: int, run: Run, bar=None
-) -> TrainingError:
-    """The error that stops a run whose loss is no longer finite; saved files stay as they are."""
-    if bar is not None:
-        bar.close()
-    kept = (
-        f"the last good checkpoint (step {saved_step}) is kept in {run.dir}"
-        if saved_step
-        else "nothing was saved"
-    )
-    return TrainingError(f"{what} became {value.item()} at step {step + 1}; stopping: {kept}")
-
-
 class TrainLoop:
     """The bookkeeping around every trainer's step (diffusion, GAN, VAE): the step and
     minutes budget, the progress bar, the `on_step` callback, the log of running means every
@@ -445,8 +431,18 @@ class TrainLoop:
         return time.monotonic() - self.start
 
     def check_finite(self, what: str, value: torch.Tensor) -> None:
-        if not torch.isfinite(value):
-            raise diverged(what, value, self.step, self.saved_step, self.run, self.bar)
+        """Stop a run whose loss is no longer finite; saved files stay as they are."""
+        if torch.isfinite(value):
+            return
+        self.close()
+        kept = (
+            f"the last good checkpoint (step {self.saved_step}) is kept in {self.run.dir}"
+            if self.saved_step
+            else "nothing was saved"
+        )
+        raise TrainingError(
+            f"{what} became {value.item()} at step {self.step + 1}; stopping: {kept}"
+        )
 
     def advance(self, record: dict[str, float], lr: float) -> None:
         """One step done: `record` holds its scalars (the first one is shown on the bar)."""
@@ -733,17 +729,16 @@ def train(
         scaler.update()
         update_ema(ema, diffusion, loop.step, cfg.ema_decay)
         loop.advance({"loss": loss.item()}, lr)
-        step = loop.step
         if rank != 0:
             continue
         if loop.due(cfg.checkpoint_every):
-            save_state(run, step, cfg, diffusion, ema, opt, generators)
-            loop.saved_step = step
+            save_state(run, loop.step, cfg, diffusion, ema, opt, generators)
+            loop.saved_step = loop.step
         if loop.due(cfg.sample_every):
             run.plot_loss()
-            preview(ema, run.dir / "samples" / f"step_{step:06d}.png", vae=vae)
+            preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png", vae=vae)
             if tracks_alignment(cfg):
-                run.append_log({"step": step, **alignment_probe(ema)})
+                run.append_log({"step": loop.step, **alignment_probe(ema)})
                 run.plot_alignment()
     loop.close()
     step = loop.step
