@@ -145,8 +145,8 @@ def test_compare_end_to_end_on_digits(monkeypatch, capsys, tmp_path):
     args = ("compare", "--data", "digits", "--budget-minutes", "0.05", "--seeds", "1",
             "--out", out, "--preset", "tiny", "--samples", "16", "--curve-points", "2",
             "--curve-samples", "16", "--steps-samples", "16", "--speed-batch", "4",
-            "--speed-repeats", "1")  # fmt: skip
-    code, stdout, err = cli(monkeypatch, capsys, *args)
+            "--speed-repeats", "1", "--inception-samples", "16")  # fmt: skip
+    code, stdout, err = cli(monkeypatch, capsys, *args, "--no-inception")
     assert code == 0, err
     report = (out / "report.md").read_text()
     for name in ("curves.png", "steps.png", "samples.png"):
@@ -161,10 +161,21 @@ def test_compare_end_to_end_on_digits(monkeypatch, capsys, tmp_path):
     assert set(entry["speed"]) == {"gan", "ddpm-1000", "ddim-50", "dpmpp_2m-20", "dpmpp_2m-10"}
     assert entry["steps_curve"]["samplers"]["dpmpp_2m"][0]["steps"] == 2
     assert "## digits" in report and "| FID ↓ |" in report
-    # a second start reuses the finished runs
+    assert "Inception" not in report and all(r["inception"] is None for r in entry["runs"]["gan"])
+    # a second start reuses the finished runs and adds the Inception FID they lack
     code, stdout, err = cli(monkeypatch, capsys, *args)
     assert code == 0, err
-    assert "training" not in stdout and "wrote" in stdout
+    assert "training" not in stdout and stdout.count("Inception FID of the") == 2
+    results = json.loads((out / "results.json").read_text())
+    for kind in ("gan", "diffusion"):
+        (run,) = results["datasets"]["digits"]["runs"][kind]
+        assert run["inception"]["n"] == 16 and run["inception"]["fid"] > 0
+    assert len(results["environment"]["starts_seconds"]) == 2
+    report = (out / "report.md").read_text()
+    assert "| Inception FID ↓ |" in report and "over 2 starts" in report
+    # a third start has nothing left to do
+    code, stdout, err = cli(monkeypatch, capsys, *args)
+    assert code == 0 and "training" not in stdout and "Inception FID of" not in stdout, err
 
 
 def test_seeds_per_data_set():

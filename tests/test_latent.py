@@ -1,3 +1,4 @@
+import json
 import sys
 
 import numpy as np
@@ -145,6 +146,13 @@ def test_latent_diffusion_trains_and_samples(monkeypatch, capsys, tmp_path, vae_
         assert 2 <= anim.n_frames <= 4 and anim.size == pixel_grid.size
         anim.seek(anim.n_frames - 1)
         assert np.array_equal(np.asarray(anim.convert("L")), final)
+    # eval compares the decoded images (1 x 16 x 16), not the latents (4 x 8 x 8), with the data
+    code, out_text, err = cli(
+        monkeypatch, capsys, "eval", out, "--data", "digits", "-n", "8", "--steps", "2", "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out_text)
+    assert result["n_fake"] == 8 and result["fid"] > 0 and result["num_classes"] == 10
 
 
 def test_latent_model_refuses_another_vae(monkeypatch, capsys, tmp_path, vae_run, digits16):

