@@ -93,6 +93,10 @@ def test_report_from_synthetic_numbers(tmp_path):
     speed_row = next(r for r in table if "DDPM, 1000 steps" in r)
     assert "20,000 ± 500" in speed_row and "1.00 ± 0.100" in speed_row
     assert "| DDIM | 10: 25.0, 50: 21.0 |" in text
+    assert "The whole study took 60.0 minutes." in text
+    results["environment"].update(seconds=4200.0, starts_seconds=[3600.0, 600.0])
+    text = write_report(results, tmp_path).read_text()
+    assert "took 70.0 minutes (60.0 + 10.0 over 2 starts;" in text
 
 
 def test_rows_helpers():
