@@ -455,17 +455,14 @@ def measure_run(
     device: torch.device,
 ) -> dict:
     """Metrics of the final model and of every snapshot."""
-    sampler, steps = HEADLINE
     curve = []
     for snap in info["snapshots"]:
-        model = load_generator_or_diffusion(run_dir / "snapshots" / snap["file"], device)
-        fake = draw(model, cfg.curve_samples, sampler=sampler, steps=steps)
+        fake = headline_samples(run_dir / "snapshots" / snap["file"], cfg.curve_samples, device)
         curve.append({"step": snap["step"], "seconds": snap["seconds"], **scorer(fake)})
     final = final_inception = None
     if info["has_model"]:
-        model = load_generator_or_diffusion(run_dir, device)
         n = max(cfg.samples, cfg.inception_samples if inception is not None else 0)
-        fake = draw(model, n, sampler=sampler, steps=steps)  # seeded: inception_of draws alike
+        fake = headline_samples(run_dir, n, device)
         final = scorer(fake[: cfg.samples])
         if inception is not None:
             final_inception = inception(fake[: cfg.inception_samples])
@@ -479,11 +476,14 @@ def measure_run(
     }
 
 
-def inception_of(run_dir: Path, inception: Scorer, cfg: CompareConfig, device) -> dict:
-    """The Inception metrics of a finished run measured without them: the same samples as
-    `measure_run` draws (same seeds), so the numbers equal those of a study run with them."""
-    model = load_generator_or_diffusion(run_dir, device)
-    return inception(draw(model, cfg.inception_samples, sampler=HEADLINE[0], steps=HEADLINE[1]))
+def headline_samples(path: Path, n: int, device) -> torch.Tensor:
+    """n samples of a model (a run folder or a model file) drawn as the headline metrics draw
+    them: a GAN in one pass, a diffusion model with HEADLINE. Seeded per batch, so the
+    first k of n samples are the k samples of a draw of k: the Inception FID added to a
+    finished run sees the images that `measure_run` would have given it."""
+    return draw(
+        load_generator_or_diffusion(path, device), n, sampler=HEADLINE[0], steps=HEADLINE[1]
+    )
 
 
 def _training_and_measuring(settings: dict) -> dict:
@@ -580,7 +580,8 @@ def compare(cfg: CompareConfig, progress: bool = True) -> Path:
                         and ((result.get("inception") or {}).get("n") != cfg.inception_samples)
                     ):
                         say(f"{data} seed {seed}: Inception FID of the {kind}")
-                        result["inception"] = inception_of(run_dir, inception, cfg, device)
+                        fake = headline_samples(run_dir, cfg.inception_samples, device)
+                        result["inception"] = inception(fake)
                         cached.write_text(json.dumps(result, indent=2))
                     entry["runs"][kind].append(result)
                     continue
@@ -612,8 +613,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> Path:
             ("diffusion", "diffusion, DPM-Solver++ 20 steps"),
         ):
             if (seed0 / kind / "model.safetensors").is_file():
-                model = load_generator_or_diffusion(seed0 / kind, device)
-                x = draw(model, 36, sampler=HEADLINE[0], steps=HEADLINE[1], seed=0)
+                x = headline_samples(seed0 / kind, 36, device)
                 pics.append((grid(to_pil(x), cols=6, scale=auto_scale(dataset.size, 64)), label))
         if pics:
             labelled_strip([p for p, _ in pics], [label for _, label in pics]).save(
