@@ -25,6 +25,7 @@ TARGET = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run", type=Path)
+    parser.add_argument("--trained-on", help="where and how it was trained (kept in the metadata)")
     args = parser.parse_args()
     model_file = args.run / "model.safetensors"
     with safe_open(str(model_file), "pt") as f:
@@ -32,6 +33,8 @@ def main() -> None:
     model = DiffusionModel.load(model_file)
     train_config = json.loads((args.run / "train_config.json").read_text())
     extra = {"step": step, "train_config": json.dumps(train_config)}
+    if args.trained_on:
+        extra["trained_on"] = args.trained_on
     model.save(TARGET, extra, dtype=torch.float16)
     print(f"wrote {TARGET} ({TARGET.stat().st_size / 2**20:.1f} MiB, step {step})")
 

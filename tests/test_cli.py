@@ -98,11 +98,17 @@ def test_sample_is_deterministic_for_a_seed(monkeypatch, capsys, tmp_path, run_d
         (["train", "--cond", "pixels", "--out", "{tmp}/r"], "--cond must be"),
         (["train", "--prediction", "score", "--out", "{tmp}/r"], "--prediction must be"),
         (["train", "--precision", "fp16", "--device", "cpu", "--out", "{tmp}/r", "--size", "8"], "fp16 training needs a CUDA device"),
+        (["train", "--init", "{run}", "--channels", "32", "--cond", "text", "--out", "{tmp}/r"], "--cond, --channels: --init keeps the model's own"),
+        (["train", "--init", "{tmp}/none", "--out", "{tmp}/r"], "--init: {tmp}/none: no such checkpoint"),
+        (["train", "--data-option", "two_object_prob", "--out", "{tmp}/r"], "--data-option must be KEY=VALUE"),
+        (["train", "--data-option", "colour=red", "--out", "{tmp}/r"], "has no option colour"),
+        (["train", "--model", "gan", "--init", "{run}", "--out", "{tmp}/r"], "--init: not an option of --model gan"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_nonzero(monkeypatch, capsys, tmp_path, run_dir, args, message):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     args = [a.format(run=run_dir, tmp=tmp_path) for a in args]
+    message = message.format(tmp=tmp_path)
     if "{tmp}/bad.png" in " ".join(args) and "noise" in args and "--steps" in args:
         Image.new("RGB", (8, 8)).save(tmp_path / "bad.png")
     if "--schedule" in args:

@@ -176,3 +176,65 @@ def test_other_prediction_targets_train(tmp_path, digits8, prediction):
 def test_bf16_autocast_runs_on_cpu(tmp_path, digits8):
     out = train(tiny(tmp_path, precision="bf16", steps=2), dataset=digits8, progress=False)
     assert (out / "model.safetensors").is_file()
+
+
+def test_init_starts_from_a_models_weights_and_keeps_its_architecture(tmp_path, digits8):
+    import hashlib
+
+    base = train(tiny(tmp_path, "base", cond="label", steps=3), dataset=digits8, progress=False)
+    model_file = base / "model.safetensors"
+    # lr 0: the fine-tuned weights must stay exactly the ones it started from; the
+    # architecture options given here are replaced by the model's own
+    cfg = tiny(tmp_path, "ft", init=str(base), lr=0.0, steps=2, channels=32, cond=None)
+    out = train(cfg, dataset=digits8, progress=False)
+    start, tuned = weights(base), weights(out)
+    assert start.keys() == tuned.keys()
+    assert all(torch.equal(start[k], tuned[k]) for k in start)
+    stored = json.loads((out / "train_config.json").read_text())
+    assert stored["channels"] == 16 and stored["cond"] == "label" and stored["lr"] == 0.0
+    assert stored["init_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    # it resumes like any run: the stored architecture rebuilds the model, the stored lr 0
+    # (not the resuming command's) keeps it where it started
+    again = tiny(tmp_path, "ft", steps=4, lr=1e-2)
+    train(again, resume=True, dataset=digits8, progress=False)
+    resumed = weights(out)
+    assert [r["step"] for r in Run(out).read_log()] == [1, 2, 3, 4]
+    assert all(torch.equal(start[k], resumed[k]) for k in start)
+
+
+def test_init_refuses_a_model_that_does_not_fit_the_data(tmp_path, digits8):
+    base = train(tiny(tmp_path, "base", cond="label", steps=1), dataset=digits8, progress=False)
+    other = DigitsDataset(size=16)
+    with pytest.raises(TrainingError, match="does not fit 'digits'.*unet"):
+        train(tiny(tmp_path, "ft", init=str(base)), dataset=other, progress=False)
+    with pytest.raises(TrainingError, match="--init: .*no such checkpoint"):
+        train(tiny(tmp_path, "ft", init=str(tmp_path / "none")), dataset=digits8, progress=False)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_data_options_reach_the_data_set(tmp_path):
+    cfg = tiny(tmp_path, data="shapes", size=16, steps=1, cond="text", text_encoder="scratch")
+    bad = TrainConfig(**{**cfg.__dict__, "data_options": {"two_object_prob": 2.0}})
+    with pytest.raises(ValueError, match="two_object_prob must be in"):
+        train(bad, progress=False)
+    cfg.data_options = {"two_object_prob": 1.0, "length": 64}
+    out = train(cfg, progress=False)
+    assert json.loads((out / "train_config.json").read_text())["data_options"] == {
+        "two_object_prob": 1.0,
+        "length": 64,
+    }
+
+
+def test_fine_tuned_scratch_encoder_keeps_its_vocabulary_on_resume(tmp_path):
+    shapes = dict(data="shapes", size=16, cond="text", text_encoder="scratch")
+    base = train(tiny(tmp_path, "base", steps=1, **shapes), progress=False)
+    # canonical captions only: a vocabulary built from them would differ from the base's
+    other = {"paraphrase": False, "two_object_prob": 1.0}
+    cfg = tiny(tmp_path, "ft", steps=1, lr=0.0, init=str(base), data_options=other, **shapes)
+    out = train(cfg, progress=False)
+    train(tiny(tmp_path, "ft", steps=2), resume=True, progress=False)
+    start, tuned = (DiffusionModel.load(p / "model.safetensors") for p in (base, out))
+    assert tuned.text_encoder.config() == start.text_encoder.config()
+    a, b = start.weights(), tuned.weights()
+    assert any(k.startswith("text_encoder.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)

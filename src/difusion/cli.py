@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -136,9 +137,22 @@ def train(
         str | None,
         typer.Option(help="A VAE run folder or file: train the U-Net in its latent space."),
     ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help='Fine-tune: start from this model ("default", a run folder or a .safetensors '
+            "file), keeping its architecture, condition and objective."
+        ),
+    ] = None,
+    data_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE for the data set, repeatable (e.g. two_object_prob=0.75 for shapes)."
+        ),
+    ] = None,
 ) -> None:
     """Train a diffusion model (on one process, or several under torchrun), a DCGAN or a VAE."""
-    from .train import TrainConfig
+    from .train import TrainConfig, given_options
     from .train import train as run_training
 
     if steps < 1 or batch_size < 1:
@@ -163,6 +177,9 @@ def train(
         raise UserError("--cond-drop must be in [0, 1)")
     if prediction not in ("eps", "v", "x0"):
         raise UserError(f"--prediction must be eps, v or x0, got {prediction!r}")
+    given = given_options(dict(locals()), train, FIXED_BY_INIT) if init is not None else []
+    if given:
+        raise UserError(f"{', '.join(given)}: --init keeps the model's own; leave them out")
     cfg = TrainConfig(
         data=data,
         out=str(out),
@@ -192,8 +209,31 @@ def train(
         sample_every=sample_every,
         checkpoint_every=checkpoint_every,
         latent=latent,
+        data_options=_key_values(data_option or [], "--data-option"),
+        init=init,
     )
     run_training(cfg, resume=resume)
+
+
+# the training options that set a model's architecture, condition and objective
+FIXED_BY_INIT = (
+    "size", "prediction", "schedule", "zero_terminal_snr", "cond", "text_encoder",
+    "channels", "channel_mult", "attention", "layers_per_block", "dropout", "latent",
+)  # fmt: skip
+
+
+def _key_values(items: list[str], what: str) -> dict[str, Any]:
+    """["a=1", "b=x"] -> {"a": 1, "b": "x"} (values read as JSON where they parse)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{what} must be KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 @app.command()

@@ -32,6 +32,7 @@ from .train import (
     Run,
     TrainingError,
     TrainLoop,
+    given_options,
     module_state,
     plot_series,
     restore_training_state,
@@ -259,6 +260,7 @@ NOT_FOR_GAN = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
     "layers_per_block", "dropout", "precision", "latent",
+    "init", "data_option",
 )  # fmt: skip
 
 
@@ -266,14 +268,7 @@ def gan_config_from_cli(options: dict, command: Callable) -> GANTrainConfig:
     """`difusion train --model gan`: the options a GAN shares with a diffusion run make its
     configuration; a diffusion-only option given a value other than its default is an error.
     `options` are the command's arguments, `command` the command (for its defaults)."""
-    import inspect
-
-    params = inspect.signature(command).parameters
-    given = [
-        "--" + name.replace("_", "-")
-        for name in NOT_FOR_GAN
-        if name in options and name in params and options[name] != params[name].default
-    ]
+    given = given_options(options, command, NOT_FOR_GAN)
     if given:
         raise TrainingError(f"{', '.join(given)}: not an option of --model gan")
     shared = {k: options[k] for k in SHARED_OPTIONS if k in options}

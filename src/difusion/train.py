@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,9 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 250
     latent: str | None = None  # a VAE run folder or file: train in its latent space
+    data_options: dict = field(default_factory=dict)  # keyword options of the data set
+    init: str | None = None  # fine-tune: start from this model's weights (and architecture)
+    init_sha256: str | None = None  # the file `init` named, when the run started
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +90,65 @@ class TrainConfig:
         return cls(**d)
 
 
+def architecture_of(config: ModelConfig) -> dict:
+    """The TrainConfig fields that fix the model's weights' shapes, objective and condition,
+    as they rebuild `config` (the inverse of `model_config_for`)."""
+    if config.latent is not None:
+        raise TrainingError("--init: fine-tuning a latent model is not supported")
+    unet, text = config.unet, config.text_encoder or {}
+    base = unet.block_out_channels[0]
+    return {
+        "size": config.image_size,
+        "prediction": config.prediction,
+        "schedule": config.schedule.kind,
+        "zero_terminal_snr": config.schedule.zero_terminal_snr,
+        "cond": config.cond,
+        "text_encoder": text.get("name", "minilm"),
+        "text_encoder_path": text.get("path"),
+        "channels": base,
+        "channel_mult": tuple(c // base for c in unet.block_out_channels),
+        "attention_resolutions": tuple(
+            unet.sample_size // 2**i for i, a in enumerate(unet.attention_levels) if a
+        ),
+        "layers_per_block": unet.layers_per_block,
+        "head_dim": unet.attention_head_dim,
+        "dropout": unet.dropout,
+        "latent": None,
+    }
+
+
+def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel]:
+    """`--init`: the model to fine-tune, and `cfg` with that model's architecture."""
+    import hashlib
+
+    from .model import CheckpointError, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(cfg.init)
+        model = DiffusionModel.load(path, text_encoder_path=cfg.text_encoder_path)
+    except CheckpointError as e:
+        raise TrainingError(f"--init: {e}") from None
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return replace(cfg, **architecture_of(model.config), init_sha256=sha256), model
+
+
+# what a fine-tuned model must share with its data and its rebuilt configuration
+INIT_MUST_MATCH = (
+    "unet", "schedule", "prediction", "image_size", "channels", "cond", "class_names",
+    "text_encoder", "latent",
+)  # fmt: skip
+
+
+def check_init_fits(init: DiffusionModel, rebuilt: ModelConfig, cfg: TrainConfig) -> None:
+    a, b = init.config.to_dict(), rebuilt.to_dict()
+    differ = [k for k in INIT_MUST_MATCH if a[k] != b[k]]
+    if differ:
+        raise TrainingError(
+            f"--init {cfg.init}: the model does not fit {cfg.data!r} as configured "
+            f"({', '.join(differ)} differ)"
+        )
+
+
 def build_text_encoder(cfg: TrainConfig, dataset: Dataset) -> torch.nn.Module:
     from .text import build_scratch_encoder, load_text_encoder
 
@@ -96,6 +158,15 @@ def build_text_encoder(cfg: TrainConfig, dataset: Dataset) -> torch.nn.Module:
         return build_scratch_encoder(captions)
     encoder = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path)
     return encoder.requires_grad_(False)
+
+
+def stored_scratch_encoder(run: Run) -> torch.nn.Module:
+    """A run's scratch encoder with its stored vocabulary (its weights come with the state):
+    a resumed run keeps its tokens whatever the data's captions are now."""
+    from .text import ScratchConfig, ScratchEncoder
+
+    spec = json.loads(read_safetensors(run.state_path)[1]["model_config"])["text_encoder"]
+    return ScratchEncoder(ScratchConfig.from_dict(spec["config"]))
 
 
 def text_encoder_spec(encoder: torch.nn.Module, cfg: TrainConfig) -> dict:
@@ -471,6 +542,19 @@ class TrainLoop:
             self.bar.close()
 
 
+def given_options(options: dict, command: Callable, names: tuple[str, ...]) -> list[str]:
+    """The `--options` among `names` that `options` (a command's arguments) set to a value
+    other than the command's default."""
+    import inspect
+
+    params = inspect.signature(command).parameters
+    return [
+        "--" + name.replace("_", "-")
+        for name in names
+        if name in options and name in params and options[name] != params[name].default
+    ]
+
+
 def check_run_folder(run: Run, resume: bool) -> None:
     """Resume needs a run; a fresh start never overwrites one."""
     if resume and not run.exists():
@@ -640,13 +724,22 @@ def train(
         torch.cuda.set_device(device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise TrainingError("fp16 training needs a CUDA device; use bf16 on a CPU")
+    init = None
+    if cfg.init is not None and not resume:
+        cfg, init = load_init(cfg)
     if dataset is None:
-        dataset = load_dataset(cfg.data, cfg.size)
+        dataset = load_dataset(cfg.data, cfg.size, **cfg.data_options)
 
     if cfg.cond not in (None, "label", "text"):
         raise TrainingError(f"unknown condition {cfg.cond!r}; choose label or text")
     torch.manual_seed(cfg.seed + rank)
-    text_encoder = build_text_encoder(cfg, dataset) if cfg.cond == "text" else None
+    text_encoder = None
+    if init is not None:
+        text_encoder = init.text_encoder
+    elif resume and cfg.cond == "text" and cfg.text_encoder == "scratch":
+        text_encoder = stored_scratch_encoder(run)
+    elif cfg.cond == "text":
+        text_encoder = build_text_encoder(cfg, dataset)
     vae, latent = None, None
     if cfg.latent is not None:
         from .vae_train import latent_spec
@@ -661,9 +754,12 @@ def train(
                 raise TrainingError(
                     f"{cfg.latent}: not the VAE this run was trained with (sha256 differs)"
                 )
-    diffusion = DiffusionModel(
-        model_config_for(cfg, dataset, text_encoder, latent), text_encoder=text_encoder
-    )
+    model_config = model_config_for(cfg, dataset, text_encoder, latent)
+    if init is not None:
+        check_init_fits(init, model_config, cfg)
+        diffusion = init.train()
+    else:
+        diffusion = DiffusionModel(model_config, text_encoder=text_encoder)
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
     diffusion = diffusion.to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(diffusion).requires_grad_(False)

@@ -34,6 +34,7 @@ from .train import (
     Run,
     TrainingError,
     TrainLoop,
+    given_options,
     module_state,
     plot_series,
     restore_training_state,
@@ -316,21 +317,14 @@ SHARED_OPTIONS = (
 NOT_FOR_VAE = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "attention", "dropout", "precision",
-    "latent",
+    "latent", "init", "data_option",
 )  # fmt: skip
 
 
 def vae_config_from_cli(options: dict, command: Callable) -> VAETrainConfig:
     """`difusion train --model vae`: the shared options make its configuration (with
     `--channel-mult` giving its levels); a diffusion-only option set is an error."""
-    import inspect
-
-    params = inspect.signature(command).parameters
-    given = [
-        "--" + name.replace("_", "-")
-        for name in NOT_FOR_VAE
-        if name in options and name in params and options[name] != params[name].default
-    ]
+    given = given_options(options, command, NOT_FOR_VAE)
     if given:
         raise TrainingError(f"{', '.join(given)}: not an option of --model vae")
     shared = {k: options[k] for k in SHARED_OPTIONS if k in options}
