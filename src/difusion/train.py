@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from .data import collate, load_dataset
 from .denoiser import Cond, training_target
 from .images import auto_scale, grid, to_pil
-from .model import DiffusionModel, ModelConfig, atomic_save, read_safetensors
+from .model import DiffusionModel, ModelConfig, atomic_save, read_metadata, read_safetensors
 from .nn.unet import UNetConfig
 from .schedule import ScheduleConfig
 
@@ -119,17 +119,14 @@ def architecture_of(config: ModelConfig) -> dict:
 
 def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel]:
     """`--init`: the model to fine-tune, and `cfg` with that model's architecture."""
-    import hashlib
-
-    from .model import CheckpointError, resolve_checkpoint
+    from .model import CheckpointError, file_sha256, resolve_checkpoint
 
     try:
         path = resolve_checkpoint(cfg.init)
         model = DiffusionModel.load(path, text_encoder_path=cfg.text_encoder_path)
     except CheckpointError as e:
         raise TrainingError(f"--init: {e}") from None
-    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    return replace(cfg, **architecture_of(model.config), init_sha256=sha256), model
+    return replace(cfg, **architecture_of(model.config), init_sha256=file_sha256(path)), model
 
 
 # what a fine-tuned model must share with its data and its rebuilt configuration
@@ -165,8 +162,13 @@ def stored_scratch_encoder(run: Run) -> torch.nn.Module:
     a resumed run keeps its tokens whatever the data's captions are now."""
     from .text import ScratchConfig, ScratchEncoder
 
-    spec = json.loads(read_safetensors(run.state_path)[1]["model_config"])["text_encoder"]
+    spec = stored_model_config(run)["text_encoder"]
     return ScratchEncoder(ScratchConfig.from_dict(spec["config"]))
+
+
+def stored_model_config(run: Run) -> dict:
+    """The model configuration in a run's training state (read without its tensors)."""
+    return json.loads(read_metadata(run.state_path)["model_config"])
 
 
 def text_encoder_spec(encoder: torch.nn.Module, cfg: TrainConfig) -> dict:
@@ -747,9 +749,7 @@ def train(
         latent, vae = latent_spec(cfg.latent)
         vae = vae.to(device)
         if resume:  # the run continues only with the VAE it started with
-            stored_latent = (
-                json.loads(read_safetensors(run.state_path)[1]["model_config"]).get("latent") or {}
-            )
+            stored_latent = stored_model_config(run).get("latent") or {}
             if stored_latent.get("sha256") != latent["sha256"]:
                 raise TrainingError(
                     f"{cfg.latent}: not the VAE this run was trained with (sha256 differs)"

@@ -17,7 +17,6 @@ stored in the VAEConfig, so the latents a diffusion model sees have about unit v
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .data import collate
 from .images import auto_scale, grid, to_pil
-from .model import CheckpointError, atomic_save, read_safetensors
+from .model import CheckpointError, atomic_save, file_sha256, read_safetensors
 from .nn.vae import AutoencoderKL, VAEConfig, vae_loss
 from .train import (
     Run,
@@ -122,14 +121,6 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu") -> Autoencode
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: the VAE does not load ({first})") from None
     return vae.to(device).eval().requires_grad_(False)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def latent_spec(path: str | Path) -> tuple[dict, AutoencoderKL]:
