@@ -32,8 +32,8 @@ from .train import (
     Run,
     TrainingError,
     TrainLoop,
-    given_options,
     module_state,
+    options_for_model,
     plot_series,
     restore_training_state,
     seeded_generators,
@@ -268,9 +268,4 @@ def gan_config_from_cli(options: dict, command: Callable) -> GANTrainConfig:
     """`difusion train --model gan`: the options a GAN shares with a diffusion run make its
     configuration; a diffusion-only option given a value other than its default is an error.
     `options` are the command's arguments, `command` the command (for its defaults)."""
-    given = given_options(options, command, NOT_FOR_GAN)
-    if given:
-        raise TrainingError(f"{', '.join(given)}: not an option of --model gan")
-    shared = {k: options[k] for k in SHARED_OPTIONS if k in options}
-    shared["out"] = str(shared.get("out", "runs/gan"))
-    return GANTrainConfig(**shared)
+    return GANTrainConfig(**options_for_model("gan", options, command, SHARED_OPTIONS, NOT_FOR_GAN))

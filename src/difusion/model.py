@@ -306,28 +306,27 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return _read_safetensors(path, with_tensors=True)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata, without reading its tensors."""
+    return _read_safetensors(path, with_tensors=False)[1]
+
+
+def _read_safetensors(
+    path: str | Path, with_tensors: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}  # noqa: SIM118
     except Exception as e:  # safetensors raises several types for a corrupt header
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors, metadata
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """A safetensors file's metadata, without reading its tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for a corrupt header
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -557,6 +557,19 @@ def given_options(options: dict, command: Callable, names: tuple[str, ...]) -> l
     ]
 
 
+def options_for_model(
+    model: str, options: dict, command: Callable, shared: tuple[str, ...], excluded: tuple[str, ...]
+) -> dict:
+    """`difusion train --model MODEL`: the `shared` options taken from the command's arguments;
+    an option among `excluded` set to a value other than its default is an error."""
+    given = given_options(options, command, excluded)
+    if given:
+        raise TrainingError(f"{', '.join(given)}: not an option of --model {model}")
+    picked = {k: options[k] for k in shared if k in options}
+    picked["out"] = str(picked.get("out", f"runs/{model}"))
+    return picked
+
+
 def check_run_folder(run: Run, resume: bool) -> None:
     """Resume needs a run; a fresh start never overwrites one."""
     if resume and not run.exists():

@@ -33,8 +33,8 @@ from .train import (
     Run,
     TrainingError,
     TrainLoop,
-    given_options,
     module_state,
+    options_for_model,
     plot_series,
     restore_training_state,
     seeded_generators,
@@ -315,11 +315,7 @@ NOT_FOR_VAE = (
 def vae_config_from_cli(options: dict, command: Callable) -> VAETrainConfig:
     """`difusion train --model vae`: the shared options make its configuration (with
     `--channel-mult` giving its levels); a diffusion-only option set is an error."""
-    given = given_options(options, command, NOT_FOR_VAE)
-    if given:
-        raise TrainingError(f"{', '.join(given)}: not an option of --model vae")
-    shared = {k: options[k] for k in SHARED_OPTIONS if k in options}
-    shared["out"] = str(shared.get("out", "runs/vae"))
+    shared = options_for_model("vae", options, command, SHARED_OPTIONS, NOT_FOR_VAE)
     if "channel_mult" in options:
         try:
             shared["channel_mult"] = tuple(int(v) for v in str(options["channel_mult"]).split(","))
