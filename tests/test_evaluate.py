@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from difusion.alignment import prompt_set
 from difusion.cli import main
 from difusion.data import DigitsDataset, ShapesDataset
 from difusion.evaluate import evaluate_alignment
@@ -91,5 +92,9 @@ def test_alignment_with_unseen_wordings(text_run):
                                       for p in prompts)  # fmt: skip
     # the from-scratch encoder has never seen them: its tokenizer maps them to [UNK]
     assert "[UNK]" in model.text_encoder.tokens(prompts[0])
-    with pytest.raises(ValueError, match="unknown wording 'smell'"):
+    with pytest.raises(ValueError, match="unknown wording 'smell'; choose one of canonical, "):
         evaluate_alignment(model, 1, 1, (0,), steps=1, wording="smell")
+    asked.clear()
+    canonical = evaluate_alignment(model, 1, 1, (0,), steps=1, wording="canonical")
+    assert canonical["wording"] == "canonical"
+    assert [p for p in asked if p] == prompt_set(1, 1, seed=0)

@@ -450,7 +450,8 @@ def eval_(
     wording: Annotated[
         str | None,
         typer.Option(
-            help="With --alignment: prompt with colour, shape or relation words unseen in training."
+            help="With --alignment: canonical (the default), or prompt with colour, shape or "
+            "relation words unseen in training."
         ),
     ] = None,
     sampler: Annotated[str, typer.Option(help="Sampler.")] = "dpmpp_2m",

@@ -123,11 +123,14 @@ def evaluate_alignment(
 
     `wording` ("colour", "shape" or "relation", see `alignment.UNSEEN_WORDINGS`): the model is
     prompted with that part of each prompt in words no training caption holds, and scored
-    against the canonical prompt."""
+    against the canonical prompt; None or "canonical" prompts with the canonical words."""
     from .alignment import UNSEEN_WORDINGS, prompt_set, reword, score_batch
 
+    if wording == "canonical":
+        wording = None
     if wording is not None and wording not in UNSEEN_WORDINGS:
-        raise ValueError(f"unknown wording {wording!r}; choose one of {', '.join(UNSEEN_WORDINGS)}")
+        choices = ", ".join(("canonical", *UNSEEN_WORDINGS))
+        raise ValueError(f"unknown wording {wording!r}; choose one of {choices}")
 
     if model.config.cond != "text":
         raise ValueError("--alignment needs a text-conditioned model")
