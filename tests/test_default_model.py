@@ -1,11 +1,11 @@
 """The model that ships with the package keeps drawing what it is asked for.
 
-Guards measured when it was committed (2,663 steps of batch 256 on an H100, then 5,828
-steps of batch 32 fine-tuned on a 2-core CPU): on this fixed prompt set it satisfied 35 of
-36 one-object and 5 of 24 two-object prompts, and its two-object images held 1.9 whole
-palette shapes on average. A change that breaks sampling,
-conditioning or loading drops all three to ~0. The issue's targets (95% one-object, 75%
-two-object prompts) are not reached yet for two objects: see README, "Text to image".
+Guards measured when it was committed (2,663 steps of batch 256 on an H100, then 11,712
+steps of batch 32 fine-tuned on a 2-core CPU; default guidance 2): on this fixed prompt set
+it satisfied 35 of 36 one-object and 8 of 24 two-object prompts, and its two-object images
+held 1.92 whole palette shapes on average. A change that breaks sampling, conditioning or
+loading drops all three to ~0. The issue's targets (95% one-object, 75% two-object prompts)
+are not reached yet for two objects: see README, "Text to image".
 """
 
 import pytest
@@ -35,7 +35,7 @@ def test_default_model_satisfies_one_object_prompts(drawn):
 
 def test_default_model_draws_two_shapes_for_two_object_prompts(drawn):
     prompts, x = drawn
-    assert score_batch(x[36:], prompts[36:])["pass_rate_double"] >= 0.1
+    assert score_batch(x[36:], prompts[36:])["pass_rate_double"] >= 0.2
     counts = [len([o for o in detect(im) if o.whole]) for im in x[36:]]
     assert sum(counts) / len(counts) >= 1.8
 
