@@ -256,6 +256,10 @@ def test_reasons_name_the_failure():
     img = render_array(a)
     wrong = canonical_caption({**a, "relation": INVERSE[a["relation"]]})
     v = score_image(img, wrong)
+    assert not v.passed and [r.split(":")[0] for r in v.reasons] == ["swapped"]
+    cross = {"above": "to the left of", "below": "to the right of"}  # the other axis
+    cross |= {"to the left of": "above", "to the right of": "below"}
+    v = score_image(img, canonical_caption({**a, "relation": cross[a["relation"]]}))
     assert not v.passed and [r.split(":")[0] for r in v.reasons] == ["relation"]
     v = score_image(img, canonical_caption({"objects": a["objects"][:1]}))
     assert not v.passed and v.reasons[0].startswith("count:")

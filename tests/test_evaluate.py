@@ -6,7 +6,7 @@ import pytest
 from difusion.alignment import prompt_set
 from difusion.cli import main
 from difusion.data import DigitsDataset, ShapesDataset
-from difusion.evaluate import evaluate_alignment
+from difusion.evaluate import evaluate_alignment, format_table
 from difusion.model import DiffusionModel
 from difusion.train import TrainConfig, train
 
@@ -77,6 +77,13 @@ def test_alignment_of_a_tiny_text_model(text_run):
     )
     assert result["n_single"] == 8 and result["n_double"] == 8
     assert result["alignment_single"] == 0.0  # two steps of an untrained model draw no shapes
+    # every failed image names at least one reason, each from the scorer's categories
+    failed = 16 - round(8 * result["alignment_single"] + 8 * result["alignment_double"])
+    assert sum(result["failures"].values()) >= failed == 16
+    known = {"count", "fragment", "missing", "unexpected", "relation", "swapped", "background"}
+    assert set(result["failures"]) <= known | {"junk"}
+    row = next(line for line in format_table(result).splitlines() if line.startswith("failures"))
+    assert all(f"{k} {v}" in row for k, v in result["failures"].items())
 
 
 def test_alignment_with_unseen_wordings(text_run):

@@ -65,6 +65,7 @@ from .data.shapes import (
     BASE_SIZE,
     CLASS_NAMES,
     COLORS,
+    INVERSE,
     MIN_SEPARATION,
     RELATIONS,
     SHAPES,
@@ -402,7 +403,7 @@ def _judge(
     objects: list[DetectedObject], stats: dict, spec: dict, size: int, th: Thresholds
 ) -> Verdict:
     """Reasons read "category: detail"; categories: count, fragment, missing, unexpected,
-    relation, background, junk."""
+    relation, swapped (the inverse relation holds), background, junk."""
     reasons: list[str] = []
     want = spec["objects"]
     k = size / BASE_SIZE
@@ -440,8 +441,16 @@ def _judge(
             if (o.color, o.shape) not in names:
                 reasons.append(f"unexpected: {o.name()} at {_xy(o)}")
     elif relation is not None and not any(_relation_ok(a, b, relation, k, th) for a, b in matches):
-        a, b = matches[0]
-        reasons.append(f"relation: {a.name()} at {_xy(a)} is not {relation} {b.name()} at {_xy(b)}")
+        swapped = [(a, b) for a, b in matches if _relation_ok(a, b, INVERSE[relation], k, th)]
+        a, b = (swapped or matches)[0]
+        if swapped:  # the right axis, the two objects the other way round
+            reasons.append(
+                f"swapped: {a.name()} at {_xy(a)} is {INVERSE[relation]} {b.name()} at {_xy(b)}"
+            )
+        else:
+            reasons.append(
+                f"relation: {a.name()} at {_xy(a)} is not {relation} {b.name()} at {_xy(b)}"
+            )
 
     if stats["bg_black_frac"] < th.bg_black_frac:
         reasons.append(f"background: only {stats['bg_black_frac']:.1%} near black")
@@ -490,7 +499,8 @@ def score_batch(
     Returns {"pass_rate", "pass_rate_single", "pass_rate_double" (None without such
     prompts), "n", "n_single", "n_double", "passed", "passed_single", "passed_double",
     "reasons": Counter of failure categories (count,
-    fragment, missing, unexpected, relation, background, junk), "verdicts": list[Verdict]}.
+    fragment, missing, unexpected, relation, swapped, background, junk), "verdicts":
+    list[Verdict]}.
     """
     specs = [_parse(p) for p in prompts]
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 
@@ -136,6 +137,7 @@ def evaluate_alignment(
         raise ValueError("--alignment needs a text-conditioned model")
     guidance = model.config.guidance if guidance is None else guidance
     totals = {"single": [0, 0], "double": [0, 0]}
+    failures: Counter[str] = Counter()
     for seed in seeds:
         prompts = prompt_set(n_single, n_double, seed=seed)
         for start in range(0, len(prompts), batch_size):
@@ -151,6 +153,7 @@ def evaluate_alignment(
             totals["single"][1] += scores["n_single"]
             totals["double"][0] += scores["passed_double"]
             totals["double"][1] += scores["n_double"]
+            failures.update(scores["reasons"])
     single, double = totals["single"], totals["double"]
     return {
         "alignment_single": single[0] / max(1, single[1]),
@@ -162,6 +165,7 @@ def evaluate_alignment(
         "steps": steps,
         "guidance": guidance,
         "wording": wording or "canonical",
+        "failures": dict(failures.most_common()),  # reasons by category; an image may give several
     }
 
 
@@ -170,6 +174,8 @@ def format_table(result: dict) -> str:
     for key, value in result.items():
         if isinstance(value, float):
             value = f"{value:.4g}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
         elif isinstance(value, list) and len(value) > 12:
             value = f"[{len(value)} values]"
         rows.append((key, str(value)))

@@ -68,7 +68,7 @@ CLASS_NAMES: list[str] = [f"{c} {s}" for c in COLORS for s in SHAPES]
 _COLOR_NAMES = list(COLORS)
 # relation -> (axis: 0 = x / 1 = y, sign: +1 when objects[0] has the smaller coordinate)
 _AXIS = {"to the left of": (0, 1), "to the right of": (0, -1), "above": (1, 1), "below": (1, -1)}
-_INVERSE = {
+INVERSE = {
     "to the left of": "to the right of",
     "to the right of": "to the left of",
     "above": "below",
@@ -295,7 +295,7 @@ def paraphrase(attributes: dict, rng: _Rng) -> str:
     return rng.choice(
         [
             f"{_obj(a, False)} {rel} {_obj(b, False)}",
-            f"{_obj(b)} {_INVERSE[rel]} {_obj(a)}",
+            f"{_obj(b)} {INVERSE[rel]} {_obj(a)}",
             f"{_obj(b)} with {_obj(a)} {_ITS[rel]}",
             f"{_obj(a)} is {rel} {_obj(b)}",
             f"there is {_obj(a)} {rel} {_obj(b)}",
