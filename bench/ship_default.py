@@ -15,9 +15,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from difusion.model import DiffusionModel
+from difusion.model import DiffusionModel, read_metadata
 
 TARGET = (
     Path(__file__).resolve().parents[1] / "src" / "difusion" / "weights" / "default.safetensors"
@@ -31,8 +30,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="the model's default guidance scale")
     args = parser.parse_args()
     model_file = args.run / "model.safetensors"
-    with safe_open(str(model_file), "pt") as f:
-        step = f.metadata().get("step", "?")
+    step = read_metadata(model_file).get("step", "?")
     model = DiffusionModel.load(model_file)
     if args.guidance is not None:
         if args.guidance < 1:

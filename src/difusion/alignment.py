@@ -596,10 +596,20 @@ UNSEEN_WORDINGS: dict[str, dict[str, str]] = {
 }
 
 
+WORDINGS = ("canonical", *UNSEEN_WORDINGS)
+
+
+def check_wording(kind: str) -> None:
+    if kind not in WORDINGS:
+        raise ValueError(f"unknown wording {kind!r}; choose one of {', '.join(WORDINGS)}")
+
+
 def reword(prompt: str, kind: str) -> str:
-    """A canonical prompt with its colours, shapes or relation in words training never saw."""
-    if kind not in UNSEEN_WORDINGS:
-        raise ValueError(f"unknown wording {kind!r}; choose one of {', '.join(UNSEEN_WORDINGS)}")
+    """A canonical prompt with its colours, shapes or relation in words training never saw
+    (kind "canonical": the prompt as it is)."""
+    check_wording(kind)
+    if kind == "canonical":
+        return prompt
     words = UNSEEN_WORDINGS[kind]
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
     return pattern.sub(lambda m: words[m.group(1)], prompt)

@@ -125,13 +125,10 @@ def evaluate_alignment(
     `wording` ("colour", "shape" or "relation", see `alignment.UNSEEN_WORDINGS`): the model is
     prompted with that part of each prompt in words no training caption holds, and scored
     against the canonical prompt; None or "canonical" prompts with the canonical words."""
-    from .alignment import UNSEEN_WORDINGS, prompt_set, reword, score_batch
+    from .alignment import check_wording, prompt_set, reword, score_batch
 
-    if wording == "canonical":
-        wording = None
-    if wording is not None and wording not in UNSEEN_WORDINGS:
-        choices = ", ".join(("canonical", *UNSEEN_WORDINGS))
-        raise ValueError(f"unknown wording {wording!r}; choose one of {choices}")
+    wording = wording or "canonical"
+    check_wording(wording)  # before any sampling
 
     if model.config.cond != "text":
         raise ValueError("--alignment needs a text-conditioned model")
@@ -142,7 +139,7 @@ def evaluate_alignment(
         prompts = prompt_set(n_single, n_double, seed=seed)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            asked = [reword(p, wording) for p in chunk] if wording else chunk
+            asked = [reword(p, wording) for p in chunk]
             cond, uncond = model.text_cond(asked), model.text_cond([""] * len(chunk))
             x = model.sample(
                 len(chunk), sampler=sampler, steps=steps, seed=seed * 100_003 + start,
@@ -164,7 +161,7 @@ def evaluate_alignment(
         "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
-        "wording": wording or "canonical",
+        "wording": wording,
         "failures": dict(failures.most_common()),  # reasons by category; an image may give several
     }
 

@@ -25,7 +25,16 @@ from torch.utils.data import Dataset
 from .data import collate, load_dataset
 from .denoiser import Cond, training_target
 from .images import auto_scale, grid, to_pil
-from .model import DiffusionModel, ModelConfig, atomic_save, read_metadata, read_safetensors
+from .model import (
+    CheckpointError,
+    DiffusionModel,
+    ModelConfig,
+    atomic_save,
+    file_sha256,
+    read_metadata,
+    read_safetensors,
+    resolve_checkpoint,
+)
 from .nn.unet import UNetConfig
 from .schedule import ScheduleConfig
 
@@ -119,8 +128,6 @@ def architecture_of(config: ModelConfig) -> dict:
 
 def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel]:
     """`--init`: the model to fine-tune, and `cfg` with that model's architecture."""
-    from .model import CheckpointError, file_sha256, resolve_checkpoint
-
     try:
         path = resolve_checkpoint(cfg.init)
         model = DiffusionModel.load(path, text_encoder_path=cfg.text_encoder_path)
