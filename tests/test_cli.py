@@ -103,8 +103,6 @@ def test_sample_is_deterministic_for_a_seed(monkeypatch, capsys, tmp_path, run_d
         (["train", "--data-option", "two_object_prob", "--out", "{tmp}/r"], "--data-option must be KEY=VALUE"),
         (["train", "--data-option", "colour=red", "--out", "{tmp}/r"], "has no option colour"),
         (["train", "--model", "gan", "--init", "{run}", "--out", "{tmp}/r"], "--init: not an option of --model gan"),
-        (["train", "--init", "{run}", "--position-embedding", "--out", "{tmp}/r"], "--position-embedding is for text-conditioned models"),
-        (["train", "--model", "vae", "--position-embedding", "--out", "{tmp}/r"], "--position-embedding: not an option of --model vae"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_nonzero(monkeypatch, capsys, tmp_path, run_dir, args, message):

@@ -212,35 +212,6 @@ def test_init_refuses_a_model_that_does_not_fit_the_data(tmp_path, digits8):
     assert not (tmp_path / "ft").exists()
 
 
-def test_init_adds_a_position_embedding_that_starts_as_the_same_model(tmp_path, digits8):
-    shapes = dict(data="shapes", size=16, cond="text", text_encoder="scratch")
-    base = train(tiny(tmp_path, "base", steps=1, **shapes), progress=False)
-    cfg = tiny(tmp_path, "ft", steps=1, lr=0.0, init=str(base), position_embedding=True, **shapes)
-    out = train(cfg, progress=False)
-    start, tuned = (DiffusionModel.load(p / "model.safetensors") for p in (base, out))
-    assert not start.config.unet.position_embedding and tuned.config.unet.position_embedding
-    a, b = start.weights(), tuned.weights()
-    added = sorted(set(b) - set(a))
-    assert added and all(".pos_embed." in k and not b[k].any() for k in added)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    g = torch.Generator().manual_seed(0)
-    x, ctx = (
-        torch.randn(2, 3, 16, 16, generator=g),
-        torch.randn(2, 5, start.unet.config.context_dim),
-    )
-    with torch.no_grad():
-        assert torch.equal(start.unet(x, 500, context=ctx), tuned.unet(x, 500, context=ctx))
-    train(tiny(tmp_path, "ft", steps=2, lr=1e-3), resume=True, progress=False)
-    assert DiffusionModel.load(out / "model.safetensors").config.unet.position_embedding
-    for where in (
-        {},
-        {"init": str(train(tiny(tmp_path, "label", steps=1), dataset=digits8, progress=False))},
-    ):
-        with pytest.raises(TrainingError, match="--position-embedding is for text"):
-            bad = tiny(tmp_path, "bad", position_embedding=True, **where)
-            train(bad, dataset=digits8, progress=False)
-
-
 def test_data_options_reach_the_data_set(tmp_path):
     cfg = tiny(tmp_path, data="shapes", size=16, steps=1, cond="text", text_encoder="scratch")
     bad = TrainConfig(**{**cfg.__dict__, "data_options": {"two_object_prob": 2.0}})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from difusion.nn.unet import PositionEmbedding, UNet, UNetConfig
+from difusion.nn.unet import UNet, UNetConfig
 
 SMALL = UNetConfig(
     sample_size=16,
@@ -314,47 +314,3 @@ def test_config_json_round_trip():
     with pytest.raises(ValueError, match="unknown"):
         UNetConfig.from_dict({"channels": 3})
     assert UNetConfig().time_embed_dim == 4 * UNetConfig().block_out_channels[0]
-
-
-def test_position_embedding_starts_as_the_same_model_and_learns():
-    plain, _ = random_pair(SMALL_COND)
-    placed = UNet(replace(SMALL_COND, position_embedding=True)).eval()
-    missing, unexpected = placed.load_state_dict(plain.state_dict(), strict=False)
-    embeddings = [m for m in placed.modules() if isinstance(m, PositionEmbedding)]
-    assert len(embeddings) == 7  # in every spatial transformer: down 2, mid 1, up 4
-    assert not unexpected and len(missing) == 2 * len(embeddings)
-    assert all(".pos_embed." in k for k in missing)
-    x, t = inputs(SMALL_COND)
-    ctx, mask = context(SMALL_COND)
-    with torch.no_grad():
-        before = plain(x, t, context=ctx, context_mask=mask)
-    out = placed(x, t, context=ctx, context_mask=mask)
-    assert torch.equal(out, before)
-    out.square().mean().backward()
-    grads = [p.grad for n, p in placed.named_parameters() if n.endswith("pos_embed.proj.weight")]
-    assert len(grads) == 7 and all(g is not None and g.abs().sum() > 0 for g in grads)
-
-
-def test_position_embedding_is_where_a_pixel_lies_in_the_image():
-    pe = PositionEmbedding(8, frequencies=4)
-    torch.nn.init.normal_(pe.proj.weight, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        grid = pe(3, 3)
-        assert grid.shape == (9, 8)
-        torch.testing.assert_close(grid[4], pe(1, 1)[0])  # the centre, at any size
-        distances = torch.cdist(grid, grid) + torch.eye(9)
-        assert distances.min() > 1e-3  # every pixel its own
-        pe.proj.weight[:, 8:] = 0  # keep the row features only (y, then x)
-        rows = pe(2, 4).view(2, 4, 8)
-        assert torch.equal(rows[:, :1].expand(-1, 4, -1), rows)  # row-major: rows vary
-        assert (rows[0, 0] - rows[1, 0]).abs().max() > 1e-3
-        torch.testing.assert_close(rows[:, 0], pe(2, 1))
-
-
-def test_position_embedding_config():
-    cfg = replace(SMALL_COND, position_embedding=True)
-    assert UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="no position embedding"):
-        cfg.to_diffusers_kwargs()
-    with pytest.raises(ValueError, match="context_dim"):
-        replace(SMALL, position_embedding=True)

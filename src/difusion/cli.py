@@ -115,13 +115,6 @@ def train(
     attention: Annotated[str, typer.Option(help="Resolutions with self-attention.")] = "16,8",
     layers_per_block: Annotated[int, typer.Option(help="ResBlocks per level.")] = 2,
     dropout: Annotated[float, typer.Option(help="Dropout in the ResBlocks.")] = 0.0,
-    position_embedding: Annotated[
-        bool,
-        typer.Option(
-            help="Tell the text model's attention where each pixel lies (with --init: added, "
-            "zero at first)."
-        ),
-    ] = False,
     precision: Annotated[
         str, typer.Option(help="fp32, bf16 (CPU or CUDA) or fp16 (CUDA).")
     ] = "fp32",
@@ -210,7 +203,6 @@ def train(
         attention_resolutions=_ints(attention, "--attention"),
         layers_per_block=layers_per_block,
         dropout=dropout,
-        position_embedding=position_embedding,
         precision=precision,
         device=device,
         seed=seed,

@@ -75,7 +75,6 @@ class TrainConfig:
     layers_per_block: int = 2
     head_dim: int = 32
     dropout: float = 0.0
-    position_embedding: bool = False  # where each pixel lies, for the text model's attention
     precision: str = "fp32"  # fp32, bf16 or fp16 (fp16 on CUDA only)
     device: str = "auto"
     seed: int = 0
@@ -123,12 +122,8 @@ def architecture_of(config: ModelConfig) -> dict:
         "layers_per_block": unet.layers_per_block,
         "head_dim": unet.attention_head_dim,
         "dropout": unet.dropout,
-        "position_embedding": unet.position_embedding,
         "latent": None,
     }
-
-
-POSITION_EMBEDDING_NEEDS_TEXT = "--position-embedding is for text-conditioned models"
 
 
 def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel]:
@@ -138,23 +133,7 @@ def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel]:
         model = DiffusionModel.load(path, text_encoder_path=cfg.text_encoder_path)
     except CheckpointError as e:
         raise TrainingError(f"--init: {e}") from None
-    architecture = architecture_of(model.config)
-    if cfg.position_embedding and not architecture["position_embedding"]:
-        if model.config.cond != "text":
-            raise TrainingError(POSITION_EMBEDDING_NEEDS_TEXT)
-        model = with_position_embedding(model)
-        architecture["position_embedding"] = True
-    return replace(cfg, **architecture, init_sha256=file_sha256(path)), model
-
-
-def with_position_embedding(model: DiffusionModel) -> DiffusionModel:
-    """`model` with position embeddings added to its attention, zero at first: the same
-    function as `model` until they are trained."""
-    unet = replace(model.config.unet, position_embedding=True)
-    out = DiffusionModel(replace(model.config, unet=unet), text_encoder=model.text_encoder)
-    missing, unexpected = out.unet.load_state_dict(model.unet.state_dict(), strict=False)
-    assert not unexpected and all(".pos_embed." in k for k in missing), (missing, unexpected)
-    return out
+    return replace(cfg, **architecture_of(model.config), init_sha256=file_sha256(path)), model
 
 
 # what a fine-tuned model must share with its data and its rebuilt configuration
@@ -241,8 +220,6 @@ def model_config_for(
         num_classes = len(class_names) + 1  # the last one is "no label", for guidance
     if cfg.cond == "text" and text_encoder is None:
         raise TrainingError("--cond text needs a text encoder")
-    if cfg.position_embedding and cfg.cond != "text":
-        raise TrainingError(POSITION_EMBEDDING_NEEDS_TEXT)
     if cfg.cond == "text" and dataset.size > 0 and "caption" not in dataset[0]:
         raise TrainingError(f"--cond text needs captioned data; {cfg.data!r} has no captions")
     unet = UNetConfig(
@@ -257,7 +234,6 @@ def model_config_for(
         norm_groups=min(32, cfg.channels),
         num_classes=num_classes,
         context_dim=text_encoder.dim if cfg.cond == "text" else None,
-        position_embedding=cfg.position_embedding,
     )
     return ModelConfig(
         unet=unet,

@@ -69,8 +69,6 @@ class UNetConfig:
     use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    # ours, not diffusers': where each pixel lies in the image, added before the attention
-    position_embedding: bool = False
 
     def __post_init__(self) -> None:
         # JSON brings lists back: keep tuples so that configs compare equal
@@ -78,8 +76,6 @@ class UNetConfig:
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError("attention_levels needs one flag per entry of block_out_channels")
-        if self.position_embedding and self.context_dim is None:
-            raise ValueError("position_embedding is for the text-conditioned (context_dim) layout")
 
     @property
     def time_embed_dim(self) -> int:
@@ -105,8 +101,6 @@ class UNetConfig:
     def to_diffusers_kwargs(self) -> dict[str, Any]:
         """Config of the equivalent diffusers model: `UNet2DConditionModel` when `context_dim`
         is set, else `UNet2DModel`."""
-        if self.position_embedding:
-            raise ValueError("diffusers' U-Nets have no position embedding")
         levels = range(len(self.block_out_channels))
         kw: dict[str, Any] = dict(
             sample_size=self.sample_size,
@@ -383,33 +377,6 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-class PositionEmbedding(nn.Module):
-    """Where each pixel of an [H, W] grid lies in the image, as Fourier features of its
-    centre in [-1, 1] (a fraction of the image, so the same at every size) and a linear map
-    to `channels`, zero at initialisation: added to a trained model, it changes nothing
-    until it is trained."""
-
-    def __init__(self, channels: int, frequencies: int = 4):
-        super().__init__()
-        self.frequencies = frequencies
-        self.proj = nn.Linear(4 * frequencies, channels)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, height: int, width: int) -> Tensor:
-        """[H * W, channels], row-major like the pixels' tokens."""
-        device = self.proj.weight.device
-
-        def centres(n: int) -> Tensor:
-            return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * 2 - 1
-
-        y, x = torch.meshgrid(centres(height), centres(width), indexing="ij")
-        freqs = math.pi * 2.0 ** torch.arange(self.frequencies, device=device)
-        angles = torch.stack([y, x], dim=-1).reshape(-1, 2, 1) * freqs
-        features = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
-        return self.proj(features.to(self.proj.weight.dtype))
-
-
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of x [B, C, H, W], conditioned on context tokens
     (diffusers' Transformer2DModel)."""
@@ -428,7 +395,6 @@ class SpatialTransformer(nn.Module):
             ]
         )
         self.proj_out = proj(channels, channels)
-        self.pos_embed = PositionEmbedding(channels) if cfg.position_embedding else None
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
@@ -438,8 +404,6 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)
         if self.linear:
             h = self.proj_in(h)
-        if self.pos_embed is not None:
-            h = h + self.pos_embed(H, W).to(h.dtype)
         for block in self.transformer_blocks:
             h = block(h, context, mask)
         if self.linear:
