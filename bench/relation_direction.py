@@ -3,10 +3,9 @@
 For two-object prompts ("a red circle above a blue square") it asks the model for its x0
 estimate from pure-ish noise at a few noise levels and measures, along the relation's axis,
 where the first object's colour lies against the second's (each pixel split into the two
-colours by least squares). A
-model that has learnt the relation's direction puts the first object on the named side more
-often than not, already at the highest noise, where the layout is chosen; one that has not
-sits at 50%. The data set's own images are the reference (100%, about 15 px apart).
+colours by least squares). A model that has learnt the relation's direction puts the first
+object on the named side more often than not, already at the highest noise, where the layout
+is chosen; one that has not sits at 50%. The data set's own images are the reference (100%, about 15 px apart).
 
 A second table asks how much the conditional x0 estimate (same noise) moves when the prompt's
 relation is inverted ("above" -> "below"), when its two objects trade places, and, for scale,
@@ -26,13 +25,16 @@ import numpy as np
 import torch
 
 from difusion.data import shapes
-from difusion.denoiser import guided
+from difusion.denoiser import bind, guided
 from difusion.model import DiffusionModel, resolve_checkpoint
 
 LEVELS = (999, 900, 700, 500)
 
 
-def prompts() -> list[tuple[str, str, str, str, str]]:
+Row = tuple[str, str, str, str, str]  # colour, shape, relation, colour, shape
+
+
+def prompts() -> list[Row]:
     """Every ordered pair of colours with every relation, shapes taken in turn."""
     pairs = list(itertools.permutations(shapes.COLORS, 2))
     rows = []
@@ -41,6 +43,26 @@ def prompts() -> list[tuple[str, str, str, str, str]]:
         s2 = shapes.SHAPES[(i + 1 + i // 3) % 3]
         rows += [(c1, s1, rel, c2, s2) for rel in shapes.RELATIONS]
     return rows
+
+
+def spec(row: Row) -> dict:
+    c1, s1, rel, c2, s2 = row
+    return {"objects": [{"color": c1, "shape": s1}, {"color": c2, "shape": s2}], "relation": rel}
+
+
+def captions(rows: list[Row], repeat: int = 1) -> list[str]:
+    return [shapes.canonical_caption(spec(row)) for row in rows for _ in range(repeat)]
+
+
+def x0_estimate(denoise, noise: torch.Tensor, model: DiffusionModel, t: int) -> torch.Tensor:
+    """The denoiser's x0 estimate at timestep t, from `noise` scaled to its sigma."""
+    sigma = float(model.schedule.t_to_sigma(torch.tensor(float(t))))
+    return denoise(noise * sigma, torch.full((len(noise),), sigma))
+
+
+def start_noise(model: DiffusionModel, n: int) -> torch.Tensor:
+    size = model.config.image_size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def margin(image: torch.Tensor, c1: str, c2: str, relation: str) -> float:
@@ -52,9 +74,9 @@ def margin(image: torch.Tensor, c1: str, c2: str, relation: str) -> float:
     h, w = image.shape[1:]
     ys, xs = torch.meshgrid(torch.arange(h * 1.0), torch.arange(w * 1.0), indexing="ij")
     weight = amounts / (amounts.sum(1, keepdim=True) + 1e-8)
-    (y1, y2), (x1, x2) = (weight @ ys.flatten()).tolist(), (weight @ xs.flatten()).tolist()
-    return {"above": y2 - y1, "below": y1 - y2, "to the left of": x2 - x1,
-            "to the right of": x1 - x2}[relation]  # fmt: skip
+    centres = torch.stack([weight @ xs.flatten(), weight @ ys.flatten()], dim=1)  # [2, (x, y)]
+    axis, sign = shapes.AXIS[relation]
+    return sign * float(centres[1, axis] - centres[0, axis])
 
 
 def summary(margins: list[float]) -> str:
@@ -62,12 +84,12 @@ def summary(margins: list[float]) -> str:
     return f"{right}/{len(margins)} ({100 * right / len(margins):.1f}%), {np.mean(margins):+.2f} px"
 
 
-def data_reference(rows, seeds: int) -> str:
+def data_reference(rows: list[Row], seeds: int) -> str:
     margins = []
-    for c1, s1, rel, c2, s2 in rows:
-        spec = {"objects": [{"color": c1, "shape": s1}, {"color": c2, "shape": s2}]}
+    for row in rows:
+        c1, _, rel, c2, _ = row
         for seed in range(seeds):
-            scene = shapes.layout({**spec, "relation": rel}, seed=seed)
+            scene = shapes.layout(spec(row), seed=seed)
             image = torch.from_numpy(np.array(shapes.render(scene))).permute(2, 0, 1) / 255
             margins.append(margin(image.float(), c1, c2, rel))
     return summary(margins)
@@ -75,30 +97,29 @@ def data_reference(rows, seeds: int) -> str:
 
 @torch.no_grad()
 def model_rows(
-    name: str, model: DiffusionModel, rows, seeds: int, guidance: float | None
+    name: str, model: DiffusionModel, rows: list[Row], seeds: int, guidance: float | None
 ) -> list[str]:
     scale = model.config.guidance if guidance is None else guidance
-    text = [f"a {c1} {s1} {rel} a {c2} {s2}" for c1, s1, rel, c2, s2 in rows for _ in range(seeds)]
+    text = captions(rows, seeds)
     cond, uncond = model.text_cond(text), model.text_cond([""] * len(text))
     denoise = guided(model.denoiser(), cond, uncond, scale)
-    size = model.config.image_size
-    noise = torch.randn(len(text), 3, size, size, generator=torch.Generator().manual_seed(0))
+    noise = start_noise(model, len(text))
     out = []
     for t in LEVELS:
-        sigma = float(model.schedule.t_to_sigma(torch.tensor(float(t))))
-        x0 = denoise(noise * sigma, torch.full((len(text),), sigma))
+        x0 = x0_estimate(denoise, noise, model, t)
         images = (x0.clamp(-1, 1) + 1) / 2
         margins = [
             margin(images[i * seeds + k], c1, c2, rel)
             for i, (c1, _, rel, c2, _) in enumerate(rows)
             for k in range(seeds)
         ]
+        sigma = float(model.schedule.t_to_sigma(torch.tensor(float(t))))
         out.append(f"| {name} | t={t} (sigma {sigma:.3g}) | w={scale:g} | {summary(margins)} |")
     return out
 
 
 @torch.no_grad()
-def sensitivity_rows(name: str, model: DiffusionModel, rows) -> list[str]:
+def sensitivity_rows(name: str, model: DiffusionModel, rows: list[Row]) -> list[str]:
     spare = {
         (c1, c2): next(c for c in shapes.COLORS if c not in (c1, c2)) for c1, *_, c2, _ in rows
     }
@@ -110,19 +131,11 @@ def sensitivity_rows(name: str, model: DiffusionModel, rows) -> list[str]:
         "objects swapped": [(c2, s2, rel, c1, s1) for c1, s1, rel, c2, s2 in rows],
         "a colour changed": [(c1, s1, rel, spare[c1, c2], s2) for c1, s1, rel, c2, s2 in rows],
     }
-    size = model.config.image_size
-    noise = torch.randn(len(rows), 3, size, size, generator=torch.Generator().manual_seed(0))
+    conds = {k: model.text_cond(captions(v)) for k, v in variants.items()}
+    denoise, noise = model.denoiser(), start_noise(model, len(rows))
     out = []
     for t in (LEVELS[0], LEVELS[2]):
-        sigma = float(model.schedule.t_to_sigma(torch.tensor(float(t))))
-        x0 = {
-            k: model.denoiser()(
-                noise * sigma,
-                torch.full((len(rows),), sigma),
-                model.text_cond([f"a {c1} {s1} {rel} a {c2} {s2}" for c1, s1, rel, c2, s2 in v]),
-            )
-            for k, v in variants.items()
-        }
+        x0 = {k: x0_estimate(bind(denoise, c), noise, model, t) for k, c in conds.items()}
         rms = [(x0[k] - x0["as asked"]).square().mean().sqrt().item() for k in list(variants)[1:]]
         out.append(f"| {name} | t={t} | " + " | ".join(f"{r:.4f}" for r in rms) + " |")
     return out

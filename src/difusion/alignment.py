@@ -62,6 +62,7 @@ import torch
 from PIL import Image
 
 from .data.shapes import (
+    AXIS,
     BASE_SIZE,
     CLASS_NAMES,
     COLORS,
@@ -77,8 +78,6 @@ from .data.shapes import (
 
 _COLOR_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float32)  # [6, 3]
-# relation -> (axis: 0 = x / 1 = y, sign: +1 when the subject has the smaller coordinate)
-_AXIS = {"to the left of": (0, 1), "to the right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 
 
 @dataclass(frozen=True)
@@ -468,7 +467,7 @@ def _xy(o: DetectedObject) -> str:
 def _relation_ok(
     a: DetectedObject, b: DetectedObject, relation: str, k: float, th: Thresholds
 ) -> bool:
-    axis, sign = _AXIS[relation]
+    axis, sign = AXIS[relation]
     d = [b.center[n] - a.center[n] for n in (0, 1)]
     along = sign * d[axis]
     return along >= (MIN_SEPARATION - th.sep_tol) * k and along >= abs(d[1 - axis])

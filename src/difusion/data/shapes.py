@@ -67,7 +67,7 @@ CLASS_NAMES: list[str] = [f"{c} {s}" for c in COLORS for s in SHAPES]
 
 _COLOR_NAMES = list(COLORS)
 # relation -> (axis: 0 = x / 1 = y, sign: +1 when objects[0] has the smaller coordinate)
-_AXIS = {"to the left of": (0, 1), "to the right of": (0, -1), "above": (1, 1), "below": (1, -1)}
+AXIS = {"to the left of": (0, 1), "to the right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 INVERSE = {
     "to the left of": "to the right of",
     "to the right of": "to the left of",
@@ -154,7 +154,7 @@ def _gap_ok(a: dict, b: dict, gap: int) -> bool:
 
 def relation_holds(a: dict, b: dict, relation: str, size: int = DEFAULT_SIZE) -> bool:
     """Whether `a relation b` holds with the spec's separation and our dominance rule."""
-    axis, sign = _AXIS[relation]
+    axis, sign = AXIS[relation]
     d = [(b["center"][n] - a["center"][n]) for n in (0, 1)]
     along = sign * d[axis]
     return along >= MIN_SEPARATION * _scale(size) and along > abs(d[1 - axis])
