@@ -7,6 +7,9 @@ colours by least squares). A model that has learnt the relation's direction puts
 object on the named side more often than not, already at the highest noise, where the layout
 is chosen; one that has not sits at 50%. The data set's own images are the reference (100%, about 15 px apart).
 
+For a model with a layout map (`difusion train --layout-map`) it also reads the map itself
+at an 8x8 grid, the colours it puts at each place, with the same measure.
+
 A second table asks how much the conditional x0 estimate (same noise) moves when the prompt's
 relation is inverted ("above" -> "below"), when its two objects trade places, and, for scale,
 when one object's colour changes: a model blind to the direction barely moves for the first.
@@ -119,6 +122,19 @@ def model_rows(
 
 
 @torch.no_grad()
+def layout_row(name: str, model: DiffusionModel, rows: list[Row]) -> str | None:
+    """For a model with a layout map (`--layout-map`): the colours its map puts at each
+    place of an 8x8 grid, measured like an x0 estimate."""
+    if not model.config.unet.layout_map:
+        return None
+    cond = model.text_cond(captions(rows))
+    image = model.unet.layout_map.image(8, 8, cond["context"], cond["context_mask"])
+    images = (image.clamp(-1, 1) + 1) / 2
+    margins = [margin(images[i], c1, c2, rel) for i, (c1, _, rel, c2, _) in enumerate(rows)]
+    return f"| {name} | layout map (8x8 grid) | | {summary(margins)} |"
+
+
+@torch.no_grad()
 def sensitivity_rows(name: str, model: DiffusionModel, rows: list[Row]) -> list[str]:
     spare = {
         (c1, c2): next(c for c in shapes.COLORS if c not in (c1, c2)) for c1, *_, c2, _ in rows
@@ -154,6 +170,8 @@ def main() -> None:
     models = {name: DiffusionModel.load(resolve_checkpoint(name)).eval() for name in args.models}
     for name, model in models.items():
         print("\n".join(model_rows(name, model, rows, args.seeds, args.guidance)), flush=True)
+        if (row := layout_row(name, model, rows)) is not None:
+            print(row, flush=True)
     print("\nrms change of the conditional x0 estimate (same noise), against the prompt as asked")
     print("| model | noise level | relation inverted | objects swapped | a colour changed |")
     print("| --- | --- | --- | --- | --- |")

@@ -103,6 +103,9 @@ def test_sample_is_deterministic_for_a_seed(monkeypatch, capsys, tmp_path, run_d
         (["train", "--data-option", "two_object_prob", "--out", "{tmp}/r"], "--data-option must be KEY=VALUE"),
         (["train", "--data-option", "colour=red", "--out", "{tmp}/r"], "has no option colour"),
         (["train", "--model", "gan", "--init", "{run}", "--out", "{tmp}/r"], "--init: not an option of --model gan"),
+        (["train", "--init", "{run}", "--layout-map", "--out", "{tmp}/r"], "--layout-map is for text-conditioned models"),
+        (["train", "--model", "vae", "--layout-map", "--out", "{tmp}/r"], "--layout-map: not an option of --model vae"),
+        (["train", "--layout-steps", "-1", "--out", "{tmp}/r"], "--layout-steps must be 0 or more, not -1"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_nonzero(monkeypatch, capsys, tmp_path, run_dir, args, message):

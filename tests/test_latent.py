@@ -108,6 +108,14 @@ def tiny_unet(tmp_path, latent, name="ldm", **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def test_layout_map_refuses_latents(tmp_path, vae_run):
+    text = dict(data="shapes", cond="text", text_encoder="scratch")
+    cfg = tiny_unet(tmp_path, vae_run, layout_map=True, **text)
+    with pytest.raises(TrainingError, match="--layout-map is fitted to pixels"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "ldm").exists()
+
+
 def cli(monkeypatch, capsys, *args):
     monkeypatch.setattr(sys, "argv", ["difusion", *map(str, args)])
     code = 0

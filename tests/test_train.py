@@ -1,5 +1,6 @@
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -210,6 +211,44 @@ def test_init_refuses_a_model_that_does_not_fit_the_data(tmp_path, digits8):
     with pytest.raises(TrainingError, match="--init: .*no such checkpoint"):
         train(tiny(tmp_path, "ft", init=str(tmp_path / "none")), dataset=digits8, progress=False)
     assert not (tmp_path / "ft").exists()
+
+
+def test_init_adds_a_layout_map_that_starts_as_the_same_model(tmp_path, digits8):
+    shapes = dict(data="shapes", size=16, cond="text", text_encoder="scratch")
+    base = train(tiny(tmp_path, "base", steps=1, **shapes), progress=False)
+    cfg = tiny(tmp_path, "ft", steps=1, lr=0.0, init=str(base), layout_map=True, **shapes)
+    out = train(replace(cfg, layout_steps=40, log_every=10), progress=False)
+    fitted = [r for r in Run(out).read_log() if "layout_loss" in r]
+    assert [r["layout_step"] for r in fitted] == [10, 20, 30, 40]
+    assert fitted[-1]["layout_loss"] < 0.5 * fitted[0]["layout_loss"]  # the map learns
+    start, tuned = (DiffusionModel.load(p / "model.safetensors") for p in (base, out))
+    assert not start.config.unet.layout_map and tuned.config.unet.layout_map
+    a, b = start.weights(), tuned.weights()
+    added = sorted(set(b) - set(a))
+    assert added and all(k.startswith("layout_map.") or ".layout_proj." in k for k in added)
+    assert all(not b[k].any() for k in added if ".layout_proj." in k)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = (
+        torch.randn(2, 3, 16, 16, generator=g),
+        torch.randn(2, 5, start.unet.config.context_dim),
+    )
+    with torch.no_grad():
+        assert torch.equal(start.unet(x, 500, context=ctx), tuned.unet(x, 500, context=ctx))
+    train(tiny(tmp_path, "ft", steps=2, lr=1e-3), resume=True, progress=False)
+    assert DiffusionModel.load(out / "model.safetensors").config.unet.layout_map
+    assert len([r for r in Run(out).read_log() if "layout_loss" in r]) == 4  # fitted once
+    new = tiny(tmp_path, "new", steps=1, layout_map=True, layout_steps=2, log_every=1, **shapes)
+    new_run = train(new, progress=False)
+    assert DiffusionModel.load(new_run / "model.safetensors").config.unet.layout_map
+    assert [r["layout_step"] for r in Run(new_run).read_log() if "layout_loss" in r] == [1, 2]
+    for where in (
+        {},
+        {"init": str(train(tiny(tmp_path, "label", steps=1), dataset=digits8, progress=False))},
+    ):
+        with pytest.raises(TrainingError, match="--layout-map is for text"):
+            bad = tiny(tmp_path, "bad", layout_map=True, **where)
+            train(bad, dataset=digits8, progress=False)
 
 
 def test_data_options_reach_the_data_set(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from difusion.nn.unet import UNet, UNetConfig
+from difusion.nn.unet import LayoutMap, UNet, UNetConfig
 
 SMALL = UNetConfig(
     sample_size=16,
@@ -314,3 +314,60 @@ def test_config_json_round_trip():
     with pytest.raises(ValueError, match="unknown"):
         UNetConfig.from_dict({"channels": 3})
     assert UNetConfig().time_embed_dim == 4 * UNetConfig().block_out_channels[0]
+
+
+def test_layout_map_starts_as_the_same_model_and_learns():
+    plain, _ = random_pair(SMALL_COND)
+    mapped = UNet(replace(SMALL_COND, layout_map=True)).eval()
+    missing, unexpected = mapped.load_state_dict(plain.state_dict(), strict=False)
+    projections = [n for n, _ in mapped.named_modules() if n.endswith(".layout_proj")]
+    assert len(projections) == 7  # in every spatial transformer: down 2, mid 1, up 4
+    assert not unexpected
+    assert sorted(missing) == sorted(
+        [f"{n}.{p}" for n in projections for p in ("weight", "bias")]
+        + [f"layout_map.{k}" for k in mapped.layout_map.state_dict()]
+    )
+    x, t = inputs(SMALL_COND)
+    ctx, mask = context(SMALL_COND)
+    with torch.no_grad():
+        before = plain(x, t, context=ctx, context_mask=mask)
+    out = mapped(x, t, context=ctx, context_mask=mask)
+    assert torch.equal(out, before)
+    out.square().mean().backward()
+    grads = [p.grad for n, p in mapped.named_parameters() if n.endswith("layout_proj.weight")]
+    assert len(grads) == 7 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_layout_map_maps_the_prompt_onto_places():
+    torch.manual_seed(0)
+    layout = LayoutMap(8, heads=2, context_dim=6, out_channels=3, frequencies=4)
+    places = layout.places(3, 3)
+    assert places.shape == (9, 16)
+    torch.testing.assert_close(places[4], layout.places(1, 1)[0])  # the centre, at any size
+    assert (torch.cdist(places, places) + torch.eye(9)).min() > 1e-3  # every place its own
+    rows = layout.places(2, 4).view(2, 4, 2, 2, 4)[..., 0, :, :]  # row-major: y features
+    assert torch.equal(rows[:, :1].expand(-1, 4, -1, -1), rows)
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(2, 5, 6, generator=g)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        out = layout(3, 3, ctx, mask)
+        assert out.shape == (2, 9, 8)
+        assert (out[:, 0] - out[:, 8]).abs().max() > 1e-3  # corners differ
+        assert (out[0] - out[1]).abs().max() > 1e-3  # so do prompts
+        padded = ctx.clone()
+        padded[1, 2:] = 100.0
+        torch.testing.assert_close(layout(3, 3, padded, mask)[1], out[1])  # padding ignored
+        torch.testing.assert_close(layout(3, 3, ctx[1:, :2], None)[0], out[1])
+        image = layout.image(3, 3, ctx, mask)
+        assert image.shape == (2, 3, 3, 3)
+        torch.testing.assert_close(image[:, :, 0, 2], layout.to_image(out[:, 2]))
+
+
+def test_layout_map_config():
+    cfg = replace(SMALL_COND, layout_map=True)
+    assert UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="no layout map"):
+        cfg.to_diffusers_kwargs()
+    with pytest.raises(ValueError, match="context_dim"):
+        replace(SMALL, layout_map=True)

@@ -115,6 +115,17 @@ def train(
     attention: Annotated[str, typer.Option(help="Resolutions with self-attention.")] = "16,8",
     layers_per_block: Annotated[int, typer.Option(help="ResBlocks per level.")] = 2,
     dropout: Annotated[float, typer.Option(help="Dropout in the ResBlocks.")] = 0.0,
+    layout_map: Annotated[
+        bool,
+        typer.Option(
+            help="Give a text model a map of where the prompt puts things: each place attends "
+            "to the prompt, fitted alone to the images first (with --init: added, read "
+            "through zero projections)."
+        ),
+    ] = False,
+    layout_steps: Annotated[
+        int, typer.Option(help="Steps fitting a new layout map before the denoiser's.")
+    ] = 2000,
     precision: Annotated[
         str, typer.Option(help="fp32, bf16 (CPU or CUDA) or fp16 (CUDA).")
     ] = "fp32",
@@ -203,6 +214,8 @@ def train(
         attention_resolutions=_ints(attention, "--attention"),
         layers_per_block=layers_per_block,
         dropout=dropout,
+        layout_map=layout_map,
+        layout_steps=layout_steps,
         precision=precision,
         device=device,
         seed=seed,

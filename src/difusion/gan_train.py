@@ -260,7 +260,7 @@ NOT_FOR_GAN = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
     "layers_per_block", "dropout", "precision", "latent",
-    "init", "data_option",
+    "init", "data_option", "layout_map", "layout_steps",
 )  # fmt: skip
 
 

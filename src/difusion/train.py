@@ -75,6 +75,9 @@ class TrainConfig:
     layers_per_block: int = 2
     head_dim: int = 32
     dropout: float = 0.0
+    layout_map: bool = False  # pixel places attend to the prompt (text models only)
+    layout_steps: int = 2000  # steps fitting a new layout map to the images, before the rest
+    layout_lr: float = 1e-3
     precision: str = "fp32"  # fp32, bf16 or fp16 (fp16 on CUDA only)
     device: str = "auto"
     seed: int = 0
@@ -122,18 +125,41 @@ def architecture_of(config: ModelConfig) -> dict:
         "layers_per_block": unet.layers_per_block,
         "head_dim": unet.attention_head_dim,
         "dropout": unet.dropout,
+        "layout_map": unet.layout_map,
         "latent": None,
     }
 
 
-def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel]:
-    """`--init`: the model to fine-tune, and `cfg` with that model's architecture."""
+LAYOUT_MAP_NEEDS_TEXT = "--layout-map is for text-conditioned models"
+
+
+def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel, bool]:
+    """`--init`: the model to fine-tune, `cfg` with that model's architecture, and whether
+    a layout map was added to it."""
     try:
         path = resolve_checkpoint(cfg.init)
         model = DiffusionModel.load(path, text_encoder_path=cfg.text_encoder_path)
     except CheckpointError as e:
         raise TrainingError(f"--init: {e}") from None
-    return replace(cfg, **architecture_of(model.config), init_sha256=file_sha256(path)), model
+    architecture = architecture_of(model.config)
+    if cfg.layout_map and not architecture["layout_map"]:
+        if model.config.cond != "text":
+            raise TrainingError(LAYOUT_MAP_NEEDS_TEXT)
+        model = with_layout_map(model)
+        architecture["layout_map"] = added = True
+    else:
+        added = False
+    return replace(cfg, **architecture, init_sha256=file_sha256(path)), model, added
+
+
+def with_layout_map(model: DiffusionModel) -> DiffusionModel:
+    """`model` with a layout map added to its attention, read through projections that are
+    zero at first: the same function as `model` until it is trained."""
+    unet = replace(model.config.unet, layout_map=True)
+    out = DiffusionModel(replace(model.config, unet=unet), text_encoder=model.text_encoder)
+    missing, unexpected = out.unet.load_state_dict(model.unet.state_dict(), strict=False)
+    assert not unexpected and all("layout_" in k for k in missing), (missing, unexpected)
+    return out
 
 
 # what a fine-tuned model must share with its data and its rebuilt configuration
@@ -194,6 +220,8 @@ def model_config_for(
     latent: dict | None = None,
 ) -> ModelConfig:
     """`latent` (from `vae_train.latent_spec`): the U-Net works on the VAE's latents."""
+    if cfg.layout_map and latent is not None:
+        raise TrainingError("--layout-map is fitted to pixels; it does not take --latent")
     size, channels = dataset.size, dataset.channels
     if latent is not None:
         vae = latent["vae"]
@@ -220,6 +248,8 @@ def model_config_for(
         num_classes = len(class_names) + 1  # the last one is "no label", for guidance
     if cfg.cond == "text" and text_encoder is None:
         raise TrainingError("--cond text needs a text encoder")
+    if cfg.layout_map and cfg.cond != "text":
+        raise TrainingError(LAYOUT_MAP_NEEDS_TEXT)
     if cfg.cond == "text" and dataset.size > 0 and "caption" not in dataset[0]:
         raise TrainingError(f"--cond text needs captioned data; {cfg.data!r} has no captions")
     unet = UNetConfig(
@@ -234,6 +264,7 @@ def model_config_for(
         norm_groups=min(32, cfg.channels),
         num_classes=num_classes,
         context_dim=text_encoder.dim if cfg.cond == "text" else None,
+        layout_map=cfg.layout_map,
     )
     return ModelConfig(
         unet=unet,
@@ -709,6 +740,58 @@ def preview(ema: DiffusionModel, path: Path, seed: int = 0, vae=None) -> None:
     grid(to_pil(x), cols=cols, scale=auto_scale(size, 64)).save(path)
 
 
+LAYOUT_GRID = 8  # the layout map is fitted to the images averaged down to this grid
+
+
+def pretrain_layout(
+    diffusion: DiffusionModel,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    run: Run | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """Fit a new layout map alone to the data's images, averaged down to an 8x8 grid, from
+    their captions: the pure-noise end of denoising without the noise. Learning which object
+    a relation puts first takes a product of three things (the place, the relation and the
+    word's position); inside the denoiser that product starts at zero and its gradient with
+    it, while here it is the whole loss. Returns the mean loss of each `log_every` steps."""
+    layout = diffusion.unet.layout_map
+    device = layout.query.weight.device
+    opt = torch.optim.Adam(layout.parameters(), lr=cfg.layout_lr)
+    size = LAYOUT_GRID
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.layout_steps, desc="layout map", unit="step", dynamic_ncols=True)
+    losses, total, count = [], 0.0, 0
+    for step in range(1, cfg.layout_steps + 1):
+        idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generator)
+        batch = collate([dataset[int(i)] for i in idx])
+        target = F.adaptive_avg_pool2d(batch["image"].to(device), size)
+        with torch.no_grad():  # the text encoder is not the map's to train
+            cond = diffusion.text_cond(batch["caption"])
+        loss = F.mse_loss(layout.image(size, size, cond["context"], cond["context_mask"]), target)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the layout map's loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, count = total + loss.item(), count + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0 or step == cfg.layout_steps:
+            losses.append(total / count)
+            total, count = 0.0, 0
+            if run is not None:
+                run.append_log({"step": 0, "layout_step": step, "layout_loss": losses[-1]})
+    if bar is not None:
+        bar.close()
+    return losses
+
+
 def train(
     cfg: TrainConfig,
     resume: bool = False,
@@ -738,6 +821,8 @@ def train(
             "checkpoint_every",
         )
         cfg = replace(stored, **{k: getattr(cfg, k) for k in given})
+    if cfg.layout_steps < 0:
+        raise TrainingError(f"--layout-steps must be 0 or more, not {cfg.layout_steps}")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16")
     device = pick_device(cfg.device)
@@ -746,9 +831,9 @@ def train(
         torch.cuda.set_device(device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise TrainingError("fp16 training needs a CUDA device; use bf16 on a CPU")
-    init = None
+    init, new_layout = None, cfg.layout_map and not resume
     if cfg.init is not None and not resume:
-        cfg, init = load_init(cfg)
+        cfg, init, new_layout = load_init(cfg)
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.size, **cfg.data_options)
 
@@ -782,6 +867,13 @@ def train(
         diffusion = DiffusionModel(model_config, text_encoder=text_encoder)
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
     diffusion = diffusion.to(device, memory_format=torch.channels_last)
+    if new_layout and cfg.layout_steps > 0 and rank == 0:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(cfg.seed + 7919)
+        pretrain_layout(diffusion, dataset, cfg, generator, run, progress)
+    if distributed and new_layout:
+        for p in diffusion.unet.layout_map.parameters():
+            dist.broadcast(p.data, 0)
     ema = copy.deepcopy(diffusion).requires_grad_(False)
     trainable = [p for p in diffusion.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))

@@ -69,6 +69,8 @@ class UNetConfig:
     use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # ours, not diffusers': a text-conditioned map of the image, added before the attention
+    layout_map: bool = False
 
     def __post_init__(self) -> None:
         # JSON brings lists back: keep tuples so that configs compare equal
@@ -76,6 +78,12 @@ class UNetConfig:
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError("attention_levels needs one flag per entry of block_out_channels")
+        if self.layout_map and self.context_dim is None:
+            raise ValueError("layout_map is for the text-conditioned (context_dim) layout")
+
+    @property
+    def layout_dim(self) -> int:
+        return self.block_out_channels[-1]
 
     @property
     def time_embed_dim(self) -> int:
@@ -101,6 +109,8 @@ class UNetConfig:
     def to_diffusers_kwargs(self) -> dict[str, Any]:
         """Config of the equivalent diffusers model: `UNet2DConditionModel` when `context_dim`
         is set, else `UNet2DModel`."""
+        if self.layout_map:
+            raise ValueError("diffusers' U-Nets have no layout map")
         levels = range(len(self.block_out_channels))
         kw: dict[str, Any] = dict(
             sample_size=self.sample_size,
@@ -331,7 +341,11 @@ class AttentionBlock(Attention):
         self.group_norm = nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        layout: LayoutMaps | None = None,
     ) -> Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
@@ -377,6 +391,64 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class LayoutMap(nn.Module):
+    """Where the prompt puts things, before the image shows anything: each place of an
+    [H, W] grid (Fourier features of its centre in [-1, 1], so the same at every size) is the
+    query of a cross-attention to the prompt's tokens, then a feed-forward layer. Its queries
+    do not depend on the noisy image, and `to_image` reads colours off the map, so it can be
+    fitted on its own to the data's images at a coarse grid (`train.pretrain_layout`): what a
+    denoiser must predict from pure noise. Each spatial transformer adds the map through its
+    own projection, zero at initialisation."""
+
+    def __init__(
+        self, dim: int, heads: int, context_dim: int, out_channels: int, frequencies: int = 4
+    ):
+        super().__init__()
+        self.frequencies = frequencies
+        self.query = nn.Linear(4 * frequencies, dim)
+        self.attn = Attention(dim, heads, context_dim)
+        self.norm = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.to_image = nn.Linear(dim, out_channels)
+
+    def places(self, height: int, width: int) -> Tensor:
+        """[H * W, 4 * frequencies], row-major like the pixels' tokens."""
+        device = self.query.weight.device
+
+        def centres(n: int) -> Tensor:
+            return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * 2 - 1
+
+        y, x = torch.meshgrid(centres(height), centres(width), indexing="ij")
+        freqs = math.pi * 2.0 ** torch.arange(self.frequencies, device=device)
+        angles = torch.stack([y, x], dim=-1).reshape(-1, 2, 1) * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+    def forward(self, height: int, width: int, context: Tensor, mask: Tensor | None) -> Tensor:
+        """[B, H * W, dim] for context [B, L, context_dim]."""
+        q = self.query(self.places(height, width).to(self.query.weight.dtype))
+        q = q.expand(context.shape[0], -1, -1)
+        h = q + self.attn(q, context.to(q.dtype), mask)
+        return h + self.ff(self.norm(h))
+
+    def image(self, height: int, width: int, context: Tensor, mask: Tensor | None) -> Tensor:
+        """[B, out_channels, H, W]: the colours the map puts at each place."""
+        out = self.to_image(self(height, width, context, mask))
+        return out.transpose(1, 2).reshape(len(out), -1, height, width)
+
+
+class LayoutMaps:
+    """One forward pass's layout maps, computed once per grid size."""
+
+    def __init__(self, layout: LayoutMap, context: Tensor, mask: Tensor | None):
+        self.layout, self.context, self.mask = layout, context, mask
+        self.maps: dict[tuple[int, int], Tensor] = {}
+
+    def __call__(self, height: int, width: int) -> Tensor:
+        if (height, width) not in self.maps:
+            self.maps[height, width] = self.layout(height, width, self.context, self.mask)
+        return self.maps[height, width]
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of x [B, C, H, W], conditioned on context tokens
     (diffusers' Transformer2DModel)."""
@@ -395,8 +467,18 @@ class SpatialTransformer(nn.Module):
             ]
         )
         self.proj_out = proj(channels, channels)
+        self.layout_proj = nn.Linear(cfg.layout_dim, channels) if cfg.layout_map else None
+        if self.layout_proj is not None:
+            nn.init.zeros_(self.layout_proj.weight)
+            nn.init.zeros_(self.layout_proj.bias)
 
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        mask: Tensor | None = None,
+        layout: LayoutMaps | None = None,
+    ) -> Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
@@ -404,6 +486,9 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)
         if self.linear:
             h = self.proj_in(h)
+        if self.layout_proj is not None:
+            assert layout is not None, "a model with a layout map needs its maps"
+            h = h + self.layout_proj(layout(H, W)).to(h.dtype)
         for block in self.transformer_blocks:
             h = block(h, context, mask)
         if self.linear:
@@ -433,13 +518,18 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample(cout)] if downsample else [])
 
     def forward(
-        self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None
+        self,
+        h: Tensor,
+        emb: Tensor,
+        context: Tensor | None,
+        mask: Tensor | None,
+        layout: LayoutMaps | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, emb)
             if self.attentions:
-                h = self.attentions[i](h, context, mask)
+                h = self.attentions[i](h, context, mask, layout)
             skips.append(h)
         for down in self.downsamplers:
             h = down(h)
@@ -476,11 +566,12 @@ class UpBlock(nn.Module):
         context: Tensor | None,
         mask: Tensor | None,
         size: tuple[int, int] | None,
+        layout: LayoutMaps | None = None,
     ) -> Tensor:
         for i, resnet in enumerate(self.resnets):
             h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
             if self.attentions:
-                h = self.attentions[i](h, context, mask)
+                h = self.attentions[i](h, context, mask, layout)
         for up in self.upsamplers:
             h = up(h, size)
         return h
@@ -500,11 +591,16 @@ class MidBlock(nn.Module):
         )
 
     def forward(
-        self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None
+        self,
+        h: Tensor,
+        emb: Tensor,
+        context: Tensor | None,
+        mask: Tensor | None,
+        layout: LayoutMaps | None = None,
     ) -> Tensor:
         h = self.resnets[0](h, emb)
         for attn in self.attentions:
-            h = attn(h, context, mask)
+            h = attn(h, context, mask, layout)
         for resnet in self.resnets[1:]:
             h = resnet(h, emb)
         return h
@@ -544,6 +640,10 @@ class UNet(nn.Module):
                 for i in range(n)
             ]
         )
+        if cfg.layout_map:
+            assert cfg.context_dim is not None
+            heads = cfg.heads(cfg.layout_dim)
+            self.layout_map = LayoutMap(cfg.layout_dim, heads, cfg.context_dim, cfg.out_channels)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chans[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
@@ -583,14 +683,19 @@ class UNet(nn.Module):
         pixels, min_pixels = B * H * W, self.channels_last_min_pixels
         if x.device.type == "cpu" and min_pixels is not None and pixels >= min_pixels:
             x = x.contiguous(memory_format=torch.channels_last)
+        layout = None
+        if cfg.layout_map:
+            assert context is not None
+            layout = LayoutMaps(self.layout_map, context, mask)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, s = block(h, emb, context, mask)
+            h, s = block(h, emb, context, mask, layout)
             skips += s
-        h = self.mid_block(h, emb, context, mask)
+        h = self.mid_block(h, emb, context, mask, layout)
         for block in self.up_blocks:
             n = len(block.resnets)
             level, skips = skips[-n:], skips[:-n]
-            h = block(h, level, emb, context, mask, skips[-1].shape[-2:] if skips else None)
+            size = skips[-1].shape[-2:] if skips else None
+            h = block(h, level, emb, context, mask, size, layout)
         return self.conv_out(norm_silu(self.conv_norm_out, h)).contiguous()
