@@ -750,12 +750,13 @@ def pretrain_layout(
     generator: torch.Generator,
     run: Run | None = None,
     progress: bool = True,
-) -> list[float]:
+) -> None:
     """Fit a new layout map alone to the data's images, averaged down to an 8x8 grid, from
     their captions: the pure-noise end of denoising without the noise. Learning which object
     a relation puts first takes a product of three things (the place, the relation and the
     word's position); inside the denoiser that product starts at zero and its gradient with
-    it, while here it is the whole loss. Returns the mean loss of each `log_every` steps."""
+    it, while here it is the whole loss. The mean loss of each `log_every` steps goes to the
+    run's log as `layout_loss` (with `step` 0: before the denoiser's first step)."""
     layout = diffusion.unet.layout_map
     device = layout.query.weight.device
     opt = torch.optim.Adam(layout.parameters(), lr=cfg.layout_lr)
@@ -765,7 +766,7 @@ def pretrain_layout(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.layout_steps, desc="layout map", unit="step", dynamic_ncols=True)
-    losses, total, count = [], 0.0, 0
+    total, count = 0.0, 0
     for step in range(1, cfg.layout_steps + 1):
         idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generator)
         batch = collate([dataset[int(i)] for i in idx])
@@ -783,13 +784,11 @@ def pretrain_layout(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0 or step == cfg.layout_steps:
-            losses.append(total / count)
-            total, count = 0.0, 0
             if run is not None:
-                run.append_log({"step": 0, "layout_step": step, "layout_loss": losses[-1]})
+                run.append_log({"step": 0, "layout_step": step, "layout_loss": total / count})
+            total, count = 0.0, 0
     if bar is not None:
         bar.close()
-    return losses
 
 
 def train(
