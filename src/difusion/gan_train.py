@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .data import collate
+from .data import random_batch
 from .images import auto_scale, grid, to_pil
 from .model import atomic_save, read_safetensors
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
@@ -203,8 +203,7 @@ def train_gan(
     gen.train()
     disc.train()
     while loop.running():
-        idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generators["data"])
-        real = collate([dataset[int(i)] for i in idx])["image"].to(device)
+        real = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
         z = torch.randn(cfg.batch_size, config.z_dim, generator=generators["noise"]).to(device)
         fake = gen(z)
         # discriminator: real -> 1, fake -> 0

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import collate, load_dataset
+from .data import load_dataset, random_batch
 from .denoiser import Cond, training_target
 from .images import auto_scale, grid, to_pil
 from .model import (
@@ -768,8 +768,7 @@ def pretrain_layout(
         bar = tqdm(total=cfg.layout_steps, desc="layout map", unit="step", dynamic_ncols=True)
     total, count = 0.0, 0
     for step in range(1, cfg.layout_steps + 1):
-        idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generator)
-        batch = collate([dataset[int(i)] for i in idx])
+        batch = random_batch(dataset, cfg.batch_size, generator)
         target = F.adaptive_avg_pool2d(batch["image"].to(device), size)
         with torch.no_grad():  # the text encoder is not the map's to train
             cond = diffusion.text_cond(batch["caption"])
@@ -911,8 +910,7 @@ def train(
     )  # fmt: skip
     diffusion.train()
     while loop.running():
-        idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generators["data"])
-        batch = collate([dataset[int(i)] for i in idx])
+        batch = random_batch(dataset, cfg.batch_size, generators["data"])
         x0 = batch["image"].to(device)
         if vae is not None:  # the latents: a posterior sample, scaled to about unit variance
             with torch.no_grad():

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .data import collate
+from .data import collate, random_batch
 from .images import auto_scale, grid, to_pil
 from .model import CheckpointError, atomic_save, file_sha256, read_safetensors
 from .nn.vae import AutoencoderKL, VAEConfig, vae_loss
@@ -190,11 +190,6 @@ def stored_vae_config(out: str | Path) -> VAETrainConfig:
     return VAETrainConfig.from_dict(json.loads(metadata["train_config"]))
 
 
-def data_batch(dataset: Dataset, n: int, generator: torch.Generator) -> torch.Tensor:
-    idx = torch.randint(len(dataset), (n,), generator=generator)
-    return collate([dataset[int(i)] for i in idx])["image"]
-
-
 @torch.no_grad()
 def measure_scaling_factor(
     vae: AutoencoderKL, dataset: Dataset, batches: int, batch_size: int, seed: int = 0
@@ -204,7 +199,7 @@ def measure_scaling_factor(
     device = next(vae.parameters()).device
     zs = []
     for _ in range(max(1, batches)):
-        x = data_batch(dataset, batch_size, g).to(device)
+        x = random_batch(dataset, batch_size, g)["image"].to(device)
         zs.append(vae.encode(x).sample(g).float().cpu())
     std = torch.cat(zs).std().item()
     if not std > 0 or not torch.isfinite(torch.tensor(std)):
@@ -269,7 +264,7 @@ def train_vae(
     loop = TrainLoop(run, step, cfg.steps, cfg.minutes, cfg.log_every, progress, on_step)
     vae.train()
     while loop.running():
-        x = data_batch(dataset, cfg.batch_size, generators["data"]).to(device)
+        x = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
         loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=generators["noise"])
         loop.check_finite("loss", loss)
         opt.zero_grad(set_to_none=True)

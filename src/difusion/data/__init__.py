@@ -50,6 +50,7 @@ __all__ = [
     "IDXDataset",
     "ShapesDataset",
     "collate",
+    "random_batch",
     "load_dataset",
     "read_idx",
     "write_idx",
@@ -108,3 +109,9 @@ def collate(batch: list[dict]) -> dict:
         else:
             out[key] = values
     return out
+
+
+def random_batch(dataset: Dataset, n: int, generator: torch.Generator) -> dict:
+    """`n` items drawn uniformly (with replacement) by `generator`, collated."""
+    idx = torch.randint(len(dataset), (n,), generator=generator)
+    return collate([dataset[int(i)] for i in idx])
