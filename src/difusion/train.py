@@ -869,9 +869,6 @@ def train(
         run.dir.mkdir(parents=True, exist_ok=True)
         generator = torch.Generator().manual_seed(cfg.seed + 7919)
         pretrain_layout(diffusion, dataset, cfg, generator, run, progress)
-    if distributed and new_layout:
-        for p in diffusion.unet.layout_map.parameters():
-            dist.broadcast(p.data, 0)
     ema = copy.deepcopy(diffusion).requires_grad_(False)
     trainable = [p for p in diffusion.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
