@@ -98,16 +98,37 @@ def test_checkpoint_records_text_encoder_and_refuses_another(tmp_path, text_run)
         Pipeline.from_pretrained(forged)
 
 
-def test_pipeline_refuses_unconditional_models(tmp_path):
+def test_pipeline_draws_label_and_unconditional_models(tmp_path):
+    """The prompt is what the model is conditioned on: a class name, or nothing."""
     from difusion.data import DigitsDataset
 
-    cfg = TrainConfig(
-        out=str(tmp_path / "u"), size=8, steps=1, batch_size=2, channels=16, channel_mult=(1, 2),
-        attention_resolutions=(4,), layers_per_block=1, head_dim=16,
-    )  # fmt: skip
-    run = train(cfg, dataset=DigitsDataset(size=8), progress=False)
-    with pytest.raises(CheckpointError, match="not text-conditioned"):
-        Pipeline.from_pretrained(run)
+    small = dict(size=8, steps=1, batch_size=2, channels=16, channel_mult=(1, 2),
+                 attention_resolutions=(4,), layers_per_block=1, head_dim=16)  # fmt: skip
+    data = DigitsDataset(size=8)
+    uncond = Pipeline.from_pretrained(
+        train(TrainConfig(out=str(tmp_path / "u"), **small), dataset=data, progress=False)
+    )
+    assert uncond.kind == "unconditional" and uncond.default_guidance == 1.0
+    x = uncond.sample("", n=2, steps=3, seed=0)
+    assert torch.equal(x, uncond.model.sample(2, steps=3, seed=0))
+    with pytest.raises(ValueError, match="unconditional: give an empty prompt"):
+        uncond.sample("a seven", steps=2)
+    with pytest.raises(ValueError, match="guidance needs a conditional model"):
+        uncond.sample("", steps=2, guidance=3.0)
+
+    run = train(
+        TrainConfig(out=str(tmp_path / "l"), cond="label", **small), dataset=data, progress=False
+    )
+    labels = Pipeline.from_pretrained(run)
+    assert labels.kind == "label" and labels.class_names == [str(i) for i in range(10)]
+    sevens = labels.sample("7", n=2, steps=3, seed=0, guidance=3.0)
+    cond, uncond_branch = labels.model.label_cond([7, 7])
+    want = labels.model.sample(2, steps=3, seed=0, cond=cond, uncond=uncond_branch, guidance=3.0)
+    assert torch.equal(sevens, want)
+    with pytest.raises(ValueError, match="not a class of this model; choose one of 0, 1"):
+        labels.sample("seven", steps=2)
+    with pytest.raises(ValueError, match="negative prompt needs a text model"):
+        labels.sample("7", steps=2, negative_prompt="1")
 
 
 def test_generate_cli(monkeypatch, capsys, tmp_path, text_run):

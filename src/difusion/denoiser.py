@@ -92,6 +92,16 @@ def bind(denoiser: Callable, cond: Cond | None) -> DenoiserFn:
     return lambda x, sigma: denoiser(x, sigma, cond)
 
 
+GUIDANCE_RANGE = (1.0, 30.0)  # 1 is no guidance; the range AUTOMATIC1111's interface offers
+
+
+def check_guidance(scale: float) -> None:
+    """Refuse a guidance scale that is not a finite number in GUIDANCE_RANGE."""
+    lo, hi = GUIDANCE_RANGE
+    if not (isinstance(scale, (int, float)) and lo <= scale <= hi):  # NaN fails both
+        raise ValueError(f"guidance must be a number from {lo:g} to {hi:g}, got {scale}")
+
+
 def guided(
     denoiser: Callable,
     cond: Cond | None,

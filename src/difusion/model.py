@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .denoiser import Cond, Denoiser, DenoiserFn, bind, clamped, guided
+from .denoiser import Cond, Denoiser, DenoiserFn, bind, check_guidance, clamped, guided
 from .nn.unet import UNet, UNetConfig
 from .samplers import Callback, get_sampler, initial_noise
 from .schedule import NoiseSchedule, ScheduleConfig
@@ -187,6 +187,7 @@ class DiffusionModel(nn.Module):
         the clean sample (diffusers' DDIM with `set_alpha_to_one=False`); the result is then
         returned in the model's view, x / sqrt(1 + final_sigma^2)."""
         sample_fn = get_sampler(sampler)
+        check_guidance(guidance)
         spacing = spacing or self.config.spacing
         sigmas = self.schedule.sample_sigmas(
             steps, spacing, self.config.steps_offset, final_sigma

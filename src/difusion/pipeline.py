@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .denoiser import Cond, check_guidance
 from .images import to_pil
-from .model import CheckpointError, DiffusionModel, resolve_checkpoint
+from .model import DiffusionModel, resolve_checkpoint
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 ImageInput = Image.Image | torch.Tensor
@@ -31,7 +33,10 @@ def _cast_input_hook(dtype: torch.dtype):
 
 
 class Pipeline:
-    """A text-conditioned DiffusionModel and, for latent models, the VAE that decodes it.
+    """A DiffusionModel and, for latent models, the VAE that decodes it.
+
+    The prompt is what the model is conditioned on: text for a text model, one of its class
+    names for a class-conditional model (e.g. "7"), "" for an unconditional one.
 
     `set_alpha_to_one=False` makes the "ddim" sampler end as diffusers' DDIM configured so
     (Stable Diffusion): its last step goes to abar_0, not to the clean sample. `vae_tile`
@@ -46,15 +51,61 @@ class Pipeline:
         set_alpha_to_one: bool = True,
         vae_tile: int | None = None,
     ) -> None:
-        if model.config.cond != "text":
-            raise CheckpointError(
-                "this model is not text-conditioned: draw from it with `difusion sample`"
-            )
         self.model = model
         self.vae = vae
         self.set_alpha_to_one = set_alpha_to_one
         self.vae_tile = vae_tile
         self._hook = None
+
+    @property
+    def kind(self) -> str:
+        """What a prompt is to this model: "text", "label" (a class name) or "unconditional"."""
+        return {"text": "text", "label": "label"}.get(self.model.config.cond, "unconditional")
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.model.config.class_names if self.kind == "label" else None
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The text encoder's window, in tokens (None for models without text)."""
+        return self.model.text_encoder.max_length if self.kind == "text" else None
+
+    def truncated(self, prompt: str) -> bool:
+        """Whether the prompt is longer than the text encoder's window (its end is dropped)."""
+        return self.kind == "text" and self.model.text_encoder.token_count(prompt) > self.max_tokens
+
+    def conditions(self, prompts: list[str], negative_prompt: str = "") -> tuple[Cond, Cond]:
+        """The condition of each prompt and the unconditional (or negative) branch's."""
+        if self.kind == "text":
+            for p in dict.fromkeys([*prompts, negative_prompt]):
+                if self.truncated(p):
+                    warnings.warn(
+                        f"prompt cut to the text encoder's {self.max_tokens} tokens: {p[:60]!r}...",
+                        stacklevel=3,
+                    )
+            cond = self.model.text_cond(prompts)
+            uncond = self.model.text_cond([negative_prompt] * len(prompts))
+            if all(
+                c["context_mask"] is not None and bool(c["context_mask"].all())
+                for c in (cond, uncond)
+            ):
+                cond["context_mask"] = uncond["context_mask"] = None  # no padding: faster attention
+            return cond, uncond
+        if negative_prompt:
+            raise ValueError("a negative prompt needs a text model")
+        if self.kind == "label":
+            names = self.class_names or []
+            unknown = sorted({p for p in prompts if p not in names})
+            if unknown:
+                raise ValueError(
+                    f"prompt {unknown[0]!r} is not a class of this model; choose one of "
+                    + ", ".join(names)
+                )
+            return self.model.label_cond([names.index(p) for p in prompts])
+        if any(prompts):
+            raise ValueError("this model is unconditional: give an empty prompt")
+        return None, None
 
     @property
     def downscale(self) -> int:
@@ -134,7 +185,7 @@ class Pipeline:
 
     @property
     def default_guidance(self) -> float:
-        return self.model.config.guidance
+        return self.model.config.guidance if self.kind != "unconditional" else 1.0
 
     def __call__(self, prompt: str | list[str], *args, **kwargs) -> list[Image.Image]:
         """n images for each prompt (prompt-major order), deterministic for a seed; the
@@ -226,17 +277,16 @@ class Pipeline:
             raise ValueError("mask_image needs the image to inpaint (image=)")
         prompts = [p for p in prompts for _ in range(n)]
         guidance = self.default_guidance if guidance is None else guidance
+        check_guidance(guidance)
+        if self.kind == "unconditional" and guidance != 1.0:
+            raise ValueError("guidance needs a conditional model (this one is unconditional)")
         cfg = self.model.config
         height, width = self._size(height, width, image)
         f = self.downscale
         shape = (len(prompts), cfg.channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        cond = self.model.text_cond(prompts)
-        uncond = self.model.text_cond([negative_prompt] * len(prompts))
-        for c in (cond, uncond):  # all real tokens (Stable Diffusion): no mask, faster attention
-            if c["context_mask"] is not None and bool(c["context_mask"].all()):
-                c["context_mask"] = None
+        cond, uncond = self.conditions(prompts, negative_prompt)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         init = mask = None
         if image is not None:

@@ -183,6 +183,9 @@ class SDTextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         return self.clip.tokenize(prompts)
 
+    def token_count(self, prompt: str) -> int:
+        return self.clip.token_count(prompt)
+
     def identity(self) -> dict:
         return self.clip.identity()
 

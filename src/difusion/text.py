@@ -52,6 +52,10 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         return self.encode(prompts)
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens the prompt takes before truncation to `max_length` (special tokens included)."""
+        raise NotImplementedError
+
     def pooled(self, prompts: list[str]) -> Tensor:
         """[B, D]: the mean of the real tokens' embeddings."""
         tokens, mask = self.encode(prompts)
@@ -193,6 +197,9 @@ class _FrozenHF(TextEncoder):
             else:
                 self._sha256 = _sha256_tensors(self.model.state_dict())
         return self._sha256
+
+    def token_count(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """input ids [B, L] and mask [B, L] bool on the model's device."""
@@ -489,6 +496,13 @@ class ScratchEncoder(TextEncoder):
     def tokens(self, prompt: str) -> list[str]:
         """The prompt's tokens as the encoder sees them ([CLS] first, [UNK] for new words)."""
         return [t for t in self.tokenizer.encode(prompt).tokens if t != PAD]
+
+    def token_count(self, prompt: str) -> int:
+        from tokenizers import Tokenizer
+
+        if not hasattr(self, "_untruncated"):
+            self._untruncated = Tokenizer.from_str(self._tokenizer_json)
+        return len(self._untruncated.encode(prompt).ids)
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         encs = self.tokenizer.encode_batch(prompts)
