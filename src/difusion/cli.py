@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -381,6 +382,7 @@ def generate(
     """Generate images from text prompts (our models, or Stable Diffusion files and folders)."""
     import time
 
+    from .denoiser import check_guidance
     from .images import auto_scale, grid, save_gif, to_pil
     from .pipeline import Pipeline
     from .train import pick_device
@@ -396,6 +398,8 @@ def generate(
         raise UserError("--mask needs --image")
     if strength is not None and not 0 < strength <= 1:
         raise UserError(f"--strength must be in (0, 1], got {strength}")
+    if guidance is not None:
+        check_guidance(guidance)
     from PIL import Image, UnidentifiedImageError
 
     def open_image(path: Path | None) -> Image.Image | None:
@@ -568,10 +572,79 @@ def compare(
     run_study(cfg)
 
 
+@app.command()
+def serve(
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="'default', a run folder, a model file or a Stable Diffusion folder / file; "
+            "repeat to serve several (the first is the default)."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DIFUSION_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on every API call (the page: /?key=KEY).",
+        ),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Generations at a time, per model.")] = 1,
+    queue_size: Annotated[
+        int, typer.Option(help="Requests waiting per model; past that, 429 with Retry-After.")
+    ] = 8,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a generation may run before it is cancelled.")
+    ] = 300.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Serve models over HTTP: OpenAI's images API, AUTOMATIC1111's, and a page at /."""
+    import logging
+
+    import uvicorn
+
+    from .serve import ServeSettings, create_app
+    from .train import pick_device
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535, got {port}")
+    if concurrency < 1 or queue_size < 0 or not timeout > 0:
+        raise UserError("--concurrency and --timeout must be positive, --queue-size at least 0")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty")
+    _check_can_listen(host, port)  # before the minutes a large model may take to load
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logging.warning("listening on %s without --api-key: anyone who reaches it can use it", host)
+    settings = ServeSettings(
+        models=tuple(model or ["default"]), api_key=api_key, concurrency=concurrency,
+        queue_size=queue_size, timeout=timeout, device=str(pick_device(device)),
+    )  # fmt: skip
+    application = create_app(settings)
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    typer.echo(f"serving {', '.join(settings.models)}: open http://{shown}:{port}/", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def main() -> None:
     from .model import CheckpointError
     from .train import TrainingError
 
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         app()  # standalone: typer reports usage errors itself (exit 2)
     except (UserError, ValueError, CheckpointError, TrainingError, FileNotFoundError) as e:

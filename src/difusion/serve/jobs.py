@@ -1,0 +1,214 @@
+"""The queue in front of a model: a few generations at a time, a bounded wait, cancellation
+when the client leaves, a time limit, and each step's preview for whoever watches."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from .codec import b64, encode
+from .errors import APIError
+from .models import Generation, ServedModel
+
+
+class Stopped(Exception):
+    """Raised inside a running generation to end it between two steps."""
+
+
+@dataclass
+class Job:
+    """One generation: its request, where it stands, and how it ended."""
+
+    id: int
+    request: Generation
+    model: str
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    total: int = 0
+    preview: bytes | None = None  # the latest step's preview, PNG
+    stop_reason: str | None = None  # set from outside: "cancelled", "interrupted", "timeout"
+    listeners: list[Callable[[str, dict], None]] = field(default_factory=list)
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+
+    def emit(self, event: str, data: dict) -> None:
+        for listener in self.listeners:
+            listener(event, data)
+
+    @property
+    def timings(self) -> str:
+        queued = (self.started or self.finished or time.monotonic()) - self.submitted
+        ran = (self.finished or time.monotonic()) - self.started if self.started else 0.0
+        return f"queue {queued:.2f}s, generate {ran:.2f}s"
+
+
+class Worker:
+    """Runs one model's jobs, `concurrency` at a time in threads, with at most `queue_size`
+    waiting; past that, submit() answers 429 with a Retry-After estimate."""
+
+    def __init__(
+        self, model: ServedModel, concurrency: int = 1, queue_size: int = 8, timeout: float = 300
+    ) -> None:
+        self.model, self.concurrency, self.queue_size, self.timeout = (
+            model, concurrency, queue_size, timeout,
+        )  # fmt: skip
+        self.executor = self._executor()
+        self.pending: list[Job] = []  # submitted, not finished: running ones first
+        self.lock = threading.Lock()
+        self.seconds_per_job = 1.0  # a running mean, for Retry-After
+        self.last: Job | None = None
+
+    @property
+    def running(self) -> list[Job]:
+        return [j for j in self.pending if j.started is not None and j.finished is None]
+
+    def position(self, job: Job) -> int:
+        """Jobs that will start before this one."""
+        with self.lock:
+            waiting = [j for j in self.pending if j.started is None]
+            return waiting.index(job) if job in waiting else 0
+
+    def submit(self, job: Job) -> Future:
+        with self.lock:
+            if len(self.pending) >= self.concurrency + self.queue_size:
+                wait = self.seconds_per_job / self.concurrency  # until a place frees
+                raise APIError(
+                    429,
+                    f"the queue is full ({self.queue_size} waiting); retry in about {wait:.0f} s",
+                    headers={"Retry-After": str(max(1, round(wait)))},
+                )
+            self.pending.append(job)
+        future = self.executor.submit(self._run, job)
+        future.add_done_callback(lambda f: self._done(job))
+        return future
+
+    def _done(self, job: Job) -> None:
+        with self.lock:
+            if job in self.pending:
+                self.pending.remove(job)
+
+    def _run(self, job: Job) -> list[Image.Image]:
+        job.started = time.monotonic()
+        self.last = job
+        g = job.request
+        try:
+            job.emit("start", {
+                "job": job.id, "steps": self.model.steps_run(g), "seed": g.seed,
+                "width": g.width, "height": g.height,
+            })  # fmt: skip
+
+            def on_step(i: int, total: int, x0) -> None:
+                self._check(job)
+                job.step, job.total = i, total
+                job.preview = encode(self.model.preview(x0))
+                job.emit("progress", {"step": i, "total": total, "preview": job.preview})
+
+            self._check(job)
+            images = self.model.generate(g, on_step)
+            self._check(job)
+            return images
+        finally:
+            job.finished = time.monotonic()
+            self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (job.finished - job.started)
+
+    def _check(self, job: Job) -> None:
+        if job.stop_reason is None and time.monotonic() - job.started > self.timeout:
+            job.stop("timeout")
+        if job.stop_reason is not None:
+            raise Stopped(job.stop_reason)
+
+    def stop_error(self, job: Job) -> APIError:
+        if job.stop_reason == "timeout":
+            return APIError(
+                504, f"the generation ran past the server's limit of {self.timeout:g} s and was "
+                "cancelled; ask for fewer steps or images",
+            )  # fmt: skip
+        return APIError(409, f"the generation was {job.stop_reason}")
+
+    def progress(self) -> dict:
+        """AUTOMATIC1111's /sdapi/v1/progress for this model."""
+        job = (self.running or [self.last])[0] if (self.running or self.last) else None
+        active = job is not None and job.finished is None
+        fraction = job.step / job.total if active and job.total else 0.0
+        eta = 0.0
+        if active and job.step and job.started is not None:
+            eta = (time.monotonic() - job.started) * (job.total - job.step) / job.step
+        return {
+            "progress": fraction,
+            "eta_relative": eta,
+            "state": {
+                "skipped": False,
+                "interrupted": bool(job and job.stop_reason == "interrupted"),
+                "job": f"job {job.id}" if active else "",
+                "job_count": len(self.pending),
+                "job_timestamp": "",
+                "job_no": 0,
+                "sampling_step": job.step if active else 0,
+                "sampling_steps": job.total if active else 0,
+            },
+            "current_image": b64(job.preview) if active and job.preview else None,
+            "textinfo": f"step {job.step} of {job.total}" if active else None,
+        }
+
+    def close(self) -> None:
+        """Stop every job and wait for the threads (the app's shutdown); a later submit
+        starts afresh, as an app started again expects."""
+        with self.lock:
+            for job in self.pending:
+                job.stop("cancelled")
+        executor, self.executor = self.executor, self._executor()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    def _executor(self) -> ThreadPoolExecutor:  # its threads start with the first job
+        return ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"gen-{self.model.name}")
+
+
+_ids = itertools.count(1)
+
+
+def new_job(request: Generation, model: str) -> Job:
+    return Job(next(_ids), request, model)
+
+
+async def wait_for(
+    worker: Worker, job: Job, future: Future, disconnected: Callable | None = None
+) -> list[Image.Image]:
+    """The job's images; stops the job if the awaiting task is cancelled or, polled every
+    0.2 s, `disconnected()` turns true (the client left)."""
+    wrapped = asyncio.wrap_future(future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({wrapped}, timeout=0.2)
+            if done:
+                break
+            if disconnected is not None and await disconnected():
+                job.stop("cancelled")
+                future.cancel()
+                raise APIError(499, "the client closed the connection")
+        return wrapped.result()
+    except Stopped:
+        raise worker.stop_error(job) from None
+    except ValueError as e:  # what the pipeline itself refuses
+        raise APIError(422, str(e)) from None
+    finally:
+        abandon(job, future, wrapped)
+
+
+def abandon(job: Job, future: Future, wrapped: asyncio.Future | None = None) -> None:
+    """Stop a job nobody waits for any more (and read the end of its asyncio wrapper, which
+    would otherwise be logged as an exception never retrieved)."""
+    if not future.done():
+        job.stop("cancelled")
+        future.cancel()
+    if wrapped is not None:
+        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())

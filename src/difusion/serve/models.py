@@ -1,0 +1,289 @@
+"""A model as the server offers it: what it can make, a request checked against that, and
+the generation itself with a preview of each step."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..denoiser import GUIDANCE_RANGE
+from ..images import grid, to_pil
+from ..model import CheckpointError, file_sha256, resolve_checkpoint
+from ..pipeline import Pipeline
+from ..samplers import SAMPLERS
+from .errors import APIError
+
+MAX_N = 8
+MAX_STEPS = 1000
+MAX_PROMPT_CHARS = 1000
+MAX_SEED = 2**63 - 1
+FLEXIBLE_SIDES = range(256, 1025, 64)  # Stable Diffusion-sized models: any WxH of these
+COMMON_SIZES = ("512x512", "768x768", "512x768", "768x512", "256x256", "1024x1024")
+
+
+@dataclass
+class Generation:
+    """One request in the project's own terms, whatever protocol it came by.
+
+    `names` maps these fields to the protocol's own (e.g. guidance -> cfg_scale), so that a
+    refusal names the field the client sent."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float | None = None
+    sampler: str = "dpmpp_2m"
+    seed: int | None = None  # None or -1: a random seed, reported back
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    image: Image.Image | None = None
+    mask: Image.Image | None = None  # white = redraw
+    strength: float | None = None
+    names: dict[str, str] | None = None
+
+    def field(self, name: str) -> str:
+        return (self.names or {}).get(name, name)
+
+
+class GenerationOptions(BaseModel):
+    """The JSON fields of a generation that the OpenAI and native routes share (strict: no
+    "20" for 20, nor true for 1)."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None
+    negative_prompt: str = ""
+    steps: int = Field(20, ge=1, le=MAX_STEPS)
+    guidance: float | None = Field(None, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1])
+    sampler: str = "dpmpp_2m"
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 or null: random")
+    n: int = Field(1, ge=1, le=MAX_N)
+    size: str | None = Field(None, description='"WxH" (GET /api/info lists sizes) or "auto"')
+
+    def generation(self, model: ServedModel, prompt: str, **images) -> Generation:
+        width, height = parse_size(self.size, model)
+        return Generation(
+            prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+            guidance=self.guidance, sampler=self.sampler, seed=self.seed, n=self.n,
+            width=width, height=height, **images,
+        )  # fmt: skip
+
+
+def parse_size(size: str | None, model: ServedModel) -> tuple[int | None, int | None]:
+    if size in (None, "", "auto"):
+        return None, None
+    w, sep, h = size.lower().partition("x")
+    if not (sep and w.isdigit() and h.isdigit()):
+        raise APIError(422, f"{size!r} is not WxH; {model.size_rule()}", "size")
+    return int(w), int(h)
+
+
+class ServedModel:
+    """A Pipeline loaded once, with the name clients choose it by."""
+
+    def __init__(self, name: str, source: str, pipe: Pipeline) -> None:
+        self.name, self.source, self.pipe = name, source, pipe
+        self.max_steps = min(MAX_STEPS, pipe.model.schedule.num_steps)
+        self._preview_map = fit_latent_preview(pipe) if pipe.vae is not None else None
+        self.sha256 = checkpoint_sha256(source)
+
+    @classmethod
+    def load(cls, source: str, device: str = "cpu") -> ServedModel:
+        pipe = Pipeline.from_pretrained(source, device)
+        path = Path(source)
+        name = "default" if source == "default" else (path.stem if path.is_file() else path.name)
+        return cls(name, source, pipe)
+
+    # --- what it can make -----------------------------------------------------------------
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.pipe.image_size, self.pipe.image_size
+
+    @property
+    def flexible_size(self) -> bool:
+        return self.pipe.vae is not None and self.pipe.image_size >= FLEXIBLE_SIDES[0]
+
+    def sizes(self) -> list[str]:
+        w, h = self.default_size
+        native = f"{w}x{h}"
+        if not self.flexible_size:
+            return [native]
+        return list(dict.fromkeys([native, *COMMON_SIZES]))
+
+    def size_rule(self) -> str:
+        if not self.flexible_size:
+            return f"this model makes {self.sizes()[0]}"
+        lo, hi, step = FLEXIBLE_SIDES[0], FLEXIBLE_SIDES[-1], FLEXIBLE_SIDES.step
+        return (
+            f"this model makes {', '.join(self.sizes())}, or any WxH with both sides multiples "
+            f"of {step} from {lo} to {hi}"
+        )
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.pipe.kind,
+            "sizes": self.sizes(),
+            "default_size": self.sizes()[0],
+            "default_steps": 20,
+            "default_guidance": self.pipe.default_guidance,
+            "guidance_range": list(GUIDANCE_RANGE),
+            "samplers": list(SAMPLERS),
+            "default_sampler": "dpmpp_2m",
+            "max_steps": self.max_steps,
+            "max_n": MAX_N,
+            "max_prompt_chars": MAX_PROMPT_CHARS,
+            "max_prompt_tokens": self.pipe.max_tokens,
+            "takes_image": True,
+            "classes": self.pipe.class_names,
+        }
+
+    # --- a request checked against it ------------------------------------------------------
+
+    def check(self, g: Generation) -> Generation:
+        """The request with its defaults filled in (size, guidance, seed), or a 422 that names
+        the first field it cannot take."""
+
+        def refuse(name: str, message: str):
+            raise APIError(422, message, g.field(name))
+
+        kind = self.pipe.kind
+        if not isinstance(g.prompt, str) or len(g.prompt) > MAX_PROMPT_CHARS:
+            refuse("prompt", f"must be a string of at most {MAX_PROMPT_CHARS} characters")
+        if len(g.negative_prompt) > MAX_PROMPT_CHARS:
+            refuse("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
+        prompt = g.prompt.strip() if kind != "unconditional" else ""  # nothing to condition on
+        if kind == "text" and not prompt:
+            refuse("prompt", "must not be empty")
+        if kind == "label" and prompt not in (self.pipe.class_names or []):
+            names = ", ".join(self.pipe.class_names or [])
+            refuse("prompt", f"{prompt!r} is not a class of this model; choose one of {names}")
+        if kind != "text" and g.negative_prompt.strip():
+            refuse("negative_prompt", "needs a text-to-image model")
+        if g.sampler not in SAMPLERS:
+            refuse("sampler", f"unknown sampler {g.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= g.steps <= self.max_steps:
+            refuse("steps", f"must be from 1 to {self.max_steps}, got {g.steps}")
+        if not 1 <= g.n <= MAX_N:
+            refuse("n", f"must be from 1 to {MAX_N}, got {g.n}")
+        guidance = self.pipe.default_guidance if g.guidance is None else g.guidance
+        lo, hi = GUIDANCE_RANGE
+        if not lo <= guidance <= hi:  # NaN and infinities fail too
+            refuse("guidance", f"must be a number from {lo:g} to {hi:g}, got {guidance}")
+        if kind == "unconditional" and guidance != 1.0:
+            refuse("guidance", "must be 1: this model is unconditional")
+        seed = g.seed
+        if seed is None or seed == -1:
+            seed = secrets.randbelow(2**31)
+        elif not 0 <= seed <= MAX_SEED:
+            refuse("seed", f"must be from 0 to {MAX_SEED} (or -1 for a random one), got {seed}")
+        w, h = self.default_size
+        width, height = g.width or w, g.height or h
+        if f"{width}x{height}" not in self.sizes() and not (
+            self.flexible_size and width in FLEXIBLE_SIDES and height in FLEXIBLE_SIDES
+        ):
+            refuse("size", f"{width}x{height} is not a size {self.size_rule()}")
+        strength = g.strength
+        if strength is not None:
+            if g.image is None:
+                refuse("strength", "needs an image (img2img or inpainting)")
+            if not 0 < strength <= 1:
+                refuse("strength", f"must be in (0, 1], got {strength}")
+        if g.mask is not None:
+            if g.image is None:
+                refuse("mask", "needs the image to inpaint")
+            if g.mask.size != g.image.size:
+                mw, mh = g.mask.size
+                iw, ih = g.image.size
+                refuse("mask", f"is {mw}x{mh}, the image {iw}x{ih}: they must be the same size")
+        if self.steps_run(g) < 1:
+            refuse("strength", f"leaves no step of {g.steps} to run; raise it or the steps")
+        return replace(g, prompt=prompt, guidance=guidance, seed=seed, width=width, height=height)
+
+    @staticmethod
+    def steps_run(g: Generation) -> int:
+        """Steps the sampler runs: img2img skips the first 1 - strength of them."""
+        if g.image is None:
+            return g.steps
+        return int(g.steps * (g.strength or (1.0 if g.mask is not None else 0.8)))
+
+    # --- generation (in a worker thread) ----------------------------------------------------
+
+    def generate(self, g: Generation, on_step: Callable[[int, int, torch.Tensor], None]) -> list:
+        """The checked request's images; `on_step(i, total, x0)` sees each step's x0 estimate
+        (model space) and may raise to stop the run."""
+        steps = self.steps_run(g)
+        x = self.pipe.sample(
+            g.prompt,
+            negative_prompt=g.negative_prompt,
+            steps=g.steps,
+            guidance=g.guidance,
+            sampler=g.sampler,
+            seed=g.seed,
+            n=g.n,
+            callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
+            height=g.height,
+            width=g.width,
+            image=g.image.convert("RGB") if g.image is not None else None,
+            mask_image=g.mask,
+            strength=g.strength,
+        )
+        return to_pil(x)
+
+    def preview(self, x0: torch.Tensor) -> Image.Image:
+        """A step's x0 estimate as one small picture: the batch side by side, latents through
+        a linear map to RGB fitted to the VAE (as AUTOMATIC1111's cheap approximation)."""
+        x0 = x0.detach().float().cpu()
+        if self._preview_map is not None:
+            w, b = self._preview_map
+            x0 = torch.einsum("nchw,cd->ndhw", x0, w) + b.view(1, -1, 1, 1)
+        return grid(to_pil(x0.clamp(-1, 1)), cols=len(x0), pad=0)
+
+
+@torch.no_grad()
+def fit_latent_preview(
+    pipe: Pipeline, n: int = 4, size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares map from a latent pixel to the mean colour (or grey) of the image pixels
+    it decodes to, fitted on a few random latents: latent previews without running the decoder."""
+    channels, f = pipe.model.config.channels, pipe.downscale
+    z = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(0))
+    image = F.avg_pool2d(pipe.decode(z.to(pipe.model.device)).float().cpu(), f)
+    a = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, channels), torch.ones(n * size * size, 1)], 1)
+    b = image.permute(0, 2, 3, 1).reshape(-1, image.shape[1])  # RGB, or grey
+    solution = torch.linalg.lstsq(a, b).solution
+    return solution[:-1], solution[-1]
+
+
+def checkpoint_sha256(source: str) -> str | None:
+    """The sha256 of one of the project's model files (not hashed: Stable Diffusion's GBs)."""
+    try:
+        path = resolve_checkpoint(source)
+    except CheckpointError:
+        return None
+    return file_sha256(path) if path.stat().st_size < 2**28 else None
+
+
+def load_models(sources: list[str], device: str = "cpu") -> dict[str, ServedModel]:
+    """Each model loaded once, by the name clients will use; a clear error for a bad one."""
+    models: dict[str, ServedModel] = {}
+    for source in sources:
+        try:
+            model = ServedModel.load(source, device)
+        except (CheckpointError, ValueError, FileNotFoundError) as e:
+            raise CheckpointError(
+                str(e) if source in str(e) else f"--model {source}: {e}"
+            ) from None
+        if model.name in models:
+            model.name = f"{model.name}-{len(models)}"
+        models[model.name] = model
+    return models

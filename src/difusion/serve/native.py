@@ -1,0 +1,101 @@
+"""The project's own API: what the models can do, and a generation streamed as server-sent
+events, one preview a step (the decoded x0 estimate), then the images."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ConfigDict, Field
+
+from .app import server
+from .codec import data_url, encode, from_base64, open_image
+from .jobs import Stopped, abandon, new_job
+from .models import GenerationOptions
+
+router = APIRouter(prefix="/api", tags=["native"])
+END = object()  # after the job's last event
+
+
+class GenerateRequest(GenerationOptions):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    strength: float | None = Field(None, gt=0, le=1)
+    image: str | None = None  # base64 or a data URL
+    mask: str | None = None  # white = redraw
+
+
+@router.get("/info")
+def info(request: Request) -> dict:
+    s = server(request)
+    return {
+        "default_model": s.default,
+        "auth": s.settings.api_key is not None,
+        "models": [m.info() for m in s.models.values()],
+    }
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+@router.post(
+    "/generate",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "events: queued, "
+               "start, progress (one a step, with a PNG preview), then done or error"}},
+)  # fmt: skip
+async def generate(body: GenerateRequest, request: Request) -> StreamingResponse:
+    """Refusals answer before the stream starts (4xx); then the events, each `data` JSON."""
+    s = server(request)
+    model = s.model(body.model)
+    image = open_image(from_base64(body.image, "image"), "image") if body.image else None
+    mask = open_image(from_base64(body.mask, "mask"), "mask").convert("L") if body.mask else None
+    g = model.check(
+        body.generation(model, body.prompt, image=image, mask=mask, strength=body.strength)
+    )
+    worker = s.workers[model.name]
+    job = new_job(g, model.name)
+    events: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    job.listeners.append(
+        lambda event, data: loop.call_soon_threadsafe(events.put_nowait, (event, data))
+    )
+    future = worker.submit(job)  # 429 here, before the stream
+    future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, END))
+    request.state.timing = f"{model.name}, streamed"
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield sse("queued", {"position": worker.position(job)})
+            while (item := await events.get()) is not END:
+                event, data = item
+                if "preview" in data:
+                    data = {**data, "preview": data_url(data["preview"])}
+                yield sse(event, data)
+            images = future.result()  # done: END follows its end
+            parameters = {
+                "model": model.name, "prompt": g.prompt, "negative_prompt": g.negative_prompt,
+                "steps": g.steps, "guidance": g.guidance, "sampler": g.sampler, "seed": g.seed,
+                "n": g.n, "width": g.width, "height": g.height, "strength": g.strength,
+            }  # fmt: skip
+            yield sse("done", {
+                "images": [data_url(encode(im)) for im in images], "parameters": parameters,
+                "seconds": round(job.finished - job.started, 3),
+            })  # fmt: skip
+        except Stopped:
+            err = worker.stop_error(job)
+            yield sse("error", {"status": err.status, "detail": err.detail})
+        except ValueError as e:
+            yield sse("error", {"status": 422, "detail": str(e)})
+        finally:
+            abandon(job, future)
+            request.state.timing = f"{model.name}, {job.timings}"
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

@@ -1,0 +1,392 @@
+"use strict";
+// The difusion page: reads /api/info, posts /api/generate and follows its event stream.
+
+const $ = (id) => document.getElementById(id);
+const KEY = "difusion-key";
+let info = null;
+let controller = null; // aborts the running generation
+
+// --- API key: from ?key= or #key=, kept for this tab only -------------------------------
+
+function takeKeyFromUrl() {
+  const query = new URLSearchParams(location.search);
+  const hash = new URLSearchParams(location.hash.slice(1));
+  const key = query.get("key") || hash.get("key");
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  query.delete("key");
+  hash.delete("key");
+  const [q, h] = [query.toString(), hash.toString()];
+  // out of the address bar and the history
+  history.replaceState(null, "", location.pathname + (q ? "?" + q : "") + (h ? "#" + h : ""));
+}
+
+function headers(extra = {}) {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+function askKey(detail) {
+  $("auth").hidden = false;
+  $("auth-detail").textContent = detail || "";
+  $("key").focus();
+}
+
+function saveKey() {
+  const key = $("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  $("key").value = "";
+  $("auth-detail").textContent = "";
+  loadInfo();
+}
+
+// --- messages ---------------------------------------------------------------------------
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function hideError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+// The server's {"detail": "..."} (FastAPI's list form too), or the status line.
+async function refusal(response) {
+  try {
+    const detail = (await response.json()).detail;
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) {
+      return detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+    }
+  } catch (err) {
+    // not JSON
+  }
+  return `${response.status} ${response.statusText}`.trim();
+}
+
+// Returns false after showing why when the call was refused.
+async function accepted(response) {
+  if (response.ok) return true;
+  const detail = await refusal(response);
+  if (response.status === 401) askKey(detail);
+  else showError(detail);
+  return false;
+}
+
+// --- models -----------------------------------------------------------------------------
+
+function currentModel() {
+  return info.models.find((m) => m.name === $("model").value) || info.models[0];
+}
+
+function fillSelect(select, values, chosen) {
+  select.replaceChildren(...values.map((v) => new Option(v, v, false, v === chosen)));
+}
+
+async function loadInfo() {
+  let response;
+  try {
+    response = await fetch("/api/info", { headers: headers() });
+  } catch (err) {
+    showError(`cannot reach the server: ${err.message}`);
+    return;
+  }
+  if (!(await accepted(response))) return;
+  info = await response.json();
+  $("auth").hidden = true;
+  const names = info.models.map((m) => m.name);
+  fillSelect($("model"), names, info.default_model);
+  $("model-field").hidden = names.length < 2;
+  $("server-note").textContent = info.auth ? "API key accepted" : "";
+  applyModel();
+  $("generate").disabled = controller !== null;
+}
+
+function applyModel() {
+  const m = currentModel();
+  fillSelect($("sampler"), m.samplers, m.default_sampler);
+  fillSelect($("size"), m.sizes, m.default_size);
+  $("size-field").hidden = m.sizes.length < 2;
+  Object.assign($("steps"), { max: m.max_steps, value: m.default_steps });
+  Object.assign($("n"), { max: m.max_n });
+  if (+$("n").value > m.max_n) $("n").value = m.max_n;
+  $("prompt").maxLength = m.max_prompt_chars;
+
+  const [gmin, gmax] = m.guidance_range || [1, 30];
+  Object.assign($("guidance"), { min: gmin, max: gmax, value: m.default_guidance ?? "" });
+
+  const unconditional = m.kind === "unconditional";
+  const label = m.kind === "label";
+  $("prompt").disabled = unconditional;
+  $("negative").disabled = m.kind !== "text";
+  $("guidance").disabled = unconditional;
+  $("prompt-note").hidden = !unconditional;
+  $("prompt-note").textContent = "This model is unconditional: it ignores the prompt.";
+  $("class-field").hidden = !label;
+  if (label) {
+    const classes = m.classes || [];
+    const options = classes.map((c) => new Option(c, c));
+    $("classes").replaceChildren(new Option("choose a class…", ""), ...options);
+    $("prompt").placeholder = classes.slice(0, 3).join(", ");
+  } else {
+    $("prompt").placeholder = unconditional ? "" : "a red circle above a blue square";
+  }
+  $("upload").hidden = !m.takes_image;
+}
+
+// --- uploads ----------------------------------------------------------------------------
+
+function readDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function showThumb(input, thumb) {
+  const file = input.files[0];
+  if (thumb.src) URL.revokeObjectURL(thumb.src);
+  thumb.hidden = !file;
+  if (file) thumb.src = URL.createObjectURL(file);
+  else thumb.removeAttribute("src");
+}
+
+function uploadChanged() {
+  const hasImage = $("image").files.length > 0;
+  $("strength").disabled = !hasImage;
+  $("mask").disabled = !hasImage;
+  if (!hasImage) $("mask").value = "";
+  showThumb($("image"), $("image-thumb"));
+  showThumb($("mask"), $("mask-thumb"));
+  $("clear-upload").hidden = !hasImage;
+}
+
+function clearUpload() {
+  $("image").value = "";
+  $("mask").value = "";
+  uploadChanged();
+}
+
+// --- generating -------------------------------------------------------------------------
+
+// A number field's value; null when empty or disabled (the server then picks).
+const number = (id) => ($(id).value === "" || $(id).disabled ? null : Number($(id).value));
+
+async function requestBody() {
+  const m = currentModel();
+  const image = m.takes_image ? $("image").files[0] : undefined;
+  const mask = image ? $("mask").files[0] : undefined;
+  return {
+    model: m.name,
+    prompt: $("prompt").disabled ? "" : $("prompt").value,
+    negative_prompt: $("negative").disabled ? "" : $("negative").value,
+    steps: number("steps") ?? m.default_steps,
+    guidance: number("guidance"),
+    sampler: $("sampler").value,
+    seed: number("seed"),
+    n: number("n") ?? 1,
+    size: $("size").value || null,
+    strength: image ? number("strength") : null,
+    image: image ? await readDataUrl(image) : null,
+    mask: mask ? await readDataUrl(mask) : null,
+  };
+}
+
+// Server-sent events from a fetch() body: yields [event, data] with data parsed as JSON.
+async function* readEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  const blank = /\r?\n\r?\n/;
+  for (;;) {
+    const { value, done } = await reader.read();
+    buffer += done ? decoder.decode() + "\n\n" : decoder.decode(value, { stream: true });
+    let match;
+    while ((match = blank.exec(buffer))) {
+      const block = buffer.slice(0, match.index);
+      buffer = buffer.slice(match.index + match[0].length);
+      let event = "message";
+      const data = [];
+      for (const line of block.split(/\r?\n/)) {
+        if (line.startsWith(":")) continue; // comment / keep-alive
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") event = text;
+        else if (field === "data") data.push(text);
+      }
+      if (data.length) yield [event, JSON.parse(data.join("\n"))];
+    }
+    if (done) return;
+  }
+}
+
+function setRunning(running) {
+  $("generate").disabled = running || info === null;
+  $("cancel").disabled = !running;
+  document.body.classList.toggle("running", running);
+}
+
+function setProgress(text, step, total) {
+  $("progress").textContent = text;
+  if (total !== undefined) {
+    $("bar").max = total;
+    $("bar").value = step;
+  }
+}
+
+function paramsText(p, seconds) {
+  const parts = [
+    p.prompt ? `“${p.prompt}”` : "(no prompt)",
+    p.negative_prompt ? `not “${p.negative_prompt}”` : null,
+    `seed ${p.seed}`,
+    `${p.steps} steps`,
+    p.guidance != null ? `guidance ${p.guidance}` : null,
+    p.sampler,
+    `${p.width}x${p.height}`,
+    `${seconds.toFixed(1)} s`,
+    info.models.length > 1 ? p.model : null,
+  ];
+  return parts.filter((s) => s !== null && s !== undefined).join(" · ");
+}
+
+function addResults(done) {
+  const p = done.parameters;
+  const batch = done.images.map((src, i) => {
+    const result = document.createElement("figure");
+    result.className = "result";
+    const img = Object.assign(document.createElement("img"), { src, alt: p.prompt || "image" });
+    if (p.width < 256) img.className = "pixels"; // scaled up: keep the pixels crisp
+    const caption = document.createElement("figcaption");
+    caption.className = "params";
+    const which = done.images.length > 1 ? ` · #${i + 1}` : "";
+    caption.textContent = paramsText(p, done.seconds) + which;
+    const link = Object.assign(document.createElement("a"), { href: src, textContent: "download" });
+    link.className = "download";
+    link.download = `difusion-${p.seed}-${i}.png`;
+    const reuse = Object.assign(document.createElement("button"), {
+      type: "button",
+      textContent: "reuse",
+      title: "put these settings back into the form",
+    });
+    reuse.addEventListener("click", () => reuseParams(p));
+    const actions = document.createElement("div");
+    actions.className = "row";
+    actions.append(link, reuse);
+    result.append(img, caption, actions);
+    return result;
+  });
+  $("gallery").prepend(...batch);
+}
+
+function reuseParams(p) {
+  if (info.models.some((m) => m.name === p.model) && $("model").value !== p.model) {
+    $("model").value = p.model;
+    applyModel();
+  }
+  if (!$("prompt").disabled) $("prompt").value = p.prompt;
+  if (!$("negative").disabled) $("negative").value = p.negative_prompt || "";
+  $("steps").value = p.steps;
+  if (p.guidance != null && !$("guidance").disabled) $("guidance").value = p.guidance;
+  $("sampler").value = p.sampler;
+  $("seed").value = p.seed;
+  window.scrollTo({ top: 0, behavior: "smooth" });
+}
+
+function handle(event, data) {
+  if (event === "queued") {
+    setProgress(data.position > 0 ? `queued: ${data.position} ahead` : "queued: next", 0, 1);
+  } else if (event === "start") {
+    setProgress(`step 0 / ${data.steps} · seed ${data.seed}`, 0, data.steps);
+  } else if (event === "progress") {
+    $("preview").src = data.preview;
+    $("preview").hidden = false;
+    setProgress(`step ${data.step} / ${data.total}`, data.step, data.total);
+  } else if (event === "done") {
+    addResults(data);
+    setProgress(`done in ${data.seconds.toFixed(1)} s`, $("bar").max, $("bar").max);
+    return true;
+  } else if (event === "error") {
+    showError(data.detail || "the job failed");
+    setProgress("failed");
+    return true;
+  }
+  return false;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (controller || !info) return;
+  controller = new AbortController();
+  setRunning(true);
+  setProgress("sending…", 0, 1);
+  let finished = false;
+  try {
+    const response = await fetch("/api/generate", {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+      body: JSON.stringify(await requestBody()),
+      signal: controller.signal,
+    });
+    if (!(await accepted(response))) {
+      setProgress("refused");
+      return;
+    }
+    hideError();
+    for await (const [name, data] of readEvents(response)) {
+      if (handle(name, data)) finished = true;
+    }
+    if (!finished) showError("the connection closed before the job finished");
+  } catch (err) {
+    if (err.name === "AbortError") setProgress("cancelled");
+    else showError(err.message || String(err));
+  } finally {
+    controller = null;
+    setRunning(false);
+  }
+}
+
+function cancel() {
+  if (controller) controller.abort();
+}
+
+// --- wiring -----------------------------------------------------------------------------
+
+// The largest whole-number scale that keeps the preview within 256 px high.
+function sizePreview() {
+  const img = $("preview");
+  const scale = Math.max(1, Math.floor(256 / img.naturalHeight));
+  img.style.width = $("bar").style.width = `${img.naturalWidth * scale}px`;
+}
+
+function init() {
+  takeKeyFromUrl();
+  $("preview").addEventListener("load", sizePreview);
+  $("form").addEventListener("submit", generate);
+  $("cancel").addEventListener("click", cancel);
+  $("dice").addEventListener("click", () => {
+    $("seed").value = Math.floor(Math.random() * 2 ** 31);
+  });
+  $("model").addEventListener("change", applyModel);
+  $("classes").addEventListener("change", () => {
+    if ($("classes").value) $("prompt").value = $("classes").value;
+  });
+  $("image").addEventListener("change", uploadChanged);
+  $("mask").addEventListener("change", uploadChanged);
+  $("clear-upload").addEventListener("click", clearUpload);
+  $("key-save").addEventListener("click", saveKey);
+  $("key").addEventListener("keydown", (e) => {
+    if (e.key === "Enter") saveKey();
+  });
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("form").requestSubmit();
+  });
+  loadInfo();
+}
+
+init();

@@ -1,0 +1,240 @@
+"""The served web page, end to end in Debian's chromium against an in-process server.
+
+DIFUSION_SCREENSHOT=docs/serve.png pytest tests/test_serve_page.py saves a screenshot.
+"""
+
+import io
+import os
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from serve_util import running
+
+from difusion.serve import ServeSettings, create_app
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+PROMPT = "a red circle above a blue square"
+TIMEOUT = 30_000  # ms
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium: apt-get install chromium"
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running(create_app(ServeSettings(models=("default",)))) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    errors = []
+    page.on("pageerror", lambda error: errors.append(error))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def open_page(page, url):
+    page.goto(url)
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+
+
+def generate(page, prompt, steps, n=1, timeout=TIMEOUT):
+    """Fill the form, press generate and wait for the batch in the gallery."""
+    before = page.locator(".result").count()
+    page.fill("#prompt", prompt)
+    page.fill("#steps", str(steps))
+    page.fill("#n", str(n))
+    page.click("#generate")
+    page.wait_for_function(
+        "n => document.querySelectorAll('.result img').length >= n"
+        " && [...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth)",
+        arg=before + n,
+        timeout=timeout,
+    )
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+
+
+def test_generate_shows_progress_and_result(page, server):
+    open_page(page, server)
+    assert page.locator("#model").is_hidden()  # one model
+    assert page.locator("#sampler option").count() >= 2
+    # every src the live preview takes, also those set between two polls
+    page.evaluate(
+        """() => {
+        window.previews = new Set();
+        const img = document.querySelector('#preview');
+        new MutationObserver(records => {
+            for (const r of records) if (r.oldValue) previews.add(r.oldValue);
+            previews.add(img.src);
+        }).observe(img, {attributes: true, attributeFilter: ['src'], attributeOldValue: true});
+    }"""
+    )
+    page.click("#dice")
+    seed = page.input_value("#seed")
+    assert 0 <= int(seed) < 2**31
+    generate(page, PROMPT, steps=12)
+
+    previews = page.evaluate("[...previews]")
+    assert len(previews) >= 3 and all(p.startswith("data:image/png") for p in previews)
+    assert page.text_content("#progress").startswith("done")
+    assert page.locator("#error").is_hidden()
+    result = page.locator(".result").first
+    assert result.locator("img").evaluate("i => [i.naturalWidth, i.naturalHeight]") == [32, 32]
+    params = result.locator(".params").text_content()
+    assert f"seed {seed}" in params and PROMPT in params and "12 steps" in params
+    link = result.locator("a.download")
+    assert link.get_attribute("download") == f"difusion-{seed}-0.png"
+    assert link.get_attribute("href").startswith("data:image/png;base64,")
+    assert page.locator("#preview").evaluate("i => getComputedStyle(i).imageRendering") == (
+        "pixelated"
+    )
+
+    if shot := os.environ.get("DIFUSION_SCREENSHOT"):
+        page.fill("#seed", "")
+        generate(page, "a green triangle left of a yellow circle", steps=20, n=2)
+        generate(page, PROMPT, steps=20, n=4)
+        Path(shot).parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=shot)
+
+
+def png(color, size=32):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, "PNG")
+    return {"name": "in.png", "mimeType": "image/png", "buffer": buf.getvalue()}
+
+
+def test_image_and_mask_upload(page, server):
+    open_page(page, server)
+    assert page.locator("#upload").is_visible()  # the shipped model takes an image
+    assert page.is_disabled("#strength") and page.is_disabled("#mask")
+    page.set_input_files("#image", png("red"))
+    assert page.is_enabled("#strength") and page.is_enabled("#mask")
+    page.set_input_files("#mask", png("white"))
+    page.fill("#strength", "0.5")
+    generate(page, PROMPT, steps=8)
+    assert page.evaluate("document.querySelector('#bar').max") == 4  # half the steps run
+    page.click("#clear-upload")
+    assert page.is_disabled("#strength") and page.input_value("#image") == ""
+
+
+def test_form_follows_the_chosen_model(page, server):
+    """Kinds the shipped model is not: a label model and an unconditional one (info faked)."""
+    text = page.request.get(f"{server}/api/info").json()["models"][0]
+    label = {**text, "name": "digits", "kind": "label", "classes": ["0", "1", "7"],
+             "takes_image": False, "sizes": ["16x16"], "default_size": "16x16"}  # fmt: skip
+    uncond = {**label, "name": "noise", "kind": "unconditional", "classes": None}
+    info = {"default_model": "default", "auth": False, "models": [text, label, uncond]}
+    page.route("**/api/info", lambda route: route.fulfill(json=info))
+    open_page(page, server)
+    assert page.locator("#model").is_visible()
+    page.select_option("#model", "digits")
+    assert page.locator("#upload").is_hidden() and page.is_disabled("#negative")
+    page.select_option("#classes", "7")
+    assert page.input_value("#prompt") == "7"
+    page.select_option("#model", "noise")
+    assert page.is_disabled("#prompt") and page.locator("#prompt-note").is_visible()
+    assert page.locator("#class-field").is_hidden()
+    page.select_option("#model", "default")
+    assert page.is_enabled("#prompt") and page.locator("#upload").is_visible()
+
+
+def test_refusal_shows_the_error_box(page, server):
+    open_page(page, server)
+    assert page.locator("#error").is_hidden()
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "5000")
+    page.click("#generate")
+    page.wait_for_selector("#error", state="visible")
+    assert "steps" in page.text_content("#error")
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    # the next accepted request hides it again
+    generate(page, PROMPT, steps=3)
+    assert page.locator("#error").is_hidden()
+
+
+def test_error_event_shows_the_error_box(page):
+    with running(create_app(ServeSettings(models=("default",), timeout=1.0))) as base_url:
+        open_page(page, base_url)
+        page.fill("#prompt", PROMPT)
+        page.fill("#steps", "1000")
+        page.click("#generate")
+        page.wait_for_selector("#error", state="visible")
+        assert "limit" in page.text_content("#error")  # the server's 504 detail
+        page.wait_for_function("!document.querySelector('#generate').disabled")
+        assert page.text_content("#progress") == "failed"
+        assert page.locator(".result").count() == 0
+
+
+def test_cancel_stops_the_stream(page, server):
+    open_page(page, server)
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "1000")
+    page.fill("#n", "8")  # a minute's work on a CPU
+    page.click("#generate")
+    page.wait_for_function("/^step [1-9]/.test(document.querySelector('#progress').textContent)")
+    assert page.is_disabled("#generate")
+    page.click("#cancel")
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert page.text_content("#progress") == "cancelled"
+    assert page.locator(".result").count() == 0
+    assert page.locator("#error").is_hidden()
+    generate(page, PROMPT, steps=3, timeout=10_000)  # the server stopped that job
+
+
+def test_phone_screen_has_no_sideways_scroll(browser, server):
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True)
+    page = context.new_page()
+    open_page(page, server)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert page.locator("#generate").bounding_box()["width"] > 100
+    context.close()
+
+
+def test_api_key(browser):
+    app = create_app(ServeSettings(models=("default",), api_key="sekrit"))
+    with running(app) as base_url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT)
+        open_page(page, f"{base_url}/?key=sekrit")
+        assert "sekrit" not in page.url  # taken out of the address bar
+        assert page.locator("#key").is_hidden()
+        generate(page, PROMPT, steps=3)
+        assert re.search(r"seed \d+", page.locator(".result .params").first.text_content())
+
+        page = context.new_page()  # a new tab: sessionStorage starts empty
+        page.set_default_timeout(TIMEOUT)
+        page.goto(base_url)
+        page.wait_for_selector("#key", state="visible")
+        assert page.is_disabled("#generate")
+        page.fill("#key", "wrong")
+        page.click("#key-save")
+        page.wait_for_function("document.querySelector('#auth-detail').textContent !== ''")
+        assert page.locator("#key").is_visible() and page.is_disabled("#generate")
+        page.fill("#key", "sekrit")
+        page.click("#key-save")
+        page.wait_for_selector("#key", state="hidden")
+        generate(page, PROMPT, steps=3)
+        context.close()
