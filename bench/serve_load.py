@@ -1,10 +1,12 @@
 """Load on `difusion serve` over loopback: many concurrent clients, against Pipeline alone.
 
-Starts `difusion serve` in a subprocess, lets `--clients` clients each send `--requests`
-OpenAI image requests at once (a client that gets 429 waits the Retry-After it was given,
-then asks again), and checks that every request ends in images or 429, none in a 5xx or a
-lost connection, and that the server is still up. Then draws the same images with Pipeline
-in this process, one request's worth at a time, and prints both rates and their ratio.
+Starts `difusion serve` in a subprocess. First one client sends `--sequential` OpenAI image
+requests one after another (the server's own cost, beside Pipeline's); then `--clients`
+clients each send `--requests` at once (a client that gets 429 waits the Retry-After it was
+given, then asks again), and the run checks that every request ends in images or 429, none
+in a 5xx or a lost connection, and that the server is still up. Last, Pipeline in this
+process draws the sequential requests' images, one request's worth at a time. The clients
+run on the same machine as the server, and take their share of its cores.
 
     .venv/bin/python bench/serve_load.py                 # 50 clients x 2 requests, 20 steps
     .venv/bin/python bench/serve_load.py --clients 10 --requests 1 --steps 4   # a quick look
@@ -60,11 +62,11 @@ async def client(base: str, i: int, args, results: list, deadline: float) -> Non
                 break
 
 
-async def load(base: str, args) -> tuple[list, float]:
+async def load(base: str, args, clients: int) -> tuple[list, float]:
     results: list = []
     start = time.monotonic()
     deadline = start + args.max_seconds
-    await asyncio.gather(*(client(base, i, args, results, deadline) for i in range(args.clients)))
+    await asyncio.gather(*(client(base, i, args, results, deadline) for i in range(clients)))
     return results, time.monotonic() - start
 
 
@@ -78,6 +80,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sequential", type=int, default=20, help="requests of the lone client")
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--n", type=int, default=1, help="images per request")
@@ -103,7 +106,10 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        results, wall = asyncio.run(load(base, args))
+        lone, lone_wall = asyncio.run(
+            load(base, argparse.Namespace(**{**vars(args), "requests": args.sequential}), 1)
+        )
+        results, wall = asyncio.run(load(base, args, args.clients))
         alive = httpx.get(f"{base}/healthz").status_code == 200 and server.poll() is None
     finally:
         server.terminate()
@@ -122,11 +128,12 @@ def main() -> None:
     pipe = Pipeline.from_pretrained("default")
     pipe(PROMPTS[0], n=args.n, steps=args.steps, seed=0)  # warm-up
     start = time.monotonic()
-    for k in range(len(ok)):
+    for k in range(args.sequential):
         pipe(PROMPTS[k % len(PROMPTS)], n=args.n, steps=args.steps, seed=k)
     alone = time.monotonic() - start
 
-    served_rate, alone_rate = images / wall, len(ok) * args.n / alone
+    lone_rate = sum(r[1] for r in lone if r[0] == 200) / lone_wall
+    served_rate, alone_rate = images / wall, args.sequential * args.n / alone
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     print(f"{args.clients} clients x {args.requests} requests of {args.n} image(s), "
@@ -137,10 +144,13 @@ def main() -> None:
     print(f"latency of the request that got images: p50 {percentile(latency, 50):.2f} s, "
           f"p95 {percentile(latency, 95):.2f} s; from the first try: p50 "
           f"{percentile(total, 50):.2f} s, p95 {percentile(total, 95):.2f} s")  # fmt: skip
-    print(f"served: {images} images in {wall:.1f} s = {served_rate:.2f} images/s")
-    print(f"Pipeline alone, same requests one after another: {alone_rate:.2f} images/s")
-    print(f"server / Pipeline: {served_rate / alone_rate:.3f}")
-    if bad or not alive or len(results) != args.clients * args.requests:
+    print(f"under load: {images} images in {wall:.1f} s = {served_rate:.2f} images/s")
+    print(f"one client, {args.sequential} requests in turn: {lone_rate:.2f} images/s; "
+          f"Pipeline alone, the same requests: {alone_rate:.2f} images/s")  # fmt: skip
+    print(f"server / Pipeline: one client {lone_rate / alone_rate:.3f}, "
+          f"{args.clients} clients {served_rate / alone_rate:.3f}")  # fmt: skip
+    lone_bad = [r for r in lone if r[0] != 200]
+    if bad or lone_bad or not alive or len(results) != args.clients * args.requests:
         sys.exit(1)
 
 

@@ -1,9 +1,13 @@
-"""Copy a trained shapes text-to-image run into the package as the "default" model.
+"""Copy a trained run into the package as a shipped model: "default" (the shapes
+text-to-image model) or, with `--name default-fast`, its distilled student.
 
     .venv/bin/python bench/ship_default.py runs/shapes
+    .venv/bin/python bench/ship_default.py runs/default-fast --name default-fast
 
-Stores the EMA weights in float16 (half the size; loading returns float32) with the run's
-training configuration and step in the metadata. `--guidance W` sets the guidance scale the
+This OVERWRITES the tracked src/difusion/weights/NAME.safetensors (git keeps the old one:
+`git checkout -- src/difusion/weights/` undoes it). Stores the EMA weights in float16 (half
+the size; loading returns float32) with the run's training configuration and step in the
+metadata. `--guidance W` sets the guidance scale the
 pipeline uses when a caller gives none (measure it first: `difusion eval RUN --alignment
 --guidance W`).
 """
@@ -16,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-from difusion.model import DiffusionModel, read_metadata
+from difusion.model import SHIPPED, DiffusionModel, read_metadata
 
-TARGET = (
-    Path(__file__).resolve().parents[1] / "src" / "difusion" / "weights" / "default.safetensors"
-)
+WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "difusion" / "weights"
 
 
 def main() -> None:
@@ -28,7 +30,9 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--trained-on", help="where and how it was trained (kept in the metadata)")
     parser.add_argument("--guidance", type=float, help="the model's default guidance scale")
+    parser.add_argument("--name", choices=SHIPPED, default="default", help="which shipped model")
     args = parser.parse_args()
+    target = WEIGHTS / f"{args.name}.safetensors"
     model_file = args.run / "model.safetensors"
     step = read_metadata(model_file).get("step", "?")
     model = DiffusionModel.load(model_file)
@@ -40,9 +44,11 @@ def main() -> None:
     extra = {"step": step, "train_config": json.dumps(train_config)}
     if args.trained_on:
         extra["trained_on"] = args.trained_on
-    model.save(TARGET, extra, dtype=torch.float16)
+    if target.exists():
+        print(f"overwriting {target}")
+    model.save(target, extra, dtype=torch.float16)
     print(
-        f"wrote {TARGET} ({TARGET.stat().st_size / 2**20:.1f} MiB, step {step}, "
+        f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, step {step}, "
         f"guidance {model.config.guidance:g})"
     )
 

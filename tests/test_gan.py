@@ -13,7 +13,8 @@ from difusion.evaluate import draw, evaluate
 from difusion.gan_train import GANTrainConfig, train_gan
 from difusion.model import CheckpointError, DiffusionModel
 from difusion.nn.gan import GAN, Discriminator, GANConfig, Generator, is_gan_file, parameter_count
-from difusion.train import Run, TrainConfig, TrainingError, train
+from difusion.runs import Run, TrainingError
+from difusion.train import TrainConfig, train
 
 
 def tiny(tmp_path, name="gan", **kw) -> GANTrainConfig:

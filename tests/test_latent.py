@@ -12,7 +12,8 @@ from difusion.cli import main
 from difusion.data import DigitsDataset
 from difusion.images import auto_scale, grid, to_pil
 from difusion.model import CheckpointError, DiffusionModel
-from difusion.train import Run, TrainConfig, TrainingError, train
+from difusion.runs import Run, TrainingError
+from difusion.train import TrainConfig, train
 from difusion.vae_train import (
     FORMAT,
     VAETrainConfig,

@@ -75,7 +75,7 @@ def test_openai_client_generations_edits_and_models(url, pipe):
     assert [same(a, b) for a, b in zip(got, expected, strict=True)] == [True, True]
     assert out.data[0].revised_prompt == PROMPT
 
-    by_url = client.images.generate(prompt=PROMPT, response_format="url", extra_body=options)
+    by_url = client.images.generate(prompt=PROMPT, n=2, response_format="url", extra_body=options)
     fetched = httpx.get(by_url.data[0].url)
     assert fetched.headers["content-type"] == "image/png"
     assert same(Image.open(io.BytesIO(fetched.content)).convert("RGB"), expected[0])

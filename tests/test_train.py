@@ -7,7 +7,8 @@ import torch
 
 from difusion.data import DigitsDataset
 from difusion.model import DiffusionModel
-from difusion.train import Run, TrainConfig, TrainingError, TrainLoop, train
+from difusion.runs import Run, Stop, TrainingError, TrainLoop
+from difusion.train import TrainConfig, train
 
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
@@ -51,17 +52,17 @@ def test_train_loop_budget_log_and_callback(tmp_path):
     run = Run(tmp_path / "r")
     run.dir.mkdir()
     seen = []
-    loop = TrainLoop(run, 2, 7, None, 2, False, on_step=lambda s, r: seen.append((s, r["a"])))
+    loop = TrainLoop(run, 2, 7, Stop(None), 2, False, on_step=lambda s, r: seen.append((s, r["a"])))
     while loop.running():
         loop.advance({"a": float(loop.step), "b": 1.0}, lr=0.1)
     assert loop.step == 7 and seen == [(3, 2.0), (4, 3.0), (5, 4.0), (6, 5.0), (7, 6.0)]
     # means over each logging window: steps 3-4, 5-6, then the last step 7
     assert [(r["step"], r["a"]) for r in run.read_log()] == [(4, 2.5), (6, 4.5), (7, 6.0)]
     assert all(r["lr"] == 0.1 and r["b"] == 1.0 for r in run.read_log())
-    loop = TrainLoop(run, 0, 10, 1e-6, 1, False)
+    loop = TrainLoop(run, 0, 10, Stop(1e-6), 1, False)
     time.sleep(0.01)
     assert not loop.running()  # no minutes left
-    loop = TrainLoop(run, 4, 10, None, 1, False)
+    loop = TrainLoop(run, 4, 10, Stop(None), 1, False)
     loop.saved_step = 3
     with pytest.raises(TrainingError, match="at step 5; stopping: the last good checkpoint"):
         loop.check_finite("loss", torch.tensor(float("nan")))

@@ -133,6 +133,29 @@ def test_matches_unet2dconditionmodel(changes):
     assert rel_err(got, want) < 1e-5
 
 
+def test_guidance_input_matches_diffusers_lcm_unet():
+    """A distilled student's guidance input: diffusers' `time_cond_proj_dim` and the LCM
+    pipelines' w embedding (`get_guidance_scale_embedding(w - 1)`)."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    cfg = replace(SMALL_COND, time_cond_proj_dim=32)
+    ours, ref = random_pair(cfg)
+    x, t = inputs(cfg)
+    ctx, _ = context(cfg)
+    w = torch.tensor([1.0, 2.5, 8.0])
+    embed = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, 32)
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=ctx, timestep_cond=embed).sample
+        got = ours(x, t, context=ctx, guidance=w)
+        other = ours(x, t, context=ctx, guidance=w + 1)
+    assert rel_err(got, want) < 1e-5 and rel_err(other, want) > 1e-3
+    assert UNetConfig.from_diffusers_config(cfg.to_diffusers_kwargs()) == cfg
+    with pytest.raises(ValueError, match="guidance is required"):
+        ours(x, t, context=ctx)
+    with pytest.raises(ValueError, match="no guidance input"):
+        replace(SMALL, time_cond_proj_dim=32).to_diffusers_kwargs()
+
+
 @pytest.mark.parametrize(
     "cfg", [SMALL, SMALL_COND, replace(SMALL_COND, use_linear_projection=True)]
 )

@@ -19,6 +19,21 @@ app = typer.Typer(
 )
 
 
+# options several commands share
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Seed = Annotated[int, typer.Option(help="Seed of everything random.")]
+Minutes = Annotated[float | None, typer.Option(help="Stop (and save) after this wall time.")]
+SampleEvery = Annotated[int, typer.Option(help="Steps between sample grids and loss plots.")]
+CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")]
+DataOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="KEY=VALUE for the data set, repeatable (e.g. two_object_prob=0.75 for shapes)."
+    ),
+]
+
+
 class UserError(Exception):
     """Bad input: reported as one line, exit status 1."""
 
@@ -85,9 +100,7 @@ def train(
         "runs/run"
     ),
     steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 5000,
-    minutes: Annotated[
-        float | None, typer.Option(help="Stop (and save) after this wall time.")
-    ] = None,
+    minutes: Minutes = None,
     batch_size: Annotated[int, typer.Option(help="Images per step (per process).")] = 64,
     size: Annotated[int | None, typer.Option(help="Image size (default: the data set's).")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
@@ -130,15 +143,14 @@ def train(
     precision: Annotated[
         str, typer.Option(help="fp32, bf16 (CPU or CUDA) or fp16 (CUDA).")
     ] = "fp32",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
-    sample_every: Annotated[
-        int, typer.Option(help="Steps between sample grids and loss plots.")
-    ] = 500,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the run in --out exactly where it stopped.")
-    ] = False,
+    device: Device = "auto",
+    seed: Seed = 0,
+    sample_every: SampleEvery = 500,
+    checkpoint_every: CheckpointEvery = 250,
+    keep: Annotated[
+        int, typer.Option(help="Also keep the last K checkpoints, in checkpoints/step_N/.")
+    ] = 0,
+    resume: Resume = False,
     model: Annotated[
         str,
         typer.Option(
@@ -156,15 +168,11 @@ def train(
             "file), keeping its architecture, condition and objective."
         ),
     ] = None,
-    data_option: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="KEY=VALUE for the data set, repeatable (e.g. two_object_prob=0.75 for shapes)."
-        ),
-    ] = None,
+    data_option: DataOption = None,
 ) -> None:
     """Train a diffusion model (on one process, or several under torchrun), a DCGAN or a VAE."""
-    from .train import TrainConfig, given_options
+    from .runs import given_options
+    from .train import TrainConfig
     from .train import train as run_training
 
     if steps < 1 or batch_size < 1:
@@ -222,6 +230,7 @@ def train(
         seed=seed,
         sample_every=sample_every,
         checkpoint_every=checkpoint_every,
+        keep=keep,
         latent=latent,
         data_options=_key_values(data_option or [], "--data-option"),
         init=init,
@@ -255,10 +264,13 @@ def sample(
     checkpoint: Annotated[Path, typer.Argument(help="A run folder or a model .safetensors file.")],
     n: Annotated[int, typer.Option("-n", help="Number of images.")] = 16,
     sampler: Annotated[
-        str, typer.Option(help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m.")
-    ] = "dpmpp_2m",
+        str | None,
+        typer.Option(
+            help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, lcm (default: the model's)."
+        ),
+    ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Sampling steps (default 1000 for ddpm, else 20).")
+        int | None, typer.Option(help="Sampling steps (default: 1000 for ddpm, else the model's).")
     ] = None,
     spacing: Annotated[
         str | None,
@@ -276,20 +288,20 @@ def sample(
         "samples.png"
     ),
     gif: Annotated[Path | None, typer.Option(help="Also write the trajectory as a GIF.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Draw images from a trained model, optionally as an animation from noise."""
     from .compare import load_generator_or_diffusion
     from .images import auto_scale, grid, save_gif, to_pil, trajectory_frame
     from .nn.gan import GAN
-    from .train import pick_device
+    from .runs import pick_device
 
     if n < 1 or n > 1024:
         raise UserError(f"-n must be between 1 and 1024, got {n}")
     _check_output(output, (".png", ".jpg", ".jpeg", ".webp"))
     if gif is not None:
         _check_output(gif, (".gif",))
-    steps = steps or (1000 if sampler == "ddpm" else 20)
+    steps = steps or (1000 if sampler == "ddpm" else None)
     model = load_generator_or_diffusion(checkpoint, pick_device(device))
     if isinstance(model, GAN):  # one pass of the generator: no sampler, condition or trajectory
         if label is not None or guidance != 1.0 or gif is not None:
@@ -337,6 +349,7 @@ def sample(
     if gif is not None:
         stride = max(1, len(frames) // 100)  # a 1000-step DDPM run keeps ~100 frames
         save_gif(frames[::stride] + [final], gif)
+    sampler, steps = sampler or model.config.sampler, steps or model.config.steps
     typer.echo(f"wrote {output}" + (f" and {gif}" if gif else "") + f" ({sampler}, {steps} steps)")
 
 
@@ -345,13 +358,18 @@ def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts (one grid row each).")],
     n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    steps: Annotated[
+        int | None, typer.Option(help="Sampling steps (default: the model's).")
+    ] = None,
     guidance: Annotated[
         float | None, typer.Option(help="Classifier-free guidance (default: the model's).")
     ] = None,
     sampler: Annotated[
-        str, typer.Option(help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m.")
-    ] = "dpmpp_2m",
+        str | None,
+        typer.Option(
+            help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, lcm (default: the model's)."
+        ),
+    ] = None,
     negative: Annotated[
         str, typer.Option(help="Negative prompt (replaces the unconditional branch).")
     ] = "",
@@ -377,7 +395,7 @@ def generate(
     strength: Annotated[
         float | None, typer.Option(help="img2img: how much of --image to redraw (0-1).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Generate images from text prompts (our models, or Stable Diffusion files and folders)."""
     import time
@@ -385,7 +403,7 @@ def generate(
     from .denoiser import check_guidance
     from .images import auto_scale, grid, save_gif, to_pil
     from .pipeline import Pipeline
-    from .train import pick_device
+    from .runs import pick_device
 
     if not 1 <= n <= 256:
         raise UserError(f"-n must be between 1 and 256, got {n}")
@@ -471,14 +489,16 @@ def eval_(
             "relation words unseen in training."
         ),
     ] = None,
-    sampler: Annotated[str, typer.Option(help="Sampler.")] = "dpmpp_2m",
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    sampler: Annotated[str | None, typer.Option(help="Sampler (default: the model's).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Sampling steps (default: the model's).")
+    ] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Measure a model: FID/KID, precision/recall, mode coverage; or prompt alignment."""
     import json
@@ -486,7 +506,7 @@ def eval_(
     from .compare import load_generator_or_diffusion
     from .evaluate import evaluate, evaluate_alignment, format_table
     from .model import resolve_checkpoint
-    from .train import pick_device
+    from .runs import pick_device
 
     if n < 2:
         raise UserError(f"-n must be at least 2, got {n}")
@@ -556,7 +576,7 @@ def compare(
         str | None,
         typer.Option(help="Feature network (default: the data set's classifier)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Diffusion vs GAN on the same wall-clock budget: stability, quality, diversity, speed."""
     from .compare import CompareConfig
@@ -570,6 +590,49 @@ def compare(
         inception_samples=inception_samples, feature_net=feature_net, device=device,
     )  # fmt: skip
     run_study(cfg)
+
+
+@app.command()
+def distill(
+    teacher: Annotated[
+        str, typer.Argument(help='The model to distil: "default", a run folder or a model file.')
+    ],
+    out: Annotated[Path, typer.Option(help="Run folder of the student.")] = Path("runs/distill"),
+    data: Annotated[
+        str | None, typer.Option(help="Training data (default: the teacher run's; shapes).")
+    ] = None,
+    data_option: DataOption = None,
+    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 5000,
+    minutes: Minutes = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
+    warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 100,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the target network.")] = 0.95,
+    guidance_min: Annotated[float, typer.Option(help="Smallest guidance scale learnt.")] = 1.0,
+    guidance_max: Annotated[float, typer.Option(help="Largest guidance scale learnt.")] = 4.0,
+    solver_steps: Annotated[
+        int, typer.Option(help="Teacher ODE steps across the schedule (one a distillation pair).")
+    ] = 50,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    device: Device = "auto",
+    seed: Seed = 0,
+    sample_every: SampleEvery = 500,
+    checkpoint_every: CheckpointEvery = 250,
+    resume: Resume = False,
+) -> None:
+    """Distil a model into a few-step student (latent consistency distillation)."""
+    from .distill import DistillConfig
+    from .distill import distill as run_distillation
+
+    cfg = DistillConfig(
+        teacher=teacher, out=str(out), data=data,
+        data_options=_key_values(data_option or [], "--data-option"), steps=steps,
+        minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+        guidance_min=guidance_min, guidance_max=guidance_max, solver_steps=solver_steps,
+        precision=precision, device=device, seed=seed, sample_every=sample_every,
+        checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    run_distillation(cfg, resume=resume)
 
 
 @app.command()
@@ -599,15 +662,15 @@ def serve(
     timeout: Annotated[
         float, typer.Option(help="Seconds a generation may run before it is cancelled.")
     ] = 300.0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Serve models over HTTP: OpenAI's images API, AUTOMATIC1111's, and a page at /."""
     import logging
 
     import uvicorn
 
+    from .runs import pick_device
     from .serve import ServeSettings, create_app
-    from .train import pick_device
 
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {port}")
@@ -642,7 +705,7 @@ def _check_can_listen(host: str, port: int) -> None:
 
 def main() -> None:
     from .model import CheckpointError
-    from .train import TrainingError
+    from .runs import TrainingError
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:

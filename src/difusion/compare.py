@@ -392,7 +392,8 @@ def unet_options(size: int, preset: str) -> dict:
 
 def train_one(kind: str, data: str, dataset, seed: int, run_dir: Path, cfg: CompareConfig) -> dict:
     """Train one model for the budget; returns what happened (steps, time, snapshots)."""
-    from .train import TrainConfig, TrainingError, train
+    from .runs import TrainingError
+    from .train import TrainConfig, train
 
     preset = PRESETS[cfg.preset]
     common = dict(
@@ -511,7 +512,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> Path:
     """Run the study of `cfg` and write its report; returns the report's path."""
     from .data import load_dataset
     from .images import auto_scale, grid, labelled_strip, to_pil
-    from .train import pick_device
+    from .runs import pick_device
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,16 +106,17 @@ def guided(
     denoiser: Callable,
     cond: Cond | None,
     uncond: Cond | None,
-    scale: float,
+    scale: float | torch.Tensor,
     rescale: float = 0.0,
 ) -> DenoiserFn:
-    """Classifier-free guidance, both branches in one batched forward.
+    """Classifier-free guidance, both branches in one batched forward. `scale` is a number,
+    or a tensor of one scale per sample ([B, 1, 1, 1]).
 
     eps = eps_u + w (eps_c - eps_u); since x0 = x - sigma eps is affine in eps, guiding the x0
     estimates is the same thing. A negative prompt is simply the unconditional branch.
     `rescale` (Lin et al. 2023) pulls the guided eps back to the std of the conditional one.
     """
-    if scale == 1.0:
+    if isinstance(scale, (int, float)) and scale == 1.0:
         return bind(denoiser, cond)
     both = cat_cond(uncond, cond)
 
@@ -131,6 +132,20 @@ def guided(
             eps = rescale * eps * ratio + (1 - rescale) * eps
             x0 = x - s * eps
         return x0
+
+    return fn
+
+
+def consistency(denoiser: DenoiserFn, sigma_min: float, sigma_data: float = 0.5) -> DenoiserFn:
+    """A consistency model's function (Song et al. 2023; LCM): f(x, sigma) = c_skip x +
+    (1 - c_skip) D(x, sigma), with c_skip = 1 at sigma_min and falling fast above it, so that
+    f is x itself at the trajectory's end whatever the network says (the boundary condition),
+    and D, the teacher's x0 estimate when the student starts, almost everywhere else."""
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        u = (_per_sample(_expand(sigma, x), x) - sigma_min) / sigma_min
+        c_skip = sigma_data**2 / (u**2 + sigma_data**2)
+        return c_skip * x + (1 - c_skip) * denoiser(x, sigma)
 
     return fn
 

@@ -16,8 +16,8 @@ def draw(
     model: DiffusionModel,
     n: int,
     *,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
+    sampler: str | None = None,
+    steps: int | None = None,
     seed: int = 0,
     guidance: float = 1.0,
     batch_size: int = 250,
@@ -85,8 +85,8 @@ def evaluate(
     n: int,
     feature_net: str,
     *,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
+    sampler: str | None = None,
+    steps: int | None = None,
     seed: int = 0,
     guidance: float = 1.0,
 ) -> dict:
@@ -104,6 +104,8 @@ def evaluate(
 
     if isinstance(model, GAN):
         sampler, steps = "gan (one pass)", 1
+    else:
+        sampler, steps = sampler or model.config.sampler, steps or model.config.steps
     result.update({"sampler": sampler, "steps": steps, "images_per_s": n / seconds, "data": data})
     return result
 
@@ -114,8 +116,8 @@ def evaluate_alignment(
     n_double: int = 200,
     seeds: tuple[int, ...] = (0,),
     *,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
+    sampler: str | None = None,
+    steps: int | None = None,
     guidance: float | None = None,
     batch_size: int = 200,
     wording: str | None = None,
@@ -133,7 +135,9 @@ def evaluate_alignment(
     if model.config.cond != "text":
         raise ValueError("--alignment needs a text-conditioned model")
     guidance = model.config.guidance if guidance is None else guidance
+    sampler, steps = sampler or model.config.sampler, steps or model.config.steps
     totals = {"single": [0, 0], "double": [0, 0]}
+    sampling = 0.0
     failures: Counter[str] = Counter()
     for seed in seeds:
         prompts = prompt_set(n_single, n_double, seed=seed)
@@ -141,10 +145,12 @@ def evaluate_alignment(
             chunk = prompts[start : start + batch_size]
             asked = [reword(p, wording) for p in chunk]
             cond, uncond = model.text_cond(asked), model.text_cond([""] * len(chunk))
+            start_time = time.monotonic()
             x = model.sample(
                 len(chunk), sampler=sampler, steps=steps, seed=seed * 100_003 + start,
                 cond=cond, uncond=uncond, guidance=guidance,
             )  # fmt: skip
+            sampling += time.monotonic() - start_time
             scores = score_batch(x, chunk)
             totals["single"][0] += scores["passed_single"]
             totals["single"][1] += scores["n_single"]
@@ -162,6 +168,7 @@ def evaluate_alignment(
         "steps": steps,
         "guidance": guidance,
         "wording": wording,
+        "images_per_s": (single[1] + double[1]) / max(sampling, 1e-9),
         "failures": dict(failures.most_common()),  # reasons by category; an image may give several
     }
 

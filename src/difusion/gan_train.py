@@ -28,8 +28,9 @@ from .data import random_batch
 from .images import auto_scale, grid, to_pil
 from .model import atomic_save, read_safetensors
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
-from .train import (
+from .runs import (
     Run,
+    Stop,
     TrainingError,
     TrainLoop,
     module_state,
@@ -199,7 +200,7 @@ def train_gan(
             f"steps {step}->{cfg.steps}",
             flush=True,
         )
-    loop = TrainLoop(run, step, cfg.steps, cfg.minutes, cfg.log_every, progress, on_step)
+    loop = TrainLoop(run, step, cfg.steps, Stop(cfg.minutes), cfg.log_every, progress, on_step)
     gen.train()
     disc.train()
     while loop.running():
@@ -259,7 +260,7 @@ NOT_FOR_GAN = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
     "layers_per_block", "dropout", "precision", "latent",
-    "init", "data_option", "layout_map", "layout_steps",
+    "init", "data_option", "layout_map", "layout_steps", "keep",
 )  # fmt: skip
 
 

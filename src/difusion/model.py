@@ -18,7 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .denoiser import Cond, Denoiser, DenoiserFn, bind, check_guidance, clamped, guided
+from .denoiser import (
+    Cond,
+    Denoiser,
+    DenoiserFn,
+    bind,
+    check_guidance,
+    clamped,
+    consistency,
+    guided,
+)
 from .nn.unet import UNet, UNetConfig
 from .samplers import Callback, get_sampler, initial_noise
 from .schedule import NoiseSchedule, ScheduleConfig
@@ -43,9 +52,14 @@ class ModelConfig:
     text_encoder: dict | None = None  # for cond="text": encoder name and identity
     clip_x0: bool = True  # pixel models clamp the x0 estimate to [-1, 1] while sampling
     guidance: float = 5.0  # the classifier-free guidance scale a pipeline uses by default
+    sampler: str = "dpmpp_2m"  # ... and the sampler and its number of steps
+    steps: int = 20
     spacing: str = "trailing"  # how sampling timesteps are spaced by default
     steps_offset: int = 0  # added to "leading" timesteps (Stable Diffusion 1.x uses 1)
     latent: dict | None = None  # latent models: {"vae": VAEConfig dict, "sha256", "path"}
+    # consistency-distilled students: {"sigma_min", "guidance": [lo, hi], "teacher": {...}};
+    # guidance is then an input of the network, not a second branch
+    consistency: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -152,13 +166,42 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"label must be between 0 and {n - 1}")
         return {"class_labels": labels}, {"class_labels": torch.full_like(labels, n)}
 
+    def guided_denoiser(
+        self,
+        cond: Cond | None = None,
+        uncond: Cond | None = None,
+        guidance: float = 1.0,
+        guidance_rescale: float = 0.0,
+    ) -> DenoiserFn:
+        """The denoiser a sampler sees: classifier-free guidance (one batched forward of both
+        branches), or for a distilled student its consistency function with the guidance
+        scale as an input; pixel models' x0 estimates clamped to [-1, 1]."""
+        check_guidance(guidance)
+        if self.config.consistency is not None:
+            lo, hi = self.config.consistency["guidance"]
+            if not lo <= guidance <= hi:
+                raise ValueError(
+                    f"guidance must be from {lo:g} to {hi:g} for this distilled model, got "
+                    f"{guidance:g}"
+                )
+            fn = bind(self.denoiser(), with_guidance(cond, guidance, self.config))
+        elif uncond is not None and guidance != 1.0:
+            fn = guided(self.denoiser(), cond, uncond, guidance, guidance_rescale)
+        else:
+            fn = bind(self.denoiser(), cond)
+        if self.config.clip_x0:
+            fn = clamped(fn)
+        if self.config.consistency is not None:
+            fn = consistency(fn, self.config.consistency["sigma_min"])
+        return fn
+
     @torch.no_grad()
     def sample(
         self,
         n: int,
         *,
-        sampler: str = "dpmpp_2m",
-        steps: int = 20,
+        sampler: str | None = None,
+        steps: int | None = None,
         spacing: str | None = None,
         seed: int = 0,
         cond: Cond | None = None,
@@ -177,6 +220,7 @@ class DiffusionModel(nn.Module):
     ) -> torch.Tensor:
         """n samples in the data range [-1, 1], deterministic for a seed.
 
+        `sampler` and `steps` default to the model's own (`config.sampler`, `config.steps`).
         `size` (h, w) overrides the model's square `image_size`. `noise` is the initial noise
         in the model's unit-variance view (diffusers' `latents`). `init` (clean samples, [n or
         1, C, h, w]) starts img2img: the run skips the first `1 - strength` of its steps and
@@ -186,8 +230,10 @@ class DiffusionModel(nn.Module):
         `generator` replaces the one seeded by `seed`. `final_sigma` > 0 ends the run short of
         the clean sample (diffusers' DDIM with `set_alpha_to_one=False`); the result is then
         returned in the model's view, x / sqrt(1 + final_sigma^2)."""
+        sampler = sampler or self.config.sampler
+        steps = steps or self.config.steps
         sample_fn = get_sampler(sampler)
-        check_guidance(guidance)
+        fn = self.guided_denoiser(cond, uncond, guidance, guidance_rescale)
         spacing = spacing or self.config.spacing
         sigmas = self.schedule.sample_sigmas(
             steps, spacing, self.config.steps_offset, final_sigma
@@ -214,12 +260,6 @@ class DiffusionModel(nn.Module):
             x = initial_noise(shape, float(sigmas[0]), generator, self.device)
         else:
             x = noise.to(self.device) * (1 + float(sigmas[0]) ** 2) ** 0.5
-        if uncond is not None and guidance != 1.0:
-            fn: DenoiserFn = guided(self.denoiser(), cond, uncond, guidance, guidance_rescale)
-        else:
-            fn = bind(self.denoiser(), cond)
-        if self.config.clip_x0:
-            fn = clamped(fn)
         if mask is not None:
             m = mask.to(self.device, torch.float32)
             denoise = fn
@@ -274,6 +314,13 @@ class DiffusionModel(nn.Module):
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def with_guidance(cond: Cond | None, guidance: float | torch.Tensor, config: ModelConfig) -> Cond:
+    """The condition of a student that takes the guidance scale as an input."""
+    if config.unet.time_cond_proj_dim is None:  # an unconditional teacher: nothing to guide
+        return cond
+    return {**(cond or {}), "guidance": torch.as_tensor(guidance, dtype=torch.float32)}
 
 
 def text_encoder_for(
@@ -339,18 +386,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def default_model_path() -> Path:
-    """The text-to-image model shipped inside the package ("default")."""
-    path = Path(str(resources.files("difusion") / "weights" / "default.safetensors"))
+SHIPPED = ("default", "default-fast")  # models in the package: the text model, its student
+
+
+def default_model_path(name: str = "default") -> Path:
+    """A model shipped inside the package: "default" (text-to-image), "default-fast" (its
+    distilled few-step student)."""
+    path = Path(str(resources.files("difusion") / "weights" / f"{name}.safetensors"))
     if not path.is_file():
-        raise CheckpointError("the default model is not installed with this copy of difusion")
+        raise CheckpointError(f"the {name} model is not installed with this copy of difusion")
     return path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """ "default" (the shipped model), a run folder or a model file -> the model file."""
-    if str(path) == "default":
-        return default_model_path()
+    """ "default" / "default-fast" (shipped), a run folder or a model file -> the model file."""
+    if str(path) in SHIPPED:
+        return default_model_path(str(path))
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .denoiser import Cond, check_guidance
 from .images import to_pil
-from .model import DiffusionModel, resolve_checkpoint
+from .model import SHIPPED, DiffusionModel, resolve_checkpoint
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 ImageInput = Image.Image | torch.Tensor
@@ -170,7 +170,7 @@ class Pipeline:
         .safetensors / .ckpt (see `difusion.sd.load` for its `options`)."""
         from .sd import is_sd_checkpoint, load
 
-        if str(name_or_path) != "default" and is_sd_checkpoint(name_or_path):
+        if str(name_or_path) not in SHIPPED and is_sd_checkpoint(name_or_path):
             return load(name_or_path, device, dtype, **options)
         if options:
             raise TypeError(f"options {sorted(options)} are for Stable Diffusion checkpoints")
@@ -244,9 +244,9 @@ class Pipeline:
         self,
         prompt: str | list[str],
         negative_prompt: str = "",
-        steps: int = 20,
+        steps: int | None = None,
         guidance: float | None = None,
-        sampler: str = "dpmpp_2m",
+        sampler: str | None = None,
         seed: int = 0,
         n: int = 1,
         latents: torch.Tensor | None = None,
@@ -261,6 +261,8 @@ class Pipeline:
         decode: bool = True,
     ) -> torch.Tensor:
         """As __call__, but the images as a tensor in [-1, 1]; `callback` sees model-space x0.
+        `steps`, `guidance` and `sampler` default to the model's own (20 steps of dpmpp_2m for
+        most; 4 of lcm for a distilled one).
 
         `latents`: the initial noise in model space ([len(prompts) * n, C, h, w], as diffusers'
         `latents`). `height`/`width`: the image size, multiples of the VAE's factor (8 for
@@ -276,6 +278,7 @@ class Pipeline:
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs the image to inpaint (image=)")
         prompts = [p for p in prompts for _ in range(n)]
+        sampler, steps = sampler or self.model.config.sampler, steps or self.model.config.steps
         guidance = self.default_guidance if guidance is None else guidance
         check_guidance(guidance)
         if self.kind == "unconditional" and guidance != 1.0:

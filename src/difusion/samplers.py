@@ -121,6 +121,25 @@ def sample_dpmpp_2m(
     return x
 
 
+@torch.no_grad()
+def sample_lcm(
+    denoiser: DenoiserFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023; LCM): jump to the clean estimate,
+    then noise it afresh to the next sigma. One step is a one-pass generator."""
+    for i in range(len(sigmas) - 1):
+        x0 = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback({"i": i, "sigma": float(sigmas[i]), "x": x, "x0": x0})
+        x = x0 + float(sigmas[i + 1]) * _noise(x, generator) if sigmas[i + 1] > 0 else x0
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": partial(sample_ancestral, eta=1.0),
     "ddim": partial(sample_ancestral, eta=0.0),
@@ -128,6 +147,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler_ancestral": partial(sample_ancestral, eta=1.0),
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "lcm": sample_lcm,
 }
 
 

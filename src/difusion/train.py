@@ -4,6 +4,8 @@ The objective is DDPM's simple loss: pick t and eps at random, noise x0 in close
 regress the network's output on eps (or v, or x0). Around it: AdamW with warm-up, gradient
 clipping, an EMA of the weights (the one used for sampling), optional bf16/fp16 autocast,
 exact resume, a guard against non-finite losses, and torch.distributed when run by torchrun.
+A run stopped by its --minutes, SIGINT or SIGTERM saves the step it stopped at; one stopped
+by a failed write (a full disk) keeps its last checkpoint whole.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,14 +37,28 @@ from .model import (
     resolve_checkpoint,
 )
 from .nn.unet import UNetConfig
+from .runs import (
+    MODEL_FILE,
+    STATE_FILE,
+    WRITE_ERRORS,
+    Run,
+    Stop,
+    TrainingError,
+    TrainLoop,
+    any_process,
+    check_budget,
+    check_run_folder,
+    keep_checkpoint,
+    module_state,
+    pick_device,
+    restore_training_state,
+    run_folder_errors,
+    seeded_generators,
+    training_state,
+    update_ema,
+    write_run_config,
+)
 from .schedule import ScheduleConfig
-
-STATE_FILE = "train_state.safetensors"
-MODEL_FILE = "model.safetensors"
-
-
-class TrainingError(RuntimeError):
-    """Stops a run with a one-line reason; what was saved before stays as it was."""
 
 
 @dataclass
@@ -84,6 +99,7 @@ class TrainConfig:
     log_every: int = 25
     sample_every: int = 500
     checkpoint_every: int = 250
+    keep: int = 0  # step-numbered copies of the last `keep` checkpoints, in checkpoints/
     latent: str | None = None  # a VAE run folder or file: train in its latent space
     data_options: dict = field(default_factory=dict)  # keyword options of the data set
     init: str | None = None  # fine-tune: start from this model's weights (and architecture)
@@ -239,19 +255,14 @@ def model_config_for(
             f"image size {size} is not divisible by 2^{levels - 1} for {levels} levels"
         )
     resolutions = [size // 2**i for i in range(levels)]
+    check_condition_fits(cfg, dataset)
     num_classes = None
     class_names = None
     if cfg.cond == "label":
-        if not getattr(dataset, "num_classes", None):
-            raise TrainingError(f"--cond label needs labelled data; {cfg.data!r} has no labels")
         class_names = list(dataset.class_names or map(str, range(dataset.num_classes)))
         num_classes = len(class_names) + 1  # the last one is "no label", for guidance
     if cfg.cond == "text" and text_encoder is None:
         raise TrainingError("--cond text needs a text encoder")
-    if cfg.layout_map and cfg.cond != "text":
-        raise TrainingError(LAYOUT_MAP_NEEDS_TEXT)
-    if cfg.cond == "text" and dataset.size > 0 and "caption" not in dataset[0]:
-        raise TrainingError(f"--cond text needs captioned data; {cfg.data!r} has no captions")
     unet = UNetConfig(
         in_channels=channels,
         out_channels=channels,
@@ -278,6 +289,18 @@ def model_config_for(
         clip_x0=latent is None,
         latent=latent,
     )
+
+
+def check_condition_fits(cfg: TrainConfig, dataset: Dataset) -> None:
+    """The condition asked for is one the data has: labels, or captions."""
+    if cfg.cond not in (None, "label", "text"):
+        raise TrainingError(f"unknown condition {cfg.cond!r}; choose label or text")
+    if cfg.cond == "label" and not getattr(dataset, "num_classes", None):
+        raise TrainingError(f"--cond label needs labelled data; {cfg.data!r} has no labels")
+    if cfg.layout_map and cfg.cond != "text":
+        raise TrainingError(LAYOUT_MAP_NEEDS_TEXT)
+    if cfg.cond == "text" and (len(dataset) == 0 or "caption" not in dataset[0]):
+        raise TrainingError(f"--cond text needs captioned data; {cfg.data!r} has no captions")
 
 
 def diffusion_loss(
@@ -311,166 +334,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over the parameters being trained."""
-    decay = min(decay, (1 + step) / (10 + step))
-    pairs = [
-        (e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True) if p.requires_grad
-    ]
-    torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - decay)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
-class Run:
-    """The files of a run folder: model (EMA) weights, training state, log and pictures."""
-
-    def __init__(self, out: str | Path) -> None:
-        self.dir = Path(out)
-
-    @property
-    def state_path(self) -> Path:
-        return self.dir / STATE_FILE
-
-    @property
-    def model_path(self) -> Path:
-        return self.dir / MODEL_FILE
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "log.jsonl"
-
-    def exists(self) -> bool:
-        return self.state_path.exists()
-
-    def read_log(self) -> list[dict]:
-        if not self.log_path.exists():
-            return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
-
-    def truncate_log(self, step: int) -> None:
-        """On resume, drop log lines written after the checkpoint we continue from."""
-        kept = [r for r in self.read_log() if r["step"] <= step]
-        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def append_log(self, record: dict) -> None:
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def plot_loss(self) -> None:
-        records = [r for r in self.read_log() if "loss" in r]
-        if len(records) < 2:
-            return
-        steps = [r["step"] for r in records]
-        loss = [r["loss"] for r in records]
-        k = max(1, len(loss) // 20)
-        smooth = [
-            sum(loss[max(0, i - k) : i + 1]) / len(loss[max(0, i - k) : i + 1])
-            for i in range(len(loss))
-        ]
-        series = {
-            "mean loss between log steps": (steps, loss),
-            f"moving average ({k + 1})": (steps, smooth),
-        }
-        plot_series(self.dir / "loss.png", series, "MSE", log=True)
-
-    def plot_alignment(self) -> None:
-        records = [r for r in self.read_log() if "align_single" in r]
-        if not records:
-            return
-        steps = [r["step"] for r in records]
-        series = {
-            "one-object prompts": (steps, [r["align_single"] for r in records]),
-            "two-object prompts": (steps, [r["align_double"] for r in records]),
-        }
-        plot_series(self.dir / "alignment.png", series, "prompts satisfied", log=False)
-
-
-def plot_series(
-    path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bool, xlabel: str = "step"
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, lw=1.5, marker="o" if len(xs) < 30 else None, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def training_state(
-    modules: dict[str, dict[str, torch.Tensor]],
-    opts: dict[str, torch.optim.Optimizer],
-    generators: dict[str, torch.Generator],
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Weights, optimizer states and RNG states as flat tensors (plus the optimizers' param
-    groups as JSON metadata): everything an exact resume needs, in one safetensors file."""
-    tensors = {
-        f"{prefix}.{k}": v.detach().cpu().contiguous()
-        for prefix, state in modules.items()
-        for k, v in state.items()
-    }
-    groups = {}
-    for name, opt in opts.items():
-        state = opt.state_dict()
-        for idx, entry in state["state"].items():
-            for key, value in entry.items():
-                tensors[f"opt_{name}.{idx}.{key}"] = (
-                    torch.as_tensor(value).detach().cpu().contiguous()
-                )
-        groups[name] = state["param_groups"]
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    for name, g in generators.items():
-        tensors[f"rng.{name}"] = g.get_state().cpu()
-    return tensors, {"param_groups": json.dumps(groups)}
-
-
-def restore_training_state(
-    tensors: dict[str, torch.Tensor],
-    metadata: dict[str, str],
-    opts: dict[str, torch.optim.Optimizer],
-    generators: dict[str, torch.Generator],
-) -> None:
-    """The inverse of `training_state` for optimizers and RNGs (weights: `module_state`)."""
-    groups = json.loads(metadata["param_groups"])
-    for name, opt in opts.items():
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        prefix = f"opt_{name}."
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                idx, field = key[len(prefix) :].split(".", 1)
-                state.setdefault(int(idx), {})[field] = value
-        opt.load_state_dict({"state": state, "param_groups": groups[name]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    for name, g in generators.items():
-        g.set_state(tensors[f"rng.{name}"].to(g.get_state().device))
-
-
-def module_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
 def save_state(
     run: Run,
     step: int,
@@ -486,10 +349,25 @@ def save_state(
         train_config=json.dumps(cfg.to_dict()),
         model_config=json.dumps(model.config.to_dict()),
     )
-    # EMA first: if we die between the two writes, the state still points at an older step
+    # both written beside the last checkpoint, then renamed over it: a failed write (a full
+    # disk) leaves that checkpoint whole
+    staged = {
+        run.model_path: run.dir / f"next_{MODEL_FILE}",
+        run.state_path: run.dir / f"next_{STATE_FILE}",
+    }
+    try:
+        ema.save(staged[run.model_path], {"step": str(step)})
+        atomic_save(tensors, staged[run.state_path], metadata)
+    except WRITE_ERRORS:
+        for partial in run.dir.glob("next_*"):
+            with suppress(OSError):
+                partial.unlink()
+        raise
+    # EMA first: if we die between the two renames, the state still points at an older step
     # whose EMA is at least as new, never the reverse.
-    ema.save(run.model_path, {"step": str(step)})
-    atomic_save(tensors, run.state_path, metadata)
+    for path, written in staged.items():
+        os.replace(written, path)
+    keep_checkpoint(run, step, cfg.keep)
 
 
 def load_state(
@@ -502,160 +380,6 @@ def load_state(
     model.load_weights(module_state(tensors, "model"))
     restore_training_state(tensors, metadata, {"model": opt}, generators)
     return int(metadata["step"])
-
-
-class TrainLoop:
-    """The bookkeeping around every trainer's step (diffusion, GAN, VAE): the step and
-    minutes budget, the progress bar, the `on_step` callback, the log of running means every
-    `log_every` steps, and the last checkpointed step for the non-finite-loss stop."""
-
-    def __init__(
-        self,
-        run: Run,
-        step: int,
-        steps: int,
-        minutes: float | None,
-        log_every: int,
-        progress: bool,
-        on_step: Callable[[int, dict], None] | None = None,
-        write_log: bool = True,
-    ) -> None:
-        self.run, self.step, self.steps, self.minutes = run, step, steps, minutes
-        self.log_every, self.on_step, self.write_log = log_every, on_step, write_log
-        self.saved_step = step
-        self.bar = None
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
-        self.start = self.last_log_time = time.monotonic()
-        self.last_log_step = step
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def running(self) -> bool:
-        """Steps and time are left."""
-        over_time = self.minutes is not None and self.elapsed() > self.minutes * 60
-        return self.step < self.steps and not over_time
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    def check_finite(self, what: str, value: torch.Tensor) -> None:
-        """Stop a run whose loss is no longer finite; saved files stay as they are."""
-        if torch.isfinite(value):
-            return
-        self.close()
-        kept = (
-            f"the last good checkpoint (step {self.saved_step}) is kept in {self.run.dir}"
-            if self.saved_step
-            else "nothing was saved"
-        )
-        raise TrainingError(
-            f"{what} became {value.item()} at step {self.step + 1}; stopping: {kept}"
-        )
-
-    def advance(self, record: dict[str, float], lr: float) -> None:
-        """One step done: `record` holds its scalars (the first one is shown on the bar)."""
-        self.step += 1
-        for k, v in record.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-        if self.on_step is not None:
-            self.on_step(self.step, record)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4f}" for k, v in list(record.items())[:2]})
-        if self.write_log and (self.step % self.log_every == 0 or self.step == self.steps):
-            now = time.monotonic()
-            rate = (self.step - self.last_log_step) / max(now - self.last_log_time, 1e-9)
-            means = {k: v / self.count for k, v in self.sums.items()}
-            self.run.append_log({"step": self.step, **means, "lr": lr, "steps_per_s": rate})
-            self.last_log_time, self.last_log_step = now, self.step
-            self.sums, self.count = {}, 0
-
-    def due(self, every: int) -> bool:
-        return self.step % every == 0
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def given_options(options: dict, command: Callable, names: tuple[str, ...]) -> list[str]:
-    """The `--options` among `names` that `options` (a command's arguments) set to a value
-    other than the command's default."""
-    import inspect
-
-    params = inspect.signature(command).parameters
-    return [
-        "--" + name.replace("_", "-")
-        for name in names
-        if name in options and name in params and options[name] != params[name].default
-    ]
-
-
-def options_for_model(
-    model: str, options: dict, command: Callable, shared: tuple[str, ...], excluded: tuple[str, ...]
-) -> dict:
-    """`difusion train --model MODEL`: the `shared` options taken from the command's arguments;
-    an option among `excluded` set to a value other than its default is an error."""
-    given = given_options(options, command, excluded)
-    if given:
-        raise TrainingError(f"{', '.join(given)}: not an option of --model {model}")
-    picked = {k: options[k] for k in shared if k in options}
-    picked["out"] = str(picked.get("out", f"runs/{model}"))
-    return picked
-
-
-def check_run_folder(run: Run, resume: bool) -> None:
-    """Resume needs a run; a fresh start never overwrites one."""
-    if resume and not run.exists():
-        raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
-    if not resume and run.exists():
-        raise TrainingError(
-            f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
-        )
-
-
-def start_run(
-    cfg, resume: bool, stored_config: Callable[[Path], Any], architecture: tuple[str, ...],
-    dataset: Dataset | None,
-) -> tuple[Run, Any, torch.device, Dataset]:  # fmt: skip
-    """The start the GAN and VAE trainers share: the run folder checked; on resume the stored
-    `architecture` fields win over `cfg`'s; budget and EMA decay validated; device and data."""
-    run = Run(cfg.out)
-    check_run_folder(run, resume)
-    if resume:
-        stored = stored_config(run.dir)
-        cfg = replace(cfg, **{k: getattr(stored, k) for k in architecture})
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise TrainingError("steps and batch size must be positive")
-    if not 0 <= cfg.ema_decay < 1:
-        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    device = pick_device(cfg.device)
-    if dataset is None:
-        dataset = load_dataset(cfg.data, cfg.size)
-    return run, cfg, device, dataset
-
-
-def seeded_generators(
-    seed: int, rank: int = 0, noise_device: torch.device | None = None
-) -> dict[str, torch.Generator]:
-    """The data-order and noise generators of a run (one pair per process)."""
-    return {
-        "data": torch.Generator().manual_seed(seed * 7919 + rank),
-        "noise": torch.Generator(device=noise_device or "cpu").manual_seed(
-            seed * 104729 + rank + 1
-        ),
-    }
-
-
-def write_run_config(run: Run, cfg) -> None:
-    """The run folder, its samples/ folder and train_config.json (what `--resume` reads)."""
-    run.dir.mkdir(parents=True, exist_ok=True)
-    (run.dir / "samples").mkdir(exist_ok=True)
-    (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
 def stored_train_config(out: str | Path) -> TrainConfig:
@@ -692,15 +416,14 @@ def tracks_alignment(cfg: TrainConfig) -> bool:
 
 
 def alignment_probe(ema: DiffusionModel, n_single: int = 18, n_double: int = 18) -> dict:
-    """Fraction of a fixed prompt set the EMA model satisfies (20 DPM-Solver++ steps)."""
+    """Fraction of a fixed prompt set the EMA model satisfies (its own sampler and steps:
+    20 of DPM-Solver++ for most)."""
     from .alignment import prompt_set, score_batch
 
     ema.eval()
     prompts = prompt_set(n_single, n_double, seed=0)
     cond, uncond = ema.text_cond(prompts), ema.text_cond([""] * len(prompts))
-    x = ema.sample(
-        len(prompts), steps=20, seed=0, cond=cond, uncond=uncond, guidance=ema.config.guidance
-    )
+    x = ema.sample(len(prompts), seed=0, cond=cond, uncond=uncond, guidance=ema.config.guidance)
     scores = score_batch(x, prompts)
     return {"align_single": scores["pass_rate_single"], "align_double": scores["pass_rate_double"]}
 
@@ -750,13 +473,15 @@ def pretrain_layout(
     generator: torch.Generator,
     run: Run | None = None,
     progress: bool = True,
+    stop: Stop | None = None,
 ) -> None:
     """Fit a new layout map alone to the data's images, averaged down to an 8x8 grid, from
     their captions: the pure-noise end of denoising without the noise. Learning which object
     a relation puts first takes a product of three things (the place, the relation and the
     word's position); inside the denoiser that product starts at zero and its gradient with
     it, while here it is the whole loss. The mean loss of each `log_every` steps goes to the
-    run's log as `layout_loss` (with `step` 0: before the denoiser's first step)."""
+    run's log as `layout_loss` (with `step` 0: before the denoiser's first step). It ends
+    early when `stop` asks (budget spent, or a signal)."""
     layout = diffusion.unet.layout_map
     device = layout.query.weight.device
     opt = torch.optim.Adam(layout.parameters(), lr=cfg.layout_lr)
@@ -766,8 +491,17 @@ def pretrain_layout(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.layout_steps, desc="layout map", unit="step", dynamic_ncols=True)
-    total, count = 0.0, 0
+    total, count, done = 0.0, 0, 0
+
+    def log() -> None:
+        nonlocal total, count
+        if run is not None and count:
+            run.append_log({"step": 0, "layout_step": done, "layout_loss": total / count})
+        total, count = 0.0, 0
+
     for step in range(1, cfg.layout_steps + 1):
+        if stop is not None and stop.requested():
+            break
         batch = random_batch(dataset, cfg.batch_size, generator)
         target = F.adaptive_avg_pool2d(batch["image"].to(device), size)
         with torch.no_grad():  # the text encoder is not the map's to train
@@ -778,14 +512,13 @@ def pretrain_layout(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total, count = total + loss.item(), count + 1
+        total, count, done = total + loss.item(), count + 1, step
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.log_every == 0 or step == cfg.layout_steps:
-            if run is not None:
-                run.append_log({"step": 0, "layout_step": step, "layout_loss": total / count})
-            total, count = 0.0, 0
+        if step % cfg.log_every == 0:
+            log()
+    log()
     if bar is not None:
         bar.close()
 
@@ -817,10 +550,14 @@ def train(
             "log_every",
             "sample_every",
             "checkpoint_every",
+            "keep",
         )
         cfg = replace(stored, **{k: getattr(cfg, k) for k in given})
+    check_budget(cfg)
     if cfg.layout_steps < 0:
         raise TrainingError(f"--layout-steps must be 0 or more, not {cfg.layout_steps}")
+    if cfg.keep < 0:
+        raise TrainingError(f"--keep must be 0 or more, not {cfg.keep}")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16")
     device = pick_device(cfg.device)
@@ -834,9 +571,8 @@ def train(
         cfg, init, new_layout = load_init(cfg)
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.size, **cfg.data_options)
+    check_condition_fits(cfg, dataset)
 
-    if cfg.cond not in (None, "label", "text"):
-        raise TrainingError(f"unknown condition {cfg.cond!r}; choose label or text")
     torch.manual_seed(cfg.seed + rank)
     text_encoder = None
     if init is not None:
@@ -865,95 +601,103 @@ def train(
         diffusion = DiffusionModel(model_config, text_encoder=text_encoder)
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
     diffusion = diffusion.to(device, memory_format=torch.channels_last)
-    if new_layout and cfg.layout_steps > 0 and rank == 0:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator().manual_seed(cfg.seed + 7919)
-        pretrain_layout(diffusion, dataset, cfg, generator, run, progress)
-    ema = copy.deepcopy(diffusion).requires_grad_(False)
     trainable = [p for p in diffusion.parameters() if p.requires_grad]
+    # before the clock starts: the first AdamW of a process imports torch._dynamo (about 2 s)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
-    generators = seeded_generators(cfg.seed, rank, gen_device)
-    step = 0
-    if resume:
-        step = load_state(run, diffusion, opt, generators)
-        ema.load_weights(read_safetensors(run.model_path)[0])
+    stop = Stop(cfg.minutes)  # the budget covers the layout map's pre-fit too
+    with stop.catching_signals(), run_folder_errors(run):
+        if new_layout and cfg.layout_steps > 0 and rank == 0:
+            run.dir.mkdir(parents=True, exist_ok=True)
+            generator = torch.Generator().manual_seed(cfg.seed + 7919)
+            pretrain_layout(diffusion, dataset, cfg, generator, run, progress, stop)
+        ema = copy.deepcopy(diffusion).requires_grad_(False)
+        gen_device = device if device.type == "cuda" else torch.device("cpu")
+        generators = seeded_generators(cfg.seed, rank, gen_device)
+        step = 0
+        if resume:
+            step = load_state(run, diffusion, opt, generators)
+            ema.load_weights(read_safetensors(run.model_path)[0])
+            if rank == 0:
+                run.truncate_log(step)
+        run.dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
-            run.truncate_log(step)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        write_run_config(run, cfg)
+            write_run_config(run, cfg)
 
-    net: torch.nn.Module = diffusion.unet
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            diffusion.unet, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    params = sum(p.numel() for p in diffusion.unet.parameters())
-    if rank == 0 and progress:
-        print(
-            f"training {params / 1e6:.2f}M parameters on {cfg.data} ({len(dataset)} images, "
-            f"{dataset.size}x{dataset.size}) on {device}"
-            + (f" x{world} processes" if distributed else "")
-            + f", steps {step}->{cfg.steps}",
-            flush=True,
-        )
-    loop = TrainLoop(
-        run, step, cfg.steps, cfg.minutes, cfg.log_every, rank == 0 and progress,
-        on_step=(lambda s, record: on_step(s, record["loss"])) if on_step else None,
-        write_log=rank == 0,
-    )  # fmt: skip
-    diffusion.train()
-    while loop.running():
-        batch = random_batch(dataset, cfg.batch_size, generators["data"])
-        x0 = batch["image"].to(device)
-        if vae is not None:  # the latents: a posterior sample, scaled to about unit variance
-            with torch.no_grad():
-                x0 = vae.encode_latents(x0, generator=generators["noise"])
-        x0 = x0.contiguous(memory_format=torch.channels_last)
-        cond = batch_cond(batch, diffusion, cfg.cond_drop, generators["noise"], device)
-        lr = lr_at(loop.step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            loss = diffusion_loss(net, diffusion, x0, cond, generators["noise"], cfg.min_snr_gamma)
-        loop.check_finite("loss", loss)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        update_ema(ema, diffusion, loop.step, cfg.ema_decay)
-        loop.advance({"loss": loss.item()}, lr)
-        if rank != 0:
-            continue
-        if loop.due(cfg.checkpoint_every):
-            save_state(run, loop.step, cfg, diffusion, ema, opt, generators)
-            loop.saved_step = loop.step
-        if loop.due(cfg.sample_every):
-            run.plot_loss()
-            preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png", vae=vae)
-            if tracks_alignment(cfg):
-                run.append_log({"step": loop.step, **alignment_probe(ema)})
-                run.plot_alignment()
-    loop.close()
-    step = loop.step
-    if rank == 0 and step != loop.saved_step:
-        save_state(run, step, cfg, diffusion, ema, opt, generators)
-    if rank == 0:
-        run.plot_loss()
-        preview(ema, run.dir / "samples.png", vae=vae)
-        if progress:
-            print(
-                f"stopped at step {step} after {loop.elapsed() / 60:.1f} min; "
-                f"EMA weights in {run.model_path}"
+        net: torch.nn.Module = diffusion.unet
+        if distributed:
+            net = torch.nn.parallel.DistributedDataParallel(
+                diffusion.unet, device_ids=[device.index] if device.type == "cuda" else None
             )
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        params = sum(p.numel() for p in diffusion.unet.parameters())
+        if rank == 0 and progress:
+            print(
+                f"training {params / 1e6:.2f}M parameters on {cfg.data} ({len(dataset)} images, "
+                f"{dataset.size}x{dataset.size}) on {device}"
+                + (f" x{world} processes" if distributed else "")
+                + f", steps {step}->{cfg.steps}",
+                flush=True,
+            )
+        loop = TrainLoop(
+            run, step, cfg.steps, stop, cfg.log_every, rank == 0 and progress,
+            on_step=(lambda s, record: on_step(s, record["loss"])) if on_step else None,
+            write_log=rank == 0,
+            agree=(lambda wish: any_process(wish, device)) if distributed else None,
+        )  # fmt: skip
+        diffusion.train()
+        while loop.running():
+            batch = random_batch(dataset, cfg.batch_size, generators["data"])
+            x0 = batch["image"].to(device)
+            if vae is not None:  # the latents: a posterior sample, scaled to about unit variance
+                with torch.no_grad():
+                    x0 = vae.encode_latents(x0, generator=generators["noise"])
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+            cond = batch_cond(batch, diffusion, cfg.cond_drop, generators["noise"], device)
+            lr = lr_at(loop.step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
+                loss = diffusion_loss(
+                    net, diffusion, x0, cond, generators["noise"], cfg.min_snr_gamma
+                )
+            loop.check_finite("loss", loss)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, diffusion, loop.step, cfg.ema_decay)
+            loop.advance({"loss": loss.item()}, lr)
+            if rank != 0:
+                continue
+            if loop.due(cfg.checkpoint_every):
+                save_state(run, loop.step, cfg, diffusion, ema, opt, generators)
+                loop.saved_step = loop.step
+            if loop.due(cfg.sample_every):
+                run.plot_loss()
+                preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png", vae=vae)
+                if tracks_alignment(cfg):
+                    run.append_log({"step": loop.step, **alignment_probe(ema)})
+                    run.plot_alignment()
+        loop.close()
+        step = loop.step
+        if rank == 0 and (step != loop.saved_step or not run.exists()):
+            save_state(run, step, cfg, diffusion, ema, opt, generators)
+        if rank == 0:
+            run.plot_loss()
+            preview(ema, run.dir / "samples.png", vae=vae)
+            if progress:
+                print(
+                    f"stopped at step {step} after {loop.elapsed() / 60:.1f} min; "
+                    f"EMA weights in {run.model_path}"
+                )
+
     if distributed:
         dist.barrier()
+    stop.end_if_signalled(run, loop.step, report=rank == 0)
     return run.dir

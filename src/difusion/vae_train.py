@@ -29,8 +29,9 @@ from .data import collate, random_batch
 from .images import auto_scale, grid, to_pil
 from .model import CheckpointError, atomic_save, file_sha256, read_safetensors
 from .nn.vae import AutoencoderKL, VAEConfig, vae_loss
-from .train import (
+from .runs import (
     Run,
+    Stop,
     TrainingError,
     TrainLoop,
     module_state,
@@ -261,7 +262,7 @@ def train_vae(
             f"{dataset.size}x{dataset.size}) on {device}, steps {step}->{cfg.steps}",
             flush=True,
         )
-    loop = TrainLoop(run, step, cfg.steps, cfg.minutes, cfg.log_every, progress, on_step)
+    loop = TrainLoop(run, step, cfg.steps, Stop(cfg.minutes), cfg.log_every, progress, on_step)
     vae.train()
     while loop.running():
         x = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
@@ -303,7 +304,7 @@ SHARED_OPTIONS = (
 NOT_FOR_VAE = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "attention", "dropout", "precision",
-    "latent", "init", "data_option", "layout_map", "layout_steps",
+    "latent", "init", "data_option", "layout_map", "layout_steps", "keep",
 )  # fmt: skip
 
 

@@ -19,6 +19,9 @@ Names win over a same-named folder in the current directory: use "./digits" for 
 from __future__ import annotations
 
 import inspect
+import numbers
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,14 +63,55 @@ __all__ = [
 def _build(name: str, factory: Callable[..., Dataset], size: int | None, kw: dict) -> Dataset:
     if size is not None:
         kw = {"size": size, **kw}
-    params = inspect.signature(factory).parameters
+    params = inspect.signature(factory, eval_str=True).parameters
     unknown = sorted(set(kw) - set(params))
     if unknown:
         options = ", ".join(p for p in params if p != "self")
         raise ValueError(
             f"data set {name!r} has no option {', '.join(unknown)} (options: {options})"
         )
-    return factory(**kw)
+    return factory(**{k: _option_value(name, k, v, params[k].annotation) for k, v in kw.items()})
+
+
+_MISFIT = object()  # what `_fit` returns for a value of another type
+
+
+def _option_value(name: str, key: str, value: Any, annotation: Any) -> Any:
+    """`value` as the option's annotation wants it (an int where a float goes, a list where
+    a tuple goes); a value of another type is a ValueError naming the option."""
+    fitted = _fit(value, annotation)
+    if fitted is _MISFIT:
+        wanted = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        raise ValueError(f"data set {name!r}: option {key} must be {wanted}, got {value!r}")
+    return fitted
+
+
+def _fit(value: Any, annotation: Any) -> Any:
+    """`value` converted to `annotation` where that is lossless, else `_MISFIT`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        fits = (_fit(value, a) for a in args)
+        return next((f for f in fits if f is not _MISFIT), _MISFIT)
+    if annotation is None or annotation is type(None):
+        return value if value is None else _MISFIT
+    if annotation in (int, float):
+        number = numbers.Integral if annotation is int else numbers.Real
+        fits = isinstance(value, number) and not isinstance(value, bool)
+        return annotation(value) if fits else _MISFIT
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return _MISFIT
+        same_kind = origin is list or (len(args) == 2 and args[1] is ...)
+        kinds = args[:1] * len(value) if same_kind else args
+        if len(kinds) != len(value):
+            return _MISFIT
+        items = [_fit(v, k) for v, k in zip(value, kinds, strict=True)]
+        return _MISFIT if any(i is _MISFIT for i in items) else origin(items)
+    if isinstance(annotation, type):
+        return value if isinstance(value, annotation) else _MISFIT
+    return value  # an annotation this check does not read: the data set checks the value
 
 
 def load_dataset(name_or_path: str | Path, size: int | None = None, **kw: Any) -> Dataset:

@@ -37,7 +37,6 @@ DIFFUSERS_FIXED = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "encoder_hid_dim": None,
     "class_embeddings_concat": False,
     "conv_in_kernel": 3,
@@ -69,6 +68,9 @@ class UNetConfig:
     use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # a guidance scale w as an input (consistency-distilled students, as diffusers' LCM U-Nets):
+    # its embedding, projected, joins the timestep's before the time MLP
+    time_cond_proj_dim: int | None = None
     # ours, not diffusers': a text-conditioned map of the image, added before the attention
     layout_map: bool = False
 
@@ -80,6 +82,8 @@ class UNetConfig:
             raise ValueError("attention_levels needs one flag per entry of block_out_channels")
         if self.layout_map and self.context_dim is None:
             raise ValueError("layout_map is for the text-conditioned (context_dim) layout")
+        if self.time_cond_proj_dim is not None and self.time_cond_proj_dim < 2:
+            raise ValueError("time_cond_proj_dim must be at least 2")
 
     @property
     def layout_dim(self) -> int:
@@ -127,6 +131,8 @@ class UNetConfig:
         )
         attn = self.attention_levels
         if self.context_dim is None:
+            if self.time_cond_proj_dim is not None:
+                raise ValueError("diffusers' UNet2DModel takes no guidance input")
             # UNet2DModel has one head dimension for the whole network
             dims = {
                 c // self.heads(c) for c, a in zip(self.block_out_channels, attn, strict=True) if a
@@ -156,6 +162,7 @@ class UNetConfig:
                 else "UNetMidBlock2D",
                 attention_head_dim=tuple(self.heads(self.block_out_channels[i]) for i in levels),
                 cross_attention_dim=self.context_dim,
+                time_cond_proj_dim=self.time_cond_proj_dim,
                 transformer_layers_per_block=self.transformer_layers,
                 use_linear_projection=self.use_linear_projection,
             )
@@ -213,6 +220,7 @@ class UNetConfig:
                 raise ValueError("transformer_layers_per_block must be one int")
             kw.update(
                 context_dim=d.get("cross_attention_dim", 1280),
+                time_cond_proj_dim=d.get("time_cond_proj_dim"),
                 mid_attention=d.get("mid_block_type", "UNetMidBlock2DCrossAttn")
                 == "UNetMidBlock2DCrossAttn",
                 transformer_layers=layers,
@@ -245,6 +253,12 @@ def timestep_embedding(
     return F.pad(emb, (0, dim % 2))
 
 
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """[B, dim] embedding of guidance scales [B], as diffusers' LCM pipelines make it (of
+    1000 (w - 1), sines first)."""
+    return timestep_embedding((w.float() - 1) * 1000, dim, flip_sin_to_cos=False, freq_shift=1)
+
+
 def norm_silu(norm: nn.Module, x: Tensor) -> Tensor:
     h = norm(x)
     # in place saves a tensor; under autograd it would only add a copy (SiLU's backward needs h)
@@ -252,12 +266,16 @@ def norm_silu(norm: nn.Module, x: Tensor) -> Tensor:
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
+        if cond_dim is not None:
+            self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -619,7 +637,9 @@ class UNet(nn.Module):
         chans, attn = cfg.block_out_channels, cfg.attention_levels
         n = len(chans)
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(chans[0], cfg.time_embed_dim)
+        self.time_embedding = TimestepEmbedding(
+            chans[0], cfg.time_embed_dim, cfg.time_cond_proj_dim
+        )
         if cfg.num_classes is not None:
             self.class_embedding = nn.Embedding(cfg.num_classes, cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList(
@@ -654,21 +674,29 @@ class UNet(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         class_labels: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
         """Predict from x [B, C, H, W] at timesteps t ([B] or scalar, on the 0..T-1 scale).
         context [B, L, context_dim]; context_mask [B, L] bool, True = real token;
-        class_labels [B] long. Returns a tensor shaped like x."""
+        class_labels [B] long; guidance [B], the scale w of a distilled student. Returns a
+        tensor shaped like x."""
         cfg = self.config
         if (context is None) != (cfg.context_dim is None):
             raise ValueError("context is required exactly when config.context_dim is set")
         if (class_labels is None) != (cfg.num_classes is None):
             raise ValueError("class_labels are required exactly when config.num_classes is set")
+        if (guidance is None) != (cfg.time_cond_proj_dim is None):
+            raise ValueError("guidance is required exactly when config.time_cond_proj_dim is set")
 
         B, _, H, W = x.shape
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(B) if t.ndim == 0 else t
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(emb.to(x.dtype))
+        w_emb = None
+        if guidance is not None:
+            w = torch.as_tensor(guidance, device=x.device).expand(B)
+            w_emb = guidance_embedding(w, cfg.time_cond_proj_dim).to(x.dtype)
+        emb = self.time_embedding(emb.to(x.dtype), w_emb)
         if class_labels is not None:
             emb = emb + self.class_embedding(class_labels)
         emb = F.silu(emb)  # every ResnetBlock's time projection starts with a SiLU

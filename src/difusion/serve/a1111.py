@@ -25,6 +25,7 @@ SAMPLER_NAMES = {
     "Heun": "heun",
     "DDIM": "ddim",
     "DDPM": "ddpm",
+    "LCM": "lcm",
 }
 # the size fields' protocol names, for refusals
 NAMES = {"guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
@@ -36,7 +37,7 @@ class Txt2Img(BaseModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = Field(20, ge=1, le=MAX_STEPS)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     cfg_scale: float | None = Field(None, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1])
     sampler_name: str | None = None
     sampler_index: str | None = None  # the old name of sampler_name
@@ -63,9 +64,9 @@ class ImagesResult(BaseModel):
     info: str
 
 
-def sampler_of(body: Txt2Img) -> str:
-    name = body.sampler_name or body.sampler_index or "DPM++ 2M"
-    return SAMPLER_NAMES.get(name, name)
+def sampler_of(body: Txt2Img) -> str | None:
+    name = body.sampler_name or body.sampler_index
+    return SAMPLER_NAMES.get(name, name) if name else None
 
 
 def model_of(body: Txt2Img, request: Request) -> ServedModel:

@@ -34,7 +34,7 @@ class Job:
     finished: float | None = None
     step: int = 0
     total: int = 0
-    preview: bytes | None = None  # the latest step's preview, PNG
+    x0: object = None  # the latest step's x0 estimate (a tensor), previewed on demand
     stop_reason: str | None = None  # set from outside: "cancelled", "interrupted", "timeout"
     listeners: list[Callable[[str, dict], None]] = field(default_factory=list)
 
@@ -110,8 +110,9 @@ class Worker:
             def on_step(i: int, total: int, x0) -> None:
                 self._check(job)
                 job.step, job.total = i, total
-                job.preview = encode(self.model.preview(x0))
-                job.emit("progress", {"step": i, "total": total, "preview": job.preview})
+                job.x0 = x0
+                if job.listeners:  # a stream: every step's picture; else only when asked
+                    job.emit("progress", {"step": i, "total": total, "preview": self.preview(job)})
 
             self._check(job)
             images = self.model.generate(g, on_step)
@@ -156,9 +157,13 @@ class Worker:
                 "sampling_step": job.step if active else 0,
                 "sampling_steps": job.total if active else 0,
             },
-            "current_image": b64(job.preview) if active and job.preview else None,
+            "current_image": b64(self.preview(job)) if active and job.x0 is not None else None,
             "textinfo": f"step {job.step} of {job.total}" if active else None,
         }
+
+    def preview(self, job: Job) -> bytes:
+        """The job's latest x0 estimate as a PNG."""
+        return encode(self.model.preview(job.x0))
 
     def close(self) -> None:
         """Stop every job and wait for the threads (the app's shutdown); a later submit

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..denoiser import GUIDANCE_RANGE
 from ..images import grid, to_pil
-from ..model import CheckpointError, file_sha256, resolve_checkpoint
+from ..model import SHIPPED, CheckpointError, file_sha256, resolve_checkpoint
 from ..pipeline import Pipeline
 from ..samplers import SAMPLERS
 from .errors import APIError
@@ -37,9 +37,9 @@ class Generation:
 
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = 20
+    steps: int | None = None  # None: the model's own
     guidance: float | None = None
-    sampler: str = "dpmpp_2m"
+    sampler: str | None = None
     seed: int | None = None  # None or -1: a random seed, reported back
     n: int = 1
     width: int | None = None
@@ -61,9 +61,9 @@ class GenerationOptions(BaseModel):
 
     model: str | None = None
     negative_prompt: str = ""
-    steps: int = Field(20, ge=1, le=MAX_STEPS)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="null: the model's own")
     guidance: float | None = Field(None, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1])
-    sampler: str = "dpmpp_2m"
+    sampler: str | None = Field(None, description="null: the model's own")
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 or null: random")
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = Field(None, description='"WxH" (GET /api/info lists sizes) or "auto"')
@@ -99,7 +99,7 @@ class ServedModel:
     def load(cls, source: str, device: str = "cpu") -> ServedModel:
         pipe = Pipeline.from_pretrained(source, device)
         path = Path(source)
-        name = "default" if source == "default" else (path.stem if path.is_file() else path.name)
+        name = source if source in SHIPPED else (path.stem if path.is_file() else path.name)
         return cls(name, source, pipe)
 
     # --- what it can make -----------------------------------------------------------------
@@ -128,17 +128,23 @@ class ServedModel:
             f"of {step} from {lo} to {hi}"
         )
 
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        """A distilled student takes the scales it was trained on."""
+        distilled = self.pipe.model.config.consistency
+        return tuple(distilled["guidance"]) if distilled else GUIDANCE_RANGE
+
     def info(self) -> dict:
         return {
             "name": self.name,
             "kind": self.pipe.kind,
             "sizes": self.sizes(),
             "default_size": self.sizes()[0],
-            "default_steps": 20,
+            "default_steps": self.pipe.model.config.steps,
             "default_guidance": self.pipe.default_guidance,
-            "guidance_range": list(GUIDANCE_RANGE),
+            "guidance_range": list(self.guidance_range),
             "samplers": list(SAMPLERS),
-            "default_sampler": "dpmpp_2m",
+            "default_sampler": self.pipe.model.config.sampler,
             "max_steps": self.max_steps,
             "max_n": MAX_N,
             "max_prompt_chars": MAX_PROMPT_CHARS,
@@ -169,14 +175,16 @@ class ServedModel:
             refuse("prompt", f"{prompt!r} is not a class of this model; choose one of {names}")
         if kind != "text" and g.negative_prompt.strip():
             refuse("negative_prompt", "needs a text-to-image model")
-        if g.sampler not in SAMPLERS:
-            refuse("sampler", f"unknown sampler {g.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not 1 <= g.steps <= self.max_steps:
-            refuse("steps", f"must be from 1 to {self.max_steps}, got {g.steps}")
+        sampler = g.sampler or self.pipe.model.config.sampler
+        steps = g.steps or self.pipe.model.config.steps
+        if sampler not in SAMPLERS:
+            refuse("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= steps <= self.max_steps:
+            refuse("steps", f"must be from 1 to {self.max_steps}, got {steps}")
         if not 1 <= g.n <= MAX_N:
             refuse("n", f"must be from 1 to {MAX_N}, got {g.n}")
         guidance = self.pipe.default_guidance if g.guidance is None else g.guidance
-        lo, hi = GUIDANCE_RANGE
+        lo, hi = self.guidance_range
         if not lo <= guidance <= hi:  # NaN and infinities fail too
             refuse("guidance", f"must be a number from {lo:g} to {hi:g}, got {guidance}")
         if kind == "unconditional" and guidance != 1.0:
@@ -205,9 +213,12 @@ class ServedModel:
                 mw, mh = g.mask.size
                 iw, ih = g.image.size
                 refuse("mask", f"is {mw}x{mh}, the image {iw}x{ih}: they must be the same size")
-        if self.steps_run(g) < 1:
-            refuse("strength", f"leaves no step of {g.steps} to run; raise it or the steps")
-        return replace(g, prompt=prompt, guidance=guidance, seed=seed, width=width, height=height)
+        if self.steps_run(replace(g, steps=steps)) < 1:
+            refuse("strength", f"leaves no step of {steps} to run; raise it or the steps")
+        return replace(
+            g, prompt=prompt, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+            width=width, height=height,
+        )  # fmt: skip
 
     @staticmethod
     def steps_run(g: Generation) -> int:

@@ -1,0 +1,485 @@
+"""What every trainer shares (diffusion, distillation, GAN, VAE): the run folder and its
+checkpoints, the loop's bookkeeping (budget, signals, progress, log), and the start of a run.
+
+A run folder holds `model.safetensors` (the weights to sample from), `train_state.safetensors`
+(everything an exact `--resume` needs), `train_config.json`, `log.jsonl` and its plots, and
+`samples/`. A checkpoint is written beside the last one and renamed over it, so a crash or a
+full disk never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from torch.utils.data import Dataset
+
+from .data import load_dataset
+from .model import read_metadata
+
+STATE_FILE = "train_state.safetensors"
+
+
+MODEL_FILE = "model.safetensors"
+
+
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a full disk as its own error
+
+
+class TrainingError(RuntimeError):
+    """Stops a run with a one-line reason; what was saved before stays as it was."""
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over the parameters being trained."""
+    decay = min(decay, (1 + step) / (10 + step))
+    pairs = [
+        (e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True) if p.requires_grad
+    ]
+    torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - decay)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+class Run:
+    """The files of a run folder: model (EMA) weights, training state, log and pictures."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.dir = Path(out)
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / MODEL_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "log.jsonl"
+
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    def read_log(self) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def truncate_log(self, step: int) -> None:
+        """On resume, drop log lines written after the checkpoint we continue from."""
+        kept = [r for r in self.read_log() if r["step"] <= step]
+        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def append_log(self, record: dict) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot_loss(self) -> None:
+        records = [r for r in self.read_log() if "loss" in r]
+        if not records:
+            return
+        steps = [r["step"] for r in records]
+        loss = [r["loss"] for r in records]
+        k = max(1, len(loss) // 20)
+        smooth = [
+            sum(loss[max(0, i - k) : i + 1]) / len(loss[max(0, i - k) : i + 1])
+            for i in range(len(loss))
+        ]
+        series = {
+            "mean loss between log steps": (steps, loss),
+            f"moving average ({k + 1})": (steps, smooth),
+        }
+        plot_series(self.dir / "loss.png", series, "MSE", log=True)
+
+    def plot_alignment(self) -> None:
+        records = [r for r in self.read_log() if "align_single" in r]
+        if not records:
+            return
+        steps = [r["step"] for r in records]
+        series = {
+            "one-object prompts": (steps, [r["align_single"] for r in records]),
+            "two-object prompts": (steps, [r["align_double"] for r in records]),
+        }
+        plot_series(self.dir / "alignment.png", series, "prompts satisfied", log=False)
+
+
+def plot_series(
+    path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bool, xlabel: str = "step"
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, lw=1.5, marker="o" if len(xs) < 30 else None, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def training_state(
+    modules: dict[str, dict[str, torch.Tensor]],
+    opts: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Weights, optimizer states and RNG states as flat tensors (plus the optimizers' param
+    groups as JSON metadata): everything an exact resume needs, in one safetensors file."""
+    tensors = {
+        f"{prefix}.{k}": v.detach().cpu().contiguous()
+        for prefix, state in modules.items()
+        for k, v in state.items()
+    }
+    groups = {}
+    for name, opt in opts.items():
+        state = opt.state_dict()
+        for idx, entry in state["state"].items():
+            for key, value in entry.items():
+                tensors[f"opt_{name}.{idx}.{key}"] = (
+                    torch.as_tensor(value).detach().cpu().contiguous()
+                )
+        groups[name] = state["param_groups"]
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for name, g in generators.items():
+        tensors[f"rng.{name}"] = g.get_state().cpu()
+    return tensors, {"param_groups": json.dumps(groups)}
+
+
+def restore_training_state(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    opts: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+) -> None:
+    """The inverse of `training_state` for optimizers and RNGs (weights: `module_state`)."""
+    groups = json.loads(metadata["param_groups"])
+    for name, opt in opts.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        prefix = f"opt_{name}."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                idx, field = key[len(prefix) :].split(".", 1)
+                state.setdefault(int(idx), {})[field] = value
+        opt.load_state_dict({"state": state, "param_groups": groups[name]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    for name, g in generators.items():
+        g.set_state(tensors[f"rng.{name}"].to(g.get_state().device))
+
+
+def module_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def keep_checkpoint(run: Run, step: int, keep: int) -> None:
+    """The checkpoint just saved, also as checkpoints/step_NNNNNN/ (a run folder, as `sample`
+    and `--init` read it), of which only the last `keep` stay (0: none)."""
+    if keep < 1:
+        return
+    folder = run.dir / "checkpoints" / f"step_{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (run.model_path, run.state_path):
+        copy = folder / path.name
+        copy.unlink(missing_ok=True)
+        try:
+            os.link(path, copy)  # saved files are only ever replaced, never written again
+        except OSError:
+            shutil.copyfile(path, copy)
+    kept = sorted(folder.parent.glob("step_*"), key=lambda f: int(f.name.removeprefix("step_")))
+    for old in kept[:-keep]:
+        shutil.rmtree(old)
+
+
+@contextmanager
+def run_folder_errors(run: Run) -> Iterator[None]:
+    """A failed write while training (a full disk, a read-only run folder) ends the run with
+    one line; the last checkpoint stays as it was."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        kept = (
+            f"its last good checkpoint (step {read_metadata(run.state_path)['step']}) is "
+            f"kept in {run.dir}"
+            if run.exists()
+            else f"nothing was saved in {run.dir}"
+        )
+        reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+        raise TrainingError(f"training stopped: {reason}; {kept}") from None
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stop:
+    """What ends a run before its last step: its wall-clock budget (`minutes` from this
+    object's creation) is spent, or SIGINT or SIGTERM came while `catching_signals()`."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.minutes = minutes
+        self.start = time.monotonic()
+        self.signal: int | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def requested(self) -> bool:
+        over_time = self.minutes is not None and self.elapsed() > self.minutes * 60
+        return over_time or self.signal is not None
+
+    @contextmanager
+    def catching_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM only note that the run must stop (it saves, then ends with
+        `end_if_signalled`); a second one acts as it did before, and one the process ignores
+        stays ignored. Main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
+
+        def restore() -> None:
+            for s, handler in previous.items():
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+        def note(signum: int, frame: Any) -> None:
+            self.signal = signum
+            restore()
+
+        for s in previous:
+            signal.signal(s, note)
+        try:
+            yield
+        finally:
+            restore()
+
+    def end_if_signalled(self, run: Run, step: int, report: bool = True) -> None:
+        """After the run saved: say where and at which step, then end as the signal asks
+        (SIGINT: KeyboardInterrupt, exit status 130; SIGTERM: exit status 143)."""
+        if self.signal is None:
+            return
+        if report:
+            print(
+                f"{signal.Signals(self.signal).name}: stopped at step {step}; model and training "
+                f"state saved in {run.dir} (continue with --resume)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + self.signal)
+
+
+class TrainLoop:
+    """The bookkeeping around every trainer's step (diffusion, GAN, VAE): the step and
+    `stop` (minutes budget, signals), the progress bar, the `on_step` callback, the log of
+    running means every `log_every` steps and at the last step, and the last checkpointed
+    step for the non-finite-loss stop. `agree` turns each process's wish to stop into one
+    decision for all of them (under torchrun)."""
+
+    def __init__(
+        self,
+        run: Run,
+        step: int,
+        steps: int,
+        stop: Stop,
+        log_every: int,
+        progress: bool,
+        on_step: Callable[[int, dict], None] | None = None,
+        write_log: bool = True,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> None:
+        self.run, self.step, self.steps, self.stop = run, step, steps, stop
+        self.log_every, self.on_step, self.write_log = log_every, on_step, write_log
+        self.agree = agree
+        self.saved_step = step
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
+        self.last_log_time = time.monotonic()
+        self.last_log_step = step
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.lr = 0.0
+
+    def running(self) -> bool:
+        """Steps are left, and neither the budget nor a signal stops the run."""
+        if self.step >= self.steps:
+            return False
+        stop = self.stop.requested()
+        return not (self.agree(stop) if self.agree is not None else stop)
+
+    def elapsed(self) -> float:
+        return self.stop.elapsed()
+
+    def check_finite(self, what: str, value: torch.Tensor) -> None:
+        """Stop a run whose loss is no longer finite; saved files stay as they are."""
+        if torch.isfinite(value):
+            return
+        self.close()
+        kept = (
+            f"the last good checkpoint (step {self.saved_step}) is kept in {self.run.dir}"
+            if self.saved_step
+            else "nothing was saved"
+        )
+        raise TrainingError(
+            f"{what} became {value.item()} at step {self.step + 1}; stopping: {kept}"
+        )
+
+    def advance(self, record: dict[str, float], lr: float) -> None:
+        """One step done: `record` holds its scalars (the first one is shown on the bar)."""
+        self.step += 1
+        self.lr = lr
+        for k, v in record.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        if self.on_step is not None:
+            self.on_step(self.step, record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in list(record.items())[:2]})
+        if self.step % self.log_every == 0 or self.step == self.steps:
+            self.log()
+
+    def log(self) -> None:
+        """The means of the steps since the last log line, as a log line (if there are any)."""
+        if not self.write_log or not self.count:
+            return
+        now = time.monotonic()
+        rate = (self.step - self.last_log_step) / max(now - self.last_log_time, 1e-9)
+        means = {k: v / self.count for k, v in self.sums.items()}
+        self.run.append_log({"step": self.step, **means, "lr": self.lr, "steps_per_s": rate})
+        self.last_log_time, self.last_log_step = now, self.step
+        self.sums, self.count = {}, 0
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0
+
+    def close(self) -> None:
+        """The last step's log line (a run may stop between log steps), the bar closed."""
+        self.log()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def given_options(options: dict, command: Callable, names: tuple[str, ...]) -> list[str]:
+    """The `--options` among `names` that `options` (a command's arguments) set to a value
+    other than the command's default."""
+    import inspect
+
+    params = inspect.signature(command).parameters
+    return [
+        "--" + name.replace("_", "-")
+        for name in names
+        if name in options and name in params and options[name] != params[name].default
+    ]
+
+
+def options_for_model(
+    model: str, options: dict, command: Callable, shared: tuple[str, ...], excluded: tuple[str, ...]
+) -> dict:
+    """`difusion train --model MODEL`: the `shared` options taken from the command's arguments;
+    an option among `excluded` set to a value other than its default is an error."""
+    given = given_options(options, command, excluded)
+    if given:
+        raise TrainingError(f"{', '.join(given)}: not an option of --model {model}")
+    picked = {k: options[k] for k in shared if k in options}
+    picked["out"] = str(picked.get("out", f"runs/{model}"))
+    return picked
+
+
+def check_run_folder(run: Run, resume: bool) -> None:
+    """Resume needs a run; a fresh start never overwrites one."""
+    if resume and not run.exists():
+        raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
+    if not resume and run.exists():
+        raise TrainingError(
+            f"{run.dir} already holds a run: pass --resume to continue it, or choose another --out"
+        )
+
+
+def check_budget(cfg) -> None:
+    """Steps, batch size and minutes (when given) are positive."""
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise TrainingError("steps and batch size must be positive")
+    if cfg.minutes is not None and not cfg.minutes > 0:
+        raise TrainingError(f"--minutes must be positive, got {cfg.minutes}")
+
+
+def start_run(
+    cfg, resume: bool, stored_config: Callable[[Path], Any], architecture: tuple[str, ...],
+    dataset: Dataset | None,
+) -> tuple[Run, Any, torch.device, Dataset]:  # fmt: skip
+    """The start the GAN and VAE trainers share: the run folder checked; on resume the stored
+    `architecture` fields win over `cfg`'s; budget and EMA decay validated; device and data."""
+    run = Run(cfg.out)
+    check_run_folder(run, resume)
+    if resume:
+        stored = stored_config(run.dir)
+        cfg = replace(cfg, **{k: getattr(stored, k) for k in architecture})
+    check_budget(cfg)
+    if not 0 <= cfg.ema_decay < 1:
+        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    device = pick_device(cfg.device)
+    if dataset is None:
+        dataset = load_dataset(cfg.data, cfg.size)
+    return run, cfg, device, dataset
+
+
+def seeded_generators(
+    seed: int, rank: int = 0, noise_device: torch.device | None = None
+) -> dict[str, torch.Generator]:
+    """The data-order and noise generators of a run (one pair per process)."""
+    return {
+        "data": torch.Generator().manual_seed(seed * 7919 + rank),
+        "noise": torch.Generator(device=noise_device or "cpu").manual_seed(
+            seed * 104729 + rank + 1
+        ),
+    }
+
+
+def write_run_config(run: Run, cfg) -> None:
+    """The run folder, its samples/ folder and train_config.json (what `--resume` reads)."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "samples").mkdir(exist_ok=True)
+    (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
+def any_process(wish: bool, device: torch.device) -> bool:
+    """Whether any process of the group wishes it (every process gets the same answer)."""
+    flag = torch.tensor([float(wish)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
