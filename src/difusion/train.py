@@ -200,7 +200,8 @@ def build_text_encoder(cfg: TrainConfig, dataset: Dataset) -> torch.nn.Module:
 
     if cfg.text_encoder == "scratch":
         n = min(len(dataset), 20_000)
-        captions = [dataset[i]["caption"] for i in range(n)]
+        known = getattr(dataset, "captions", None)  # without decoding 20,000 images
+        captions = list(known[:n]) if known else [dataset[i]["caption"] for i in range(n)]
         return build_scratch_encoder(captions)
     encoder = load_text_encoder(cfg.text_encoder, path=cfg.text_encoder_path)
     return encoder.requires_grad_(False)

@@ -13,6 +13,17 @@ Names `load_dataset` knows (default size in brackets):
 - "shapes"  procedural captioned shapes (the fixed spec of the design notes), RGB [32]
 - a folder  IDX files (read like "mnist"), else images, recursively [64]
 
+Captioned-image formats, found from the path (each in its own module) [64]:
+
+- a folder with `metadata.jsonl` (file_name + text: Hugging Face's imagefolder) `metadata.py`
+- a folder saved by `datasets`' `save_to_disk`                                   `hf.py`
+- a .parquet file, or a folder of them, with image bytes + caption columns       `parquet.py`
+- WebDataset shards: a .tar, a folder of .tar files, "shards/{000..009}.tar"     `webdataset.py`
+
+Their options `caption_column=` and (but for metadata.jsonl) `image_column=` name the
+columns (or tar member extensions) to read; by default the usual names are tried ("image", "img", ...; "text",
+"caption", "prompt", ...).
+
 Names win over a same-named folder in the current directory: use "./digits" for that.
 """
 
@@ -32,9 +43,13 @@ from torch.utils.data import Dataset
 from .digits import DigitsDataset
 from .emoji import EmojiDataset
 from .fashion import FashionMNIST, IDXDataset, has_idx_files, mnist
-from .folder import FolderDataset
+from .folder import IMAGE_EXTENSIONS, FolderDataset
+from .hf import HFDiskDataset, is_hf_saved
 from .idx import read_idx, write_idx
+from .metadata import MetadataDataset, has_metadata
+from .parquet import ParquetDataset, parquet_files
 from .shapes import ShapesDataset
+from .webdataset import WebDataset, is_shard_pattern
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": DigitsDataset,
@@ -50,8 +65,12 @@ __all__ = [
     "EmojiDataset",
     "FashionMNIST",
     "FolderDataset",
+    "HFDiskDataset",
     "IDXDataset",
+    "MetadataDataset",
+    "ParquetDataset",
     "ShapesDataset",
+    "WebDataset",
     "collate",
     "random_batch",
     "load_dataset",
@@ -115,7 +134,8 @@ def _fit(value: Any, annotation: Any) -> Any:
 
 
 def load_dataset(name_or_path: str | Path, size: int | None = None, **kw: Any) -> Dataset:
-    """A data set by name ("digits", "emoji", "fashion", "mnist", "shapes") or folder path.
+    """A data set by name ("digits", "emoji", "fashion", "mnist", "shapes") or path (a
+    folder, a .parquet or .tar file, a shard pattern: see the module's docstring).
 
     `size` None keeps the data set's default; other options go to its constructor
     (e.g. `root=`, `split=`, `seed=`, `channels=`). Raises ValueError with a one-line
@@ -126,15 +146,45 @@ def load_dataset(name_or_path: str | Path, size: int | None = None, **kw: Any) -
     if factory is not None:
         return _build(name.lower(), factory, size, kw)
     path = Path(name).expanduser()
-    if path.is_dir():
-        if has_idx_files(path):
-            return _build(name, IDXDataset, size, {"root": path, **kw})
-        return _build(name, FolderDataset, size, {"root": path, **kw})
+    format_of_path = _format_of(path)
+    if format_of_path is not None:
+        factory, where = format_of_path
+        return _build(name, factory, size, {where: path, **kw})
     if path.exists():
-        raise ValueError(f"data set {name!r} is a file, not a folder of images")
+        raise ValueError(
+            f"data set {name!r} is a file, not a folder of images, a .parquet or a .tar file"
+        )
+    if is_shard_pattern(name):
+        return _build(name, WebDataset, size, {"shards": name, **kw})
     raise ValueError(
-        f"unknown data set {name!r}: expected one of {', '.join(DATASETS)} or a folder of images"
+        f"unknown data set {name!r}: expected one of {', '.join(DATASETS)}, a folder, "
+        "a .parquet or .tar file, or a shard pattern"
     )
+
+
+def _format_of(path: Path) -> tuple[Callable[..., Dataset], str] | None:
+    """The data set class that reads `path`, and the name of its path argument."""
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            return ParquetDataset, "path"
+        if suffix == ".tar":
+            return WebDataset, "shards"
+        return None
+    if not path.is_dir():
+        return None
+    if is_hf_saved(path):
+        return HFDiskDataset, "root"
+    if has_metadata(path):
+        return MetadataDataset, "root"
+    if has_idx_files(path):
+        return IDXDataset, "root"
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
+        if any(path.rglob("*.tar")):
+            return WebDataset, "shards"
+        if parquet_files(path):
+            return ParquetDataset, "path"
+    return FolderDataset, "root"
 
 
 def collate(batch: list[dict]) -> dict:

@@ -2,7 +2,8 @@
 
 - Each image is resized (shorter side to `size`) and centre-cropped to `size` x `size`;
   RGB by default, grayscale with `channels=1`. Transparent images are composited over
-  `background` (white by default); EXIF orientation is applied; 16-bit images scaled.
+  `background` (white by default); EXIF orientation is applied; 16-bit images scaled
+  (`decode.py`, shared with the other formats, which also refuses huge images).
 - Labels: when every image sits in a first-level subfolder, the subfolder names, sorted,
   are the classes (`label` = index). Images at the top level and in subfolders at once:
   unlabelled, with a warning.
@@ -20,10 +21,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from .decode import decode_image, first_decodable, verify_image
 
 log = logging.getLogger(__name__)
 
@@ -31,42 +32,6 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 FOLDER_DEFAULT_SIZE = 64
 PRELOAD_MAX_IMAGES = 2048
 LAZY_CACHE_MAX_BYTES = 1 << 30
-
-
-def load_image(
-    path: str | Path,
-    size: int,
-    channels: int = 3,
-    background: tuple[int, int, int] = (255, 255, 255),
-) -> torch.Tensor:
-    """Decode, orient, flatten alpha, resize the shorter side and centre-crop -> uint8 [C, S, S]."""
-    with Image.open(path) as im:
-        im.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            a = np.asarray(im, dtype=np.float64)
-            peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-            im = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-            im = im.convert("RGBA")
-            base = Image.new("RGBA", im.size, (*background, 255))
-            im = Image.alpha_composite(base, im)
-        im = im.convert("RGB" if channels == 3 else "L")
-        im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
-        a = np.asarray(im, dtype=np.uint8)
-    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-    return torch.from_numpy(np.array(a, dtype=np.uint8, order="C"))  # a writable copy
-
-
-def _verify(path: Path) -> bool:
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
 
 
 class FolderDataset(Dataset):
@@ -106,12 +71,12 @@ class FolderDataset(Dataset):
         for p in candidates:
             if preload:
                 try:
-                    x = load_image(p, size, channels, background)
+                    x = decode_image(p, size, channels, background)
                 except Exception:
                     bad.append(p)
                     continue
                 self._cache[len(self.paths)] = x
-            elif not _verify(p):
+            elif not verify_image(p):
                 bad.append(p)
                 continue
             self.paths.append(p)
@@ -162,29 +127,15 @@ class FolderDataset(Dataset):
     def _pixels(self, i: int) -> torch.Tensor:
         x = self._cache.get(i)
         if x is None:
-            x = load_image(self.paths[i], self.size, self.channels, self.background)
+            x = decode_image(self.paths[i], self.size, self.channels, self.background)
             if self._memoise:
                 self._cache[i] = x
         return x
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self.paths)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
-        for k in range(n):  # a file that passed verify() but fails to decode: use the next
-            j = (i + k) % n
-            if j in self._failed:
-                continue
-            try:
-                x = self._pixels(j)
-                break
-            except Exception as e:
-                self._failed.add(j)
-                log.warning("%s: cannot decode (%s), skipping it", self.paths[j], e)
-        else:
-            raise RuntimeError(f"no decodable image left in {self.root}")
+        j, x = first_decodable(
+            i, len(self.paths), self._pixels, self._failed, lambda k: str(self.paths[k])
+        )
         item = {"image": x.float().div_(127.5).sub_(1.0)}
         if self.labels is not None:
             item["label"] = self.labels[j]
