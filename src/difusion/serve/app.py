@@ -171,10 +171,9 @@ def create_app(settings: ServeSettings, models: dict[str, ServedModel] | None = 
     """The app for `settings`; `models` (already loaded) are used instead of loading them."""
     from . import a1111, native, openai
 
-    state = Server(
-        settings,
-        models if models is not None else load_models(list(settings.models), settings.device),
-    )
+    if models is None:
+        models = load_models(list(settings.models), settings.device, settings.concurrency)
+    state = Server(settings, models)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -8,7 +8,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -16,6 +16,9 @@ from PIL import Image
 from .codec import b64, encode
 from .errors import APIError
 from .models import Generation, ServedModel
+
+
+POLL_SECONDS = 1.0  # how often a waiting request checks that its client is still there
 
 
 class Stopped(Exception):
@@ -62,7 +65,6 @@ class Worker:
         self.model, self.concurrency, self.queue_size, self.timeout = (
             model, concurrency, queue_size, timeout,
         )  # fmt: skip
-        self.executor = self._executor()
         self.pending: list[Job] = []  # submitted, not finished: running ones first
         self.lock = threading.Lock()
         self.seconds_per_job = 1.0  # a running mean, for Retry-After
@@ -88,7 +90,7 @@ class Worker:
                     headers={"Retry-After": str(max(1, round(wait)))},
                 )
             self.pending.append(job)
-        future = self.executor.submit(self._run, job)
+        future = self.model.executor.submit(self._run, job)
         future.add_done_callback(lambda f: self._done(job))
         return future
 
@@ -171,11 +173,8 @@ class Worker:
         with self.lock:
             for job in self.pending:
                 job.stop("cancelled")
-        executor, self.executor = self.executor, self._executor()
+        executor, self.model.executor = self.model.executor, self.model.new_executor()
         executor.shutdown(wait=True, cancel_futures=True)
-
-    def _executor(self) -> ThreadPoolExecutor:  # its threads start with the first job
-        return ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"gen-{self.model.name}")
 
 
 _ids = itertools.count(1)
@@ -189,11 +188,11 @@ async def wait_for(
     worker: Worker, job: Job, future: Future, disconnected: Callable | None = None
 ) -> list[Image.Image]:
     """The job's images; stops the job if the awaiting task is cancelled or, polled every
-    0.2 s, `disconnected()` turns true (the client left)."""
+    POLL_SECONDS, `disconnected()` turns true (the client left)."""
     wrapped = asyncio.wrap_future(future)
     try:
         while True:
-            done, _ = await asyncio.wait({wrapped}, timeout=0.2)
+            done, _ = await asyncio.wait({wrapped}, timeout=POLL_SECONDS)
             if done:
                 break
             if disconnected is not None and await disconnected():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -89,18 +90,31 @@ def parse_size(size: str | None, model: ServedModel) -> tuple[int | None, int | 
 class ServedModel:
     """A Pipeline loaded once, with the name clients choose it by."""
 
-    def __init__(self, name: str, source: str, pipe: Pipeline) -> None:
-        self.name, self.source, self.pipe = name, source, pipe
+    def __init__(
+        self, name: str, source: str, pipe: Pipeline, threads: int = 1,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:  # fmt: skip
+        self.name, self.source, self.pipe, self.threads = name, source, pipe, threads
         self.max_steps = min(MAX_STEPS, pipe.model.schedule.num_steps)
         self._preview_map = fit_latent_preview(pipe) if pipe.vae is not None else None
         self.sha256 = checkpoint_sha256(source)
+        self.executor = executor or self.new_executor()  # the threads that run it
+
+    def new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.threads, thread_name_prefix=f"gen-{self.name}")
 
     @classmethod
-    def load(cls, source: str, device: str = "cpu") -> ServedModel:
-        pipe = Pipeline.from_pretrained(source, device)
+    def load(cls, source: str, device: str = "cpu", threads: int = 1) -> ServedModel:
+        """The model loaded on the thread that will run it: weights made on one thread and
+        used on another ran 1.6x slower here (0.94 s against 0.58 s an image, 2-core CPU)."""
         path = Path(source)
         name = source if source in SHIPPED else (path.stem if path.is_file() else path.name)
-        return cls(name, source, pipe)
+        executor = ThreadPoolExecutor(threads, thread_name_prefix=f"gen-{name}")
+
+        def build() -> ServedModel:
+            return cls(name, source, Pipeline.from_pretrained(source, device), threads, executor)
+
+        return executor.submit(build).result()
 
     # --- what it can make -----------------------------------------------------------------
 
@@ -284,12 +298,14 @@ def checkpoint_sha256(source: str) -> str | None:
     return file_sha256(path) if path.stat().st_size < 2**28 else None
 
 
-def load_models(sources: list[str], device: str = "cpu") -> dict[str, ServedModel]:
+def load_models(
+    sources: list[str], device: str = "cpu", concurrency: int = 1
+) -> dict[str, ServedModel]:
     """Each model loaded once, by the name clients will use; a clear error for a bad one."""
     models: dict[str, ServedModel] = {}
     for source in sources:
         try:
-            model = ServedModel.load(source, device)
+            model = ServedModel.load(source, device, concurrency)
         except (CheckpointError, ValueError, FileNotFoundError) as e:
             raise CheckpointError(
                 str(e) if source in str(e) else f"--model {source}: {e}"
