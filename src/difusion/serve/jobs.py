@@ -17,7 +17,6 @@ from .codec import b64, encode
 from .errors import APIError
 from .models import Generation, ServedModel
 
-
 POLL_SECONDS = 1.0  # how often a waiting request checks that its client is still there
 
 
