@@ -132,3 +132,12 @@ def test_usage_errors_exit_nonzero(monkeypatch, capsys):
 def test_help(monkeypatch, capsys, command):
     code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
     assert code == 0 and "Usage" in out
+
+
+def test_python_dash_m_difusion_is_the_command():
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "difusion", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Usage: python -m difusion" in out and "serve" in out and "distill" in out

@@ -123,7 +123,7 @@ def test_idx_malformed_raises(tmp_path, data, message):
 @pytest.fixture(scope="module")
 def fashion():
     if not has_idx_files(FASHION_ROOT):
-        pytest.skip(f"Debian package dataset-fashion-mnist not installed ({FASHION_ROOT})")
+        pytest.skip(f"{FASHION_ROOT} missing: apt-get install dataset-fashion-mnist")
     return load_dataset("fashion")
 
 

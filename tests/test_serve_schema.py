@@ -9,7 +9,7 @@ from test_pipeline import tiny_text_run
 from difusion.serve import ServeSettings, create_app
 from difusion.serve.models import load_models
 
-schemathesis = pytest.importorskip("schemathesis")
+schemathesis = pytest.importorskip("schemathesis", reason="pip install -e '.[dev]' (make install)")
 
 
 @pytest.fixture(scope="module")

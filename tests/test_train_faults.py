@@ -289,7 +289,9 @@ def read_only_stops_writes(folder: Path) -> bool:
 
 def test_a_read_only_run_folder_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, digits8):
     if not read_only_stops_writes(tmp_path / "probe"):
-        pytest.skip("this user writes to read-only folders (root)")
+        pytest.skip(
+            "root writes to read-only folders: run as another user, or under setpriv --bounding-set=-dac_override --inh-caps=-dac_override"
+        )
     cfg = tiny(tmp_path, steps=6, checkpoint_every=3)
 
     def read_only_after_checkpoint_3(step, loss):
