@@ -37,7 +37,6 @@ from .data import load_dataset, random_batch
 from .denoiser import Denoiser, bind, clamped, consistency, guided
 from .model import (
     DiffusionModel,
-    atomic_save,
     file_sha256,
     read_safetensors,
     resolve_checkpoint,
@@ -53,7 +52,9 @@ from .runs import (
     module_state,
     pick_device,
     restore_training_state,
+    resumed_config,
     run_folder_errors,
+    save_checkpoint,
     seeded_generators,
     training_state,
     update_ema,
@@ -201,8 +202,8 @@ def save_distill_state(
     tensors, metadata = training_state(modules, {"student": opt}, generators)
     metadata.update(step=str(step), train_config=json.dumps(cfg.to_dict()),
                     model_config=json.dumps(student.config.to_dict()))  # fmt: skip
-    target.save(run.model_path, {"step": str(step)})  # the target first, as train.save_state
-    atomic_save(tensors, run.state_path, metadata)
+    write_target = lambda path: target.save(path, {"step": str(step)})  # noqa: E731
+    save_checkpoint(run, step, write_target, tensors, metadata, cfg.keep)
 
 
 def stored_distill_config(out: str | Path) -> DistillConfig:
@@ -224,10 +225,7 @@ def distill(
     run = Run(cfg.out)
     check_run_folder(run, resume)
     if resume:
-        stored = stored_distill_config(run.dir)
-        keep = ("out", "steps", "minutes", "device", "log_every", "sample_every",
-                "checkpoint_every", "keep")  # fmt: skip
-        cfg = replace(stored, **{k: getattr(cfg, k) for k in keep})
+        cfg = resumed_config(cfg, stored_distill_config(run.dir))
     check_budget(cfg)
     if not 0 <= cfg.ema_decay < 1:
         raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .denoiser import (
+    GUIDANCE_RANGE,
     Cond,
     Denoiser,
     DenoiserFn,
@@ -166,6 +167,12 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"label must be between 0 and {n - 1}")
         return {"class_labels": labels}, {"class_labels": torch.full_like(labels, n)}
 
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        """The guidance scales the model takes: a distilled student, those it learnt."""
+        distilled = self.config.consistency
+        return tuple(distilled["guidance"]) if distilled else GUIDANCE_RANGE
+
     def guided_denoiser(
         self,
         cond: Cond | None = None,
@@ -178,7 +185,7 @@ class DiffusionModel(nn.Module):
         scale as an input; pixel models' x0 estimates clamped to [-1, 1]."""
         check_guidance(guidance)
         if self.config.consistency is not None:
-            lo, hi = self.config.consistency["guidance"]
+            lo, hi = self.guidance_range
             if not lo <= guidance <= hi:
                 raise ValueError(
                     f"guidance must be from {lo:g} to {hi:g} for this distilled model, got "
@@ -247,7 +254,7 @@ class DiffusionModel(nn.Module):
         if init is not None:
             if not 0 < strength <= 1:
                 raise ValueError(f"strength must be in (0, 1], got {strength}")
-            kept = min(int(steps * strength), steps)  # as diffusers' img2img counts
+            kept = steps_kept(steps, strength)
             if kept < 1:
                 raise ValueError(f"strength {strength} leaves no step of {steps} to run")
             sigmas = sigmas[steps - kept :]
@@ -314,6 +321,11 @@ class DiffusionModel(nn.Module):
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def steps_kept(steps: int, strength: float) -> int:
+    """The steps an img2img run of `strength` runs of `steps` (as diffusers' img2img counts)."""
+    return min(int(steps * strength), steps)
 
 
 def with_guidance(cond: Cond | None, guidance: float | torch.Tensor, config: ModelConfig) -> Cond:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .denoiser import Cond, check_guidance
+from .denoiser import Cond
 from .images import to_pil
 from .model import SHIPPED, DiffusionModel, resolve_checkpoint
 
@@ -30,6 +30,12 @@ def _cast_input_hook(dtype: torch.dtype):
         return args, kwargs
 
     return hook
+
+
+def img2img_strength(strength: float | None, inpainting: bool) -> float:
+    """The strength asked for, or the default: 0.8 of the run for img2img, all of it (1) for
+    inpainting."""
+    return strength if strength is not None else (1.0 if inpainting else 0.8)
 
 
 class Pipeline:
@@ -94,18 +100,21 @@ class Pipeline:
             return cond, uncond
         if negative_prompt:
             raise ValueError("a negative prompt needs a text model")
+        for p in dict.fromkeys(prompts):
+            self.check_prompt(p)
         if self.kind == "label":
-            names = self.class_names or []
-            unknown = sorted({p for p in prompts if p not in names})
-            if unknown:
-                raise ValueError(
-                    f"prompt {unknown[0]!r} is not a class of this model; choose one of "
-                    + ", ".join(names)
-                )
-            return self.model.label_cond([names.index(p) for p in prompts])
-        if any(prompts):
-            raise ValueError("this model is unconditional: give an empty prompt")
+            return self.model.label_cond([self.class_names.index(p) for p in prompts])
         return None, None
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse a prompt this model cannot be conditioned on: a class-conditional model takes
+        one of its class names, an unconditional one "" (a text model takes any text)."""
+        if self.kind == "label" and prompt not in (names := self.class_names or []):
+            raise ValueError(
+                f"{prompt!r} is not a class of this model; choose one of {', '.join(names)}"
+            )
+        if self.kind == "unconditional" and prompt:
+            raise ValueError("this model is unconditional: give an empty prompt")
 
     @property
     def downscale(self) -> int:
@@ -280,7 +289,6 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(n)]
         sampler, steps = sampler or self.model.config.sampler, steps or self.model.config.steps
         guidance = self.default_guidance if guidance is None else guidance
-        check_guidance(guidance)
         if self.kind == "unconditional" and guidance != 1.0:
             raise ValueError("guidance needs a conditional model (this one is unconditional)")
         cfg = self.model.config
@@ -299,7 +307,7 @@ class Pipeline:
                 raise ValueError(f"give 1 or {len(prompts)} images, got {init.shape[0]}")
             if mask_image is not None:
                 mask = self._mask(mask_image, (height, width)).to(self.model.device)
-            strength = strength if strength is not None else (1.0 if mask is not None else 0.8)
+            strength = img2img_strength(strength, inpainting=mask is not None)
         elif strength is not None:
             raise ValueError("strength= needs an image (img2img or inpainting)")
         step_info = None

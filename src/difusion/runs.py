@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from torch.utils.data import Dataset
 
 from .data import load_dataset
-from .model import read_metadata
+from .model import atomic_save, read_metadata
 
 STATE_FILE = "train_state.safetensors"
 
@@ -201,6 +201,47 @@ def restore_training_state(
 
 def module_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+# what a resuming command may change: the budget, the device and how often to log, save,
+# sample and keep; everything that shapes the optimisation continues as it was
+RESUME_SETTINGS = (
+    "out", "steps", "minutes", "device", "log_every", "sample_every", "checkpoint_every", "keep",
+)  # fmt: skip
+
+
+def resumed_config(cfg, stored):
+    """The stored configuration of a run, with the settings a resuming command may change."""
+    return replace(stored, **{k: getattr(cfg, k) for k in RESUME_SETTINGS})
+
+
+def save_checkpoint(
+    run: Run,
+    step: int,
+    write_model: Callable[[Path], None],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    keep: int = 0,
+) -> None:
+    """The model to sample from (`write_model(path)`) and the training state, both written
+    beside the last checkpoint, then renamed over it: a failed write (a full disk) leaves that
+    checkpoint whole. The model goes first: if we die between the two renames, the state
+    still points at an older step whose model is at least as new, never the reverse."""
+    staged = {
+        run.model_path: run.dir / f"next_{MODEL_FILE}",
+        run.state_path: run.dir / f"next_{STATE_FILE}",
+    }
+    try:
+        write_model(staged[run.model_path])
+        atomic_save(tensors, staged[run.state_path], metadata)
+    except WRITE_ERRORS:
+        for partial in run.dir.glob("next_*"):
+            with suppress(OSError):
+                partial.unlink()
+        raise
+    for path, written in staged.items():
+        os.replace(written, path)
+    keep_checkpoint(run, step, keep)
 
 
 def keep_checkpoint(run: Run, step: int, keep: int) -> None:

@@ -14,7 +14,6 @@ import copy
 import json
 import os
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from .model import (
     CheckpointError,
     DiffusionModel,
     ModelConfig,
-    atomic_save,
     file_sha256,
     read_metadata,
     read_safetensors,
@@ -38,9 +36,6 @@ from .model import (
 )
 from .nn.unet import UNetConfig
 from .runs import (
-    MODEL_FILE,
-    STATE_FILE,
-    WRITE_ERRORS,
     Run,
     Stop,
     TrainingError,
@@ -48,11 +43,12 @@ from .runs import (
     any_process,
     check_budget,
     check_run_folder,
-    keep_checkpoint,
     module_state,
     pick_device,
     restore_training_state,
+    resumed_config,
     run_folder_errors,
+    save_checkpoint,
     seeded_generators,
     training_state,
     update_ema,
@@ -350,25 +346,9 @@ def save_state(
         train_config=json.dumps(cfg.to_dict()),
         model_config=json.dumps(model.config.to_dict()),
     )
-    # both written beside the last checkpoint, then renamed over it: a failed write (a full
-    # disk) leaves that checkpoint whole
-    staged = {
-        run.model_path: run.dir / f"next_{MODEL_FILE}",
-        run.state_path: run.dir / f"next_{STATE_FILE}",
-    }
-    try:
-        ema.save(staged[run.model_path], {"step": str(step)})
-        atomic_save(tensors, staged[run.state_path], metadata)
-    except WRITE_ERRORS:
-        for partial in run.dir.glob("next_*"):
-            with suppress(OSError):
-                partial.unlink()
-        raise
-    # EMA first: if we die between the two renames, the state still points at an older step
-    # whose EMA is at least as new, never the reverse.
-    for path, written in staged.items():
-        os.replace(written, path)
-    keep_checkpoint(run, step, cfg.keep)
+    save_checkpoint(
+        run, step, lambda path: ema.save(path, {"step": str(step)}), tensors, metadata, cfg.keep
+    )
 
 
 def load_state(
@@ -540,20 +520,7 @@ def train(
     world = dist.get_world_size() if distributed else 1
     check_run_folder(run, resume)
     if resume:
-        stored = stored_train_config(run.dir)
-        # everything that shapes the optimisation continues as it was; only the budget, the
-        # device and how often to log / save / sample may change
-        given = (
-            "out",
-            "steps",
-            "minutes",
-            "device",
-            "log_every",
-            "sample_every",
-            "checkpoint_every",
-            "keep",
-        )
-        cfg = replace(stored, **{k: getattr(cfg, k) for k in given})
+        cfg = resumed_config(cfg, stored_train_config(run.dir))
     check_budget(cfg)
     if cfg.layout_steps < 0:
         raise TrainingError(f"--layout-steps must be 0 or more, not {cfg.layout_steps}")

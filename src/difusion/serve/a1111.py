@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..denoiser import GUIDANCE_RANGE
 from .app import run_generation, server
-from .codec import b64, encode, from_base64, open_image
+from .codec import b64, encode, open_base64_image
 from .errors import APIError
 from .models import MAX_N, MAX_SEED, MAX_STEPS, Generation, ServedModel
 
@@ -131,10 +131,10 @@ async def img2img(body: Img2Img, request: Request) -> dict:
     model = model_of(body, request)
     if not body.init_images:
         raise APIError(422, "give one image to start from", "init_images")
-    image = open_image(from_base64(body.init_images[0], "init_images"), "init_images")
+    image = open_base64_image(body.init_images[0], "init_images")
     mask = None
     if body.mask:
-        mask = open_image(from_base64(body.mask, "mask"), "mask").convert("L")
+        mask = open_base64_image(body.mask, "mask").convert("L")
         if body.inpainting_mask_invert:
             mask = mask.point(lambda v: 255 - v)
     g = generation(body)

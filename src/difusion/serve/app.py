@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import errors
 from .errors import APIError
-from .jobs import Job, Worker, new_job, wait_for
+from .jobs import Job, Worker, wait_for
 from .models import Generation, ServedModel, load_models
 
 log = logging.getLogger("difusion.serve")
@@ -104,7 +104,7 @@ async def run_generation(
     the client leaves), and note its timings for the log line."""
     g = model.check(g)
     worker = server(request).workers[model.name]
-    job = new_job(g, model.name)
+    job = Job(g)
     future = worker.submit(job)
     try:
         images = await wait_for(worker, job, future, request.is_disconnected)

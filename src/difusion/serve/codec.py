@@ -63,6 +63,11 @@ def open_image(data: bytes, field: str) -> Image.Image:
         raise APIError(422, "not a readable image file", field) from None
 
 
+def open_base64_image(text: str, field: str) -> Image.Image:
+    """A base64 image or data URL, checked as `open_image` checks a file."""
+    return open_image(from_base64(text, field), field)
+
+
 def transparent_area(image: Image.Image) -> Image.Image | None:
     """An image's fully transparent pixels as a white-on-black mask (OpenAI's edit mask), or
     None when it has no transparent pixel."""

@@ -17,6 +17,7 @@ from .codec import b64, encode
 from .errors import APIError
 from .models import Generation, ServedModel
 
+JOB_IDS = itertools.count(1)
 POLL_SECONDS = 1.0  # how often a waiting request checks that its client is still there
 
 
@@ -28,9 +29,8 @@ class Stopped(Exception):
 class Job:
     """One generation: its request, where it stands, and how it ended."""
 
-    id: int
     request: Generation
-    model: str
+    id: int = field(default_factory=lambda: next(JOB_IDS))
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
@@ -174,13 +174,6 @@ class Worker:
                 job.stop("cancelled")
         executor, self.model.executor = self.model.executor, self.model.new_executor()
         executor.shutdown(wait=True, cancel_futures=True)
-
-
-_ids = itertools.count(1)
-
-
-def new_job(request: Generation, model: str) -> Job:
-    return Job(next(_ids), request, model)
 
 
 async def wait_for(

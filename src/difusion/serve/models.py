@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..denoiser import GUIDANCE_RANGE
 from ..images import grid, to_pil
-from ..model import SHIPPED, CheckpointError, file_sha256, resolve_checkpoint
-from ..pipeline import Pipeline
+from ..model import SHIPPED, CheckpointError, file_sha256, resolve_checkpoint, steps_kept
+from ..pipeline import Pipeline, img2img_strength
 from ..samplers import SAMPLERS
 from .errors import APIError
 
@@ -142,12 +142,6 @@ class ServedModel:
             f"of {step} from {lo} to {hi}"
         )
 
-    @property
-    def guidance_range(self) -> tuple[float, float]:
-        """A distilled student takes the scales it was trained on."""
-        distilled = self.pipe.model.config.consistency
-        return tuple(distilled["guidance"]) if distilled else GUIDANCE_RANGE
-
     def info(self) -> dict:
         return {
             "name": self.name,
@@ -156,7 +150,7 @@ class ServedModel:
             "default_size": self.sizes()[0],
             "default_steps": self.pipe.model.config.steps,
             "default_guidance": self.pipe.default_guidance,
-            "guidance_range": list(self.guidance_range),
+            "guidance_range": list(self.pipe.model.guidance_range),
             "samplers": list(SAMPLERS),
             "default_sampler": self.pipe.model.config.sampler,
             "max_steps": self.max_steps,
@@ -184,9 +178,11 @@ class ServedModel:
         prompt = g.prompt.strip() if kind != "unconditional" else ""  # nothing to condition on
         if kind == "text" and not prompt:
             refuse("prompt", "must not be empty")
-        if kind == "label" and prompt not in (self.pipe.class_names or []):
-            names = ", ".join(self.pipe.class_names or [])
-            refuse("prompt", f"{prompt!r} is not a class of this model; choose one of {names}")
+        if kind == "label":
+            try:
+                self.pipe.check_prompt(prompt)
+            except ValueError as e:
+                refuse("prompt", str(e))
         if kind != "text" and g.negative_prompt.strip():
             refuse("negative_prompt", "needs a text-to-image model")
         sampler = g.sampler or self.pipe.model.config.sampler
@@ -198,7 +194,7 @@ class ServedModel:
         if not 1 <= g.n <= MAX_N:
             refuse("n", f"must be from 1 to {MAX_N}, got {g.n}")
         guidance = self.pipe.default_guidance if g.guidance is None else g.guidance
-        lo, hi = self.guidance_range
+        lo, hi = self.pipe.model.guidance_range
         if not lo <= guidance <= hi:  # NaN and infinities fail too
             refuse("guidance", f"must be a number from {lo:g} to {hi:g}, got {guidance}")
         if kind == "unconditional" and guidance != 1.0:
@@ -239,7 +235,7 @@ class ServedModel:
         """Steps the sampler runs: img2img skips the first 1 - strength of them."""
         if g.image is None:
             return g.steps
-        return int(g.steps * (g.strength or (1.0 if g.mask is not None else 0.8)))
+        return steps_kept(g.steps, img2img_strength(g.strength, inpainting=g.mask is not None))
 
     # --- generation (in a worker thread) ----------------------------------------------------
 

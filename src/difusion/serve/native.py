@@ -12,8 +12,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field
 
 from .app import server
-from .codec import data_url, encode, from_base64, open_image
-from .jobs import Stopped, abandon, new_job
+from .codec import data_url, encode, open_base64_image
+from .jobs import Job, Stopped, abandon
 from .models import GenerationOptions
 
 router = APIRouter(prefix="/api", tags=["native"])
@@ -53,13 +53,13 @@ async def generate(body: GenerateRequest, request: Request) -> StreamingResponse
     """Refusals answer before the stream starts (4xx); then the events, each `data` JSON."""
     s = server(request)
     model = s.model(body.model)
-    image = open_image(from_base64(body.image, "image"), "image") if body.image else None
-    mask = open_image(from_base64(body.mask, "mask"), "mask").convert("L") if body.mask else None
+    image = open_base64_image(body.image, "image") if body.image else None
+    mask = open_base64_image(body.mask, "mask").convert("L") if body.mask else None
     g = model.check(
         body.generation(model, body.prompt, image=image, mask=mask, strength=body.strength)
     )
     worker = s.workers[model.name]
-    job = new_job(g, model.name)
+    job = Job(g)
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     job.listeners.append(
