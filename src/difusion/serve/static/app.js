@@ -306,6 +306,14 @@ function handle(event, data) {
   } else if (event === "progress") {
     $("preview").src = data.preview;
     $("preview").hidden = false;
+    // on a phone the preview sits below the form: bring it into view as the run starts
+    // (once the first preview has a size, or there is nothing below to scroll to)
+    if (data.step === 1 && $("output").getBoundingClientRect().top > window.innerHeight / 2) {
+      $("preview")
+        .decode()
+        .then(() => $("output").scrollIntoView({ block: "start", behavior: "smooth" }))
+        .catch(() => {});
+    }
     setProgress(`step ${data.step} / ${data.total}`, data.step, data.total);
   } else if (event === "done") {
     addResults(data);
