@@ -16,7 +16,7 @@ from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 MAX_PIXELS = 1 << 26  # 67 megapixels, e.g. 8192 x 8192
 
@@ -44,14 +44,21 @@ def verify_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> bool:
 
 def decode_image(
     source: ImageSource,
-    size: int,
+    size: int | tuple[int, int],
     channels: int = 3,
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = MAX_PIXELS,
+    crop: bool = True,
 ) -> torch.Tensor:
-    """Decode, orient, flatten alpha, resize the shorter side and centre-crop -> uint8 [C, S, S]."""
+    """Decode, orient, flatten alpha, resize the shorter side and centre-crop -> uint8 [C, S, S].
+
+    `size` (height, width): fitted to that shape instead of a square. `crop=False`: only
+    resized, to the smallest size that covers `size` (the caller crops) -> [C, H >= h, W >= w].
+    """
+    h, w = (size, size) if isinstance(size, int) else size
     with open_image(source, max_pixels) as im:
-        im.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
+        stored = (h, w) if quarter_turned(im) else (w, h)  # the target as the pixels lie
+        im.draft("RGB" if channels == 3 else "L", stored)  # JPEG: decode at reduced scale
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             a = np.asarray(im, dtype=np.float64)
@@ -64,10 +71,40 @@ def decode_image(
             base = Image.new("RGBA", im.size, (*background, 255))
             im = Image.alpha_composite(base, im)
         im = im.convert("RGB" if channels == 3 else "L")
-        im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
+        if crop:
+            im = ImageOps.fit(im, (w, h), method=Image.Resampling.BICUBIC)
+        else:
+            im = im.resize(cover_size(im.size, (w, h)), Image.Resampling.BICUBIC)
         a = np.asarray(im, dtype=np.uint8)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(np.array(a, dtype=np.uint8, order="C"))  # a writable copy
+
+
+def cover_size(image: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) of `image` (width, height) scaled to just cover `target`."""
+    scale = max(target[0] / image[0], target[1] / image[1])
+    return max(target[0], round(image[0] * scale)), max(target[1], round(image[1] * scale))
+
+
+def quarter_turned(im: Image.Image) -> bool:
+    """Whether the image's EXIF orientation turns it by a quarter (width and height swap),
+    from the header (`getexif` would decode a whole PNG for an eXIf chunk after the pixels)."""
+    if not im.info.get("exif"):
+        return False
+    exif = Image.Exif()
+    try:
+        exif.load(im.info["exif"])
+    except Exception:  # malformed: the decoder's own reading of it decides
+        return False
+    return exif.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+
+
+def image_size(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as `decode_image` sees the image (EXIF rotation applied), from the
+    header alone."""
+    with open_image(source, max_pixels) as im:
+        w, h = im.size
+        return (h, w) if quarter_turned(im) else (w, h)
 
 
 def first_decodable(

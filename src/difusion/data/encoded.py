@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
-from .decode import decode_image, first_decodable, verify_image
-from .folder import FOLDER_DEFAULT_SIZE, LAZY_CACHE_MAX_BYTES, PRELOAD_MAX_IMAGES
+from .decode import decode_image, verify_image
+from .folder import FOLDER_DEFAULT_SIZE, LAZY_CACHE_MAX_BYTES, PRELOAD_MAX_IMAGES, DecodedItems
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,11 @@ def caption_text(value: Any) -> str | None:
     return text or None
 
 
-class EncodedImageDataset(Dataset):
+class EncodedImageDataset(DecodedItems):
     """Subclasses read their index, then call `_keep_usable`, and implement `_read`."""
 
     num_classes: int | None = None
     class_names: list[str] | None = None
-    labels: list[int] | None = None
 
     def _read(self, row: int) -> bytes | Path:
         """The encoded image of source row `row`."""
@@ -128,24 +126,8 @@ class EncodedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _pixels(self, i: int) -> torch.Tensor:
-        x = self._cache.get(i)
-        if x is None:
-            data = self._read(self.rows[i])
-            x = decode_image(data, self.size, self.channels, self.background)
-            if self._memoise:
-                self._cache[i] = x
-        return x
+    def _source(self, i: int) -> bytes | Path:
+        return self._read(self.rows[i])
 
-    def __getitem__(self, i: int) -> dict:
-        j, x = first_decodable(
-            i,
-            len(self.rows),
-            self._pixels,
-            self._failed,
-            lambda k: f"{self.where}: {self.names[k]}",
-        )
-        item = {"image": x.float().div_(127.5).sub_(1.0)}
-        if self.captions is not None:
-            item["caption"] = self.captions[j]
-        return item
+    def _name(self, i: int) -> str:
+        return f"{self.where}: {self.names[i]}"

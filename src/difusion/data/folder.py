@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .decode import decode_image, first_decodable, verify_image
+from .decode import ImageSource, decode_image, first_decodable, image_size, verify_image
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,75 @@ PRELOAD_MAX_IMAGES = 2048
 LAZY_CACHE_MAX_BYTES = 1 << 30
 
 
-class FolderDataset(Dataset):
+class DecodedItems(Dataset):
+    """The items of a data set of encoded images (`FolderDataset`, `EncodedImageDataset`),
+    decoded on demand and memoised. Subclasses set `size`, `channels`, `background`,
+    `labels`, `captions`, `_cache`, `_memoise`, `_failed` and define `_source` and `_name`.
+
+    `item(i, shape, crop)` serves the training loader (`loader.py`): the image fitted to
+    another shape, or only resized (to cover it) for the loader's own random crop.
+    """
+
+    labels: list[int] | None = None
+    captions: list[str] | None = None
+    _variant_bytes = 0  # memoised by `item` beside the size x size images
+    _sizes: list[tuple[int, int]] | None = None
+
+    def _source(self, i: int) -> ImageSource:
+        """The encoded image of item i (a path or bytes)."""
+        raise NotImplementedError
+
+    def _name(self, i: int) -> str:
+        """Item i as warnings name it."""
+        raise NotImplementedError
+
+    def _pixels(
+        self, i: int, shape: tuple[int, int] | None = None, crop: bool = True
+    ) -> torch.Tensor:
+        key = i if shape is None and crop else (i, shape, crop)
+        x = self._cache.get(key)
+        if x is None:
+            x = decode_image(
+                self._source(i), shape or self.size, self.channels, self.background, crop=crop
+            )
+            if key == i:
+                if self._memoise:
+                    self._cache[i] = x
+            elif self._memoise and self._variant_bytes + x.nbytes <= LAZY_CACHE_MAX_BYTES:
+                self._cache[key] = x
+                self._variant_bytes += x.nbytes
+        return x
+
+    def item(self, i: int, shape: tuple[int, int] | None = None, crop: bool = True) -> dict:
+        """`self[i]` with its image fitted to `shape` (height, width) instead of size x size;
+        `crop=False`: resized to just cover that shape, not cropped."""
+        j, x = first_decodable(
+            i, len(self), lambda k: self._pixels(k, shape, crop), self._failed, self._name
+        )
+        out = {"image": x.float().div_(127.5).sub_(1.0)}
+        if self.labels is not None:
+            out["label"] = self.labels[j]
+        if self.captions is not None:
+            out["caption"] = self.captions[j]
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Each image's (width, height) as decoded, read from the headers once; size x size
+        for an image whose header no longer reads."""
+        if self._sizes is None:
+            self._sizes = []
+            for i in range(len(self)):
+                try:
+                    self._sizes.append(image_size(self._source(i)))
+                except Exception:
+                    self._sizes.append((self.size, self.size))
+        return self._sizes
+
+
+class FolderDataset(DecodedItems):
     """Items: {"image": FloatTensor [C, size, size] in [-1, 1]} + "label" / "caption"."""
 
     def __init__(
@@ -124,21 +192,8 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _pixels(self, i: int) -> torch.Tensor:
-        x = self._cache.get(i)
-        if x is None:
-            x = decode_image(self.paths[i], self.size, self.channels, self.background)
-            if self._memoise:
-                self._cache[i] = x
-        return x
+    def _source(self, i: int) -> Path:
+        return self.paths[i]
 
-    def __getitem__(self, i: int) -> dict:
-        j, x = first_decodable(
-            i, len(self.paths), self._pixels, self._failed, lambda k: str(self.paths[k])
-        )
-        item = {"image": x.float().div_(127.5).sub_(1.0)}
-        if self.labels is not None:
-            item["label"] = self.labels[j]
-        if self.captions is not None:
-            item["caption"] = self.captions[j]
-        return item
+    def _name(self, i: int) -> str:
+        return str(self.paths[i])

@@ -160,11 +160,16 @@ def relation_holds(a: dict, b: dict, relation: str, size: int = DEFAULT_SIZE) ->
     return along >= MIN_SEPARATION * _scale(size) and along > abs(d[1 - axis])
 
 
+def min_gap(size: int = DEFAULT_SIZE) -> int:
+    """The least gap (px) between the two objects' boxes on a `size` canvas."""
+    return max(1, round(MIN_GAP * _scale(size)))
+
+
 def _place(rng: _Rng, spec: dict, size: int, max_tries: int = 100_000) -> dict:
     """Fill in sizes and positions for a spec with colours / shapes / relation only."""
     objs = spec["objects"]
     relation = spec.get("relation")
-    gap = max(1, round(MIN_GAP * _scale(size)))
+    gap = min_gap(size)
     sizes = [o.get("size") or rng.randint(*size_range(o["shape"], size)) for o in objs]
     for _ in range(max_tries):  # rejection sampling of the positions (sizes kept unbiased)
         placed = [
@@ -356,6 +361,14 @@ def class_index(color: str, shape: str) -> int:
 # ----------------------------------------------------------------------------- data set
 
 
+def check_options(size: int, two_object_prob: float) -> None:
+    """ValueError naming the option when `size` or `two_object_prob` is out of range."""
+    if size < 16:
+        raise ValueError(f"shapes: size must be at least 16, got {size}")
+    if not 0.0 <= two_object_prob <= 1.0:
+        raise ValueError(f"two_object_prob must be in [0, 1], got {two_object_prob}")
+
+
 class ShapesDataset(Dataset):
     """Seeded, infinite stream of captioned shapes; `len` is the epoch length only.
 
@@ -376,10 +389,7 @@ class ShapesDataset(Dataset):
         paraphrase: bool = True,
         label: bool = False,
     ):
-        if size < 16:
-            raise ValueError(f"shapes: size must be at least 16, got {size}")
-        if not 0.0 <= two_object_prob <= 1.0:
-            raise ValueError(f"two_object_prob must be in [0, 1], got {two_object_prob}")
+        check_options(size, two_object_prob)
         self.size, self.length, self.seed = size, length, seed
         self.two_object_prob, self.paraphrase, self.label = two_object_prob, paraphrase, label
         self.num_classes = len(CLASS_NAMES) if label else None
