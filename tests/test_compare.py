@@ -10,10 +10,15 @@ from difusion.compare import (
     CompareConfig,
     collapsed,
     comparison_rows,
+    crossing_point,
+    describe_race,
     late_fluctuation,
+    parse_budgets,
     spread,
+    training_seconds,
     write_report,
 )
+from difusion.compare.sweep_report import crossing_label, summarize, write_sweep_report
 
 
 def fake_run(kind, seed, fid, coverage=(10, 10, 10), diverged=False):
@@ -188,10 +193,194 @@ def test_seeds_per_data_set():
     assert CompareConfig(data=("digits", "fashion"), seeds="2").seeds_for("fashion") == 2
     folder = CompareConfig(data=("photos/cats",), seeds="cats=4")
     assert folder.seeds_for("photos/cats") == 4
+    assert CompareConfig(data=("digits", "fashion"), seeds="0,4,7").seed_list("fashion") == [
+        0,
+        4,
+        7,
+    ]
+    assert CompareConfig(data=("digits",), seeds="3").seed_list("digits") == [0, 1, 2]
+    assert CompareConfig(data=("digits",), seeds="0,4,7").seeds_for("digits") == 3
     for bad, message in [
         ("fashion=3", "gives no count for 'digits'"),
         ("x", "is not N or NAME=N"),
         ("0", "at least 1"),
+        ("fashion=3,0,1", "not both"),
+        ("2,2", "distinct"),
     ]:
         with pytest.raises(ValueError, match=message):
             CompareConfig(data=("digits",), seeds=bad)
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep over training budgets
+# ---------------------------------------------------------------------------------------
+
+
+def test_budgets_are_parsed_and_sorted():
+    assert parse_budgets("5,2, 40,10") == (2.0, 5.0, 10.0, 40.0)
+    assert parse_budgets("0.05") == (0.05,)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--budgets", "2,x"), "--budgets: 'x' is not a number of minutes"),
+        (("--budgets", ""), "--budgets: '' is not a number of minutes"),
+        (("--budgets", "0,5"), "--budgets: minutes must be positive, got 0"),
+        (("--budgets", "5,-1"), "--budgets: minutes must be positive, got -1"),
+        (("--budgets", "nan"), "--budgets: minutes must be positive"),
+        (("--budgets", "5,2,5"), "--budgets: 5 minutes is given twice"),
+        (("--budgets", "2,5", "--budget-minutes", "5"), "--budgets or --budget-minutes"),
+        (("--budgets", "2,5", "--distill-minutes", "-1"), "--distill-minutes must be 0 or more"),
+        (("--budgets", "2,5", "--prediction", "noise"), "--prediction must be eps, v or x0"),
+    ],
+)
+def test_bad_budgets_are_one_line_errors(monkeypatch, capsys, tmp_path, args, message):
+    code, _, err = cli(monkeypatch, capsys, "compare", "--out", tmp_path / "c", *args)
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_crossing_point_and_verdict():
+    minutes = [1.0, 4.0, 16.0]
+    # diffusion 10 worse at 1 min, 10 better at 4: level halfway in log-minutes, at 2 min
+    assert crossing_point(minutes, [30, 30, 30], [40, 20, 10]) == pytest.approx(2.0)
+    assert describe_race(minutes, [30, 30, 30], [40, 20, 10], "FID") == (
+        "FID: diffusion overtakes the GAN between 1 and 4 minutes (interpolated: 2 min); "
+        "at 16 minutes diffusion leads by 20.0 (30.0 GAN, 10.0 diffusion)."
+    )
+    # a quarter of the way from 4 to 16 min in log-minutes: 4 * 4 ** 0.25
+    assert crossing_point(minutes, [10, 10, 30], [5, 6, 42]) == pytest.approx(4 * 4**0.25)
+    assert describe_race(minutes, [10, 10, 30], [5, 6, 42], "FID").startswith(
+        "FID: the GAN overtakes diffusion between 4 and 16 minutes (interpolated: 5.66 min);"
+    )
+    # no crossing: the GAN stays ahead
+    assert crossing_point(minutes, [10, 8, 6], [20, 15, 9]) is None
+    assert describe_race(minutes, [10, 8, 6], [20, 15, 9], "FID") == (
+        "FID: the GAN stays ahead up to 16 minutes, by 10.0 at 1 min and 3.00 at 16 min."
+    )
+    # a touch: level at 4 min, the GAN ahead on both sides
+    assert crossing_point(minutes, [10, 10, 10], [15, 10, 12]) == 4.0
+    assert describe_race(minutes, [10, 10, 10], [15, 10, 12], "FID").startswith(
+        "FID: the two are level at 4 minutes, and the GAN is ahead at the other budgets; "
+    )
+    # level at a budget, then ahead: the crossing is that budget
+    assert crossing_point(minutes, [10, 10, 10], [15, 10, 5]) == 4.0
+    assert describe_race(minutes, [10, 10, 10], [15, 10, 5], "FID").startswith(
+        "FID: diffusion overtakes the GAN at 4 minutes, where they are level; "
+    )
+    assert crossing_point([2.0], [10], [12]) is None
+    assert crossing_label(minutes, [30, 30, 30], [40, 20, 10]) == "diffusion ahead from 2 min"
+    assert crossing_label(minutes, [10, 10, 30], [5, 6, 42]) == "GAN ahead from 5.66 min"
+    assert crossing_label(minutes, [10, 10, 10], [15, 10, 12]) == "level at 4 min"
+
+
+def test_training_seconds_from_the_log(tmp_path):
+    lines = [{"step": 0, "layout_loss": 1.0}, {"step": 25, "loss": 1.0, "steps_per_s": 5.0},
+             {"step": 50, "loss": 1.0, "steps_per_s": 25.0},
+             {"step": 60, "loss": 1.0, "steps_per_s": 2.0}]  # fmt: skip
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert training_seconds(tmp_path, step=50) == pytest.approx(25 / 5 + 25 / 25)
+    assert training_seconds(tmp_path, step=25) == pytest.approx(5.0)
+    assert training_seconds(tmp_path, step=60) == pytest.approx(6.0 + 10 / 2)
+    assert training_seconds(tmp_path) == 0.0  # no checkpoint: nothing to resume from
+
+
+def synthetic_sweep():
+    def run(kind, seed, minutes, fid):
+        return {"seed": seed, "kind": kind, "budget_minutes": minutes, "steps": int(100 * minutes),
+                "train_seconds": 60.0 * minutes, "diverged": False, "error": None,
+                "final": {"fid": fid + seed, "precision": 0.5, "recall": 0.4, "kid_mean": 0.01},
+                "inception": {"fid": 2 * fid + seed, "n": 100},
+                "wall_seconds": {"train": 60.0 * minutes, "measure": 10.0}}  # fmt: skip
+
+    runs = []
+    for minutes, gan, diffusion in [(1.0, 30.0, 40.0), (4.0, 30.0, 20.0)]:
+        for seed in (0, 2):
+            runs += [run("gan", seed, minutes, gan), run("diffusion", seed, minutes, diffusion)]
+    cfg = CompareConfig(data=("digits",), seeds="0,2", samples=100, inception_samples=100)
+    return {"data": "digits", "config": cfg.to_dict(), "budgets": [1.0, 4.0], "seeds": [0, 2],
+            "distill_minutes": 0.0, "student_steps": [], "recipe": cfg.recipe(),
+            "environment": {"device": "cpu", "threads": 2, "torch": "2.x", "seconds": 600.0},
+            "info": {"real_images": 100, "feature_net": "classifier:digits",
+                     "feature_net_note": "shipped"},
+            "runs": runs}  # fmt: skip
+
+
+def test_sweep_report_from_synthetic_numbers(tmp_path):
+    sweep = synthetic_sweep()
+    sweep["summary"] = summarize(sweep)
+    gan = sweep["summary"]["budgets"]["1"]["gan"]
+    assert gan["fid"] == {"mean": 31.0, "std": pytest.approx(2**0.5), "n": 2}
+    assert gan["inception_fid"]["mean"] == 61.0 and gan["train_minutes"]["mean"] == 1.0
+    races = sweep["summary"]["races"]
+    assert races["fid"]["crossing_minutes"] == pytest.approx(2.0)
+    assert races["inception_fid"]["crossing_minutes"] == pytest.approx(2.0)
+    text = write_sweep_report(sweep, tmp_path).read_text()
+    assert (tmp_path / "fid_vs_minutes.png").is_file() and "fid_vs_minutes.png" in text
+    assert (
+        "Inception FID: diffusion overtakes the GAN between 1 and 4 minutes (interpolated: 2 min)"
+        in text
+    )
+    assert "classifier FID: diffusion overtakes the GAN between 1 and 4 minutes" in text
+    assert "| 1 | GAN | 100 ± 0 | 1.00 ± 0 | 61.0 ± 1.41 | 31.0 ± 1.41 |" in text
+    assert "2 seeds (0, 2)" in text and "The sweep took 10.0 minutes" in text
+
+
+def test_sweep_end_to_end_on_digits(monkeypatch, capsys, tmp_path):
+    """Two budgets, one seed, tiny models: the second budget resumes the first's run."""
+    out = tmp_path / "sweep"
+    args = ("compare", "--data", "digits", "--budgets", "0.05,0.02", "--seeds", "1",
+            "--out", out, "--preset", "tiny", "--samples", "16", "--no-inception",
+            "--distill-minutes", "0.005", "--prediction", "v", "--zero-terminal-snr",
+            "--min-snr-gamma", "5")  # fmt: skip
+    code, stdout, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    folder = out / "digits" / "sweep"
+    sweep = json.loads((folder / "sweep.json").read_text())
+    assert sweep["budgets"] == [0.02, 0.05] and sweep["seeds"] == [0]
+    runs = {(r["kind"], r["budget_minutes"]): r for r in sweep["runs"]}
+    assert set(runs) == {(k, b) for k in ("gan", "diffusion") for b in (0.02, 0.05)}
+    for kind in ("gan", "diffusion"):
+        first, second = runs[kind, 0.02], runs[kind, 0.05]
+        assert first["start_step"] == 0 and second["start_step"] == first["steps"] > 0
+        assert second["steps"] > first["steps"]
+        # the budget is the total training time: 3 s in all, not 1.2 + 3
+        assert 1.2 - 0.6 < first["train_seconds"] < 1.2 + 1.0
+        assert 3.0 - 0.6 < second["train_seconds"] < 3.0 + 1.0
+        assert second["train_seconds"] == training_seconds(folder / "seed0" / kind)
+        assert second["final"]["n"] == 16 and second["final"]["fid"] > 0
+    student = runs["diffusion", 0.05]["student"]
+    assert set(student["steps"]) == {"1", "2", "4"} and student["train_steps"] > 0
+    assert "v-prediction, cosine schedule (zero terminal SNR), min-SNR" in sweep["models"][
+        "diffusion"]["description"]  # fmt: skip
+    report = (folder / "sweep.md").read_text()
+    assert (folder / "fid_vs_minutes.png").is_file()
+    assert re.search(r"(stays ahead up to 0.05 minutes|overtakes|level)", report)
+    assert "extra compute" in report and "| 0.05 | student (4 lcm steps) |" in report
+    # a second start finds every budget measured: nothing trained, the same numbers
+    stamps = {p: p.stat().st_mtime_ns for p in (folder / "results").iterdir()}
+    code, stdout, err = cli(monkeypatch, capsys, *args)
+    assert code == 0 and "training" not in stdout and "distilling" not in stdout, err
+    again = json.loads((folder / "sweep.json").read_text())
+    assert again["runs"] == sweep["runs"]
+    assert {p: p.stat().st_mtime_ns for p in (folder / "results").iterdir()} == stamps
+    assert len(again["environment"]["starts_seconds"]) == 2
+    # a budget below those measured, or other settings, cannot reuse the folder
+    code, _, err = cli(monkeypatch, capsys, *args[:4], "0.01,0.05", *args[5:])
+    assert code == 1 and "has trained past 0.01 minutes" in err
+    code, _, err = cli(monkeypatch, capsys, *args, "--samples", "24")
+    assert code == 1 and "holds a sweep with other settings (samples)" in err, err
+
+
+def test_settings_of_an_older_folder_count_as_defaults(tmp_path):
+    from difusion.compare.config import check_settings
+
+    defaults = {"samples": 1000, "prediction": "eps"}
+    (tmp_path / "settings.json").write_text(json.dumps({"samples": 1000}))  # before --prediction
+    check_settings(tmp_path, {"samples": 1000, "prediction": "eps"}, defaults, (), "study")
+    assert json.loads((tmp_path / "settings.json").read_text())["prediction"] == "eps"
+    (tmp_path / "settings.json").write_text(json.dumps({"samples": 1000}))
+    with pytest.raises(ValueError, match=r"holds a study with other settings \(prediction\)"):
+        check_settings(tmp_path, {"samples": 1000, "prediction": "v"}, defaults, (), "study")
+    check_settings(tmp_path, {"samples": 500, "prediction": "eps"}, defaults, ("samples",), "s")

@@ -1,0 +1,286 @@
+"""`difusion compare --budgets 2,5,10,20,40`: the study at several training budgets.
+
+Budgets are the total training time of a run, in minutes. For each budget in turn, for each
+seed and family, the run folder `<out>/<data>/sweep/seed<k>/<gan|diffusion>/` continues from
+its last checkpoint until its training time reaches the budget, then its model is measured:
+the sweep costs the largest budget per family and seed, not the sum. A run's training time
+is read back from its own log (`training_seconds`), so a killed sweep resumes exactly: each
+measured budget is a file `results/seed<k>-<family>-<b>min.json`, and a later start skips
+the budgets that have one.
+
+At every budget the diffusion model is also distilled (`distill.py`, consistency
+distillation) for `distill_minutes` of extra compute into a student sampled with 1, 2 and 4
+`lcm` steps, and measured in the feature network's space beside its teacher's 20 steps.
+
+Writes, per data set, `sweep.json` (every number and the sweep's wall time), `sweep.md` and
+`fid_vs_minutes.png` (`sweep_report.py`) in `<out>/<data>/sweep/`, after every budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..evaluate import draw
+from ..runs import Run
+from .config import CompareConfig, check_settings
+from .evaluation import Scorer, measure_model, real_sample, scorers_for
+from .study import dataset_info, describe_models, earlier_starts, environment, train_run
+from .sweep_report import summarize, write_sweep_report
+
+FAMILIES = ("gan", "diffusion")
+# the study's settings that a sweep's numbers do not depend on
+NOT_FOR_SWEEP = (
+    "data", "out", "seeds", "budget_minutes", "curve_points", "curve_samples",
+    "steps_samples", "speed_batch", "speed_repeats",
+)  # fmt: skip
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """ "2,5,10" -> (2.0, 5.0, 10.0): positive minutes, distinct, sorted."""
+    budgets = []
+    for item in str(text).split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"--budgets: {item.strip()!r} is not a number of minutes") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--budgets: minutes must be positive, got {item.strip()}")
+        budgets.append(value)
+    budgets.sort()
+    for a, b in zip(budgets, budgets[1:], strict=False):
+        if label(a) == label(b):  # results are filed by label
+            raise ValueError(f"--budgets: {a:g} minutes is given twice")
+    return tuple(budgets)
+
+
+@dataclass
+class SweepConfig:
+    study: CompareConfig
+    budgets: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 40.0)
+    distill_minutes: float = 2.0  # per budget and seed, on top of the budget; 0: no students
+    student_steps: tuple[int, ...] = (1, 2, 4)
+
+    def __post_init__(self) -> None:
+        self.budgets = parse_budgets(",".join(map(str, self.budgets)))
+        if not (math.isfinite(self.distill_minutes) and self.distill_minutes >= 0):
+            raise ValueError(f"--distill-minutes must be 0 or more, got {self.distill_minutes}")
+
+    def settings(self, study: CompareConfig) -> dict:
+        """What a sweep's numbers depend on (a later start must keep them)."""
+        kept = {k: v for k, v in study.to_dict().items() if k not in NOT_FOR_SWEEP}
+        return {
+            **kept,
+            "distill_minutes": self.distill_minutes,
+            "student_steps": self.student_steps,
+        }
+
+
+def label(minutes: float) -> str:
+    return f"{minutes:g}min"
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    from ..model import read_metadata
+
+    run = Run(run_dir)
+    return int(read_metadata(run.state_path)["step"]) if run.exists() else 0
+
+
+def training_seconds(run_dir: Path, step: int | None = None) -> float:
+    """The training time of a run up to `step` (default: its checkpoint's step), from its log:
+    each line's steps since the line before it over the rate it logged. Setup, final save and
+    previews are not counted: the time in the loop, as a `--minutes` budget counts it."""
+    step = checkpoint_step(run_dir) if step is None else step
+    total, last = 0.0, 0
+    for record in Run(run_dir).read_log():
+        if "steps_per_s" in record and last < record["step"] <= step:
+            total += (record["step"] - last) / record["steps_per_s"]
+            last = record["step"]
+    return total
+
+
+def train_to(kind: str, data: str, dataset, seed: int, run_dir: Path, minutes: float,
+             cfg: CompareConfig) -> str | None:  # fmt: skip
+    """Continue a run until its training time is `minutes` (start it if it has no checkpoint);
+    returns the reason it stopped early on a non-finite loss, else None. `budget.json` notes
+    the budget it was last trained to, so a start after a kill does not add a few seconds."""
+    marker = run_dir / "budget.json"
+    trained_to = json.loads(marker.read_text())["minutes"] if marker.is_file() else 0.0
+    if trained_to > minutes:
+        raise ValueError(past_budget(run_dir, minutes))
+    if trained_to == minutes:
+        return None
+    resume = Run(run_dir).exists()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # killed before its first checkpoint: start it again
+    left = minutes * 60 - (training_seconds(run_dir) if resume else 0.0)
+    error = None
+    if left > 0:
+        error = train_run(kind, data, dataset, seed, run_dir, cfg, left / 60, resume=resume)
+    marker.write_text(json.dumps({"minutes": minutes}))
+    return error
+
+
+def distil_student(teacher: Path, out: Path, data: str, dataset, seed: int,
+                   scfg: SweepConfig) -> Path:  # fmt: skip
+    """Consistency-distil `teacher` (a run folder) for `distill_minutes` into `out`, afresh."""
+    from ..distill import DistillConfig, distill
+
+    if out.exists():
+        shutil.rmtree(out)
+    dcfg = DistillConfig(
+        teacher=str(teacher), out=str(out), data=data, steps=10**9,
+        minutes=scfg.distill_minutes, device=scfg.study.device, seed=seed,
+        sample_every=10**9, checkpoint_every=10**9,
+    )  # fmt: skip
+    return distill(dcfg, dataset=dataset, progress=False)
+
+
+def measure_student(run_dir: Path, scorer: Scorer, scfg: SweepConfig, device) -> dict:
+    """The student's metrics with each of `student_steps` lcm steps (feature network only)."""
+    from ..model import DiffusionModel
+
+    student = DiffusionModel.load(Run(run_dir).model_path, device)
+    steps = {}
+    for k in scfg.student_steps:
+        steps[str(k)] = scorer(draw(student, scfg.study.samples, sampler="lcm", steps=k))
+    return {"train_steps": checkpoint_step(run_dir), "steps": steps}
+
+
+def past_budget(run_dir: Path, minutes: float) -> str:
+    return (
+        f"{run_dir} has trained past {minutes:g} minutes already: a budget below those "
+        "measured needs another --out"
+    )
+
+
+def result_path(folder: Path, seed: int, kind: str, minutes: float) -> Path:
+    return folder / "results" / f"seed{seed}-{kind}-{label(minutes)}.json"
+
+
+def measured_budgets(folder: Path, seed: int, kind: str) -> dict[float, dict]:
+    """The results a sweep folder holds for one run, by budget."""
+    found = {}
+    for path in (folder / "results").glob(f"seed{seed}-{kind}-*min.json"):
+        result = json.loads(path.read_text())
+        found[result["budget_minutes"]] = result
+    return found
+
+
+def budget_result(
+    kind: str, data: str, dataset, seed: int, minutes: float, folder: Path,
+    scorers: tuple[Scorer, Scorer | None], scfg: SweepConfig, device, say,
+) -> dict:  # fmt: skip
+    """One run at one budget: read back if measured, else trained on to it and measured."""
+    path = result_path(folder, seed, kind, minutes)
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg, run_dir = scfg.study, folder / f"seed{seed}" / kind
+    done = measured_budgets(folder, seed, kind)
+    if any(b > minutes for b in done):
+        raise ValueError(past_budget(run_dir, minutes))
+    before = done[max(done)] if done else None
+    result = {"seed": seed, "kind": kind, "budget_minutes": minutes, "diverged": False,
+              "error": None, "final": None, "inception": None}  # fmt: skip
+    if before is not None and before["diverged"]:
+        result.update(diverged=True, error=before["error"], steps=before["steps"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        return result  # a diverged run is not trained further
+    start_step = before["steps"] if before is not None else 0
+    say(f"{data} seed {seed}: training the {kind} to {minutes:g} min (from step {start_step})")
+    began = time.monotonic()
+    error = train_to(kind, data, dataset, seed, run_dir, minutes, cfg)
+    train_wall = time.monotonic() - began
+    result.update(
+        diverged=error is not None, error=error, start_step=start_step,
+        steps=checkpoint_step(run_dir), train_seconds=training_seconds(run_dir),
+    )  # fmt: skip
+    began = time.monotonic()
+    if Run(run_dir).model_path.is_file():
+        result["final"], result["inception"] = measure_model(run_dir, *scorers, cfg, device)
+    wall = {"train": train_wall, "measure": time.monotonic() - began}
+    if kind == "diffusion" and scfg.distill_minutes > 0 and result["final"] is not None:
+        say(f"{data} seed {seed}: distilling the {minutes:g}-min diffusion model")
+        began = time.monotonic()
+        student_dir = folder / f"seed{seed}" / f"student-{label(minutes)}"
+        distil_student(run_dir, student_dir, data, dataset, seed, scfg)
+        wall["distill"] = time.monotonic() - began
+        began = time.monotonic()
+        result["student"] = measure_student(student_dir, scorers[0], scfg, device)
+        wall["measure_student"] = time.monotonic() - began
+    result["wall_seconds"] = wall
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def sweep_data(data: str, scfg: SweepConfig, device: torch.device, say) -> Path:
+    """The sweep on one data set; returns the path of its sweep.md."""
+    from ..data import load_dataset
+    from .study import load_models
+
+    cfg = scfg.study
+    out = Path(cfg.out)
+    folder = out / Path(data).name / "sweep"
+    defaults = scfg.settings(CompareConfig())
+    check_settings(folder, scfg.settings(cfg), defaults, (), "sweep")
+    earlier = earlier_starts(folder / "sweep.json")
+    began = time.monotonic()
+    dataset = load_dataset(data)
+    real = real_sample(dataset, max(cfg.samples, cfg.inception_samples if cfg.inception else 0))
+    scorer, inception, note = scorers_for(data, dataset, real, cfg, out, device)
+    seeds = cfg.seed_list(data)
+    sweep: dict = {
+        "data": data,
+        "config": cfg.to_dict(),
+        "budgets": list(scfg.budgets),
+        "seeds": seeds,
+        "distill_minutes": scfg.distill_minutes,
+        "student_steps": list(scfg.student_steps),
+        "recipe": cfg.recipe(),
+        "environment": environment(device),
+        "info": dataset_info(dataset, real, scorer, inception, note),
+        "runs": [],
+    }
+    for minutes in scfg.budgets:
+        for seed in seeds:
+            for kind in FAMILIES:
+                sweep["runs"].append(
+                    budget_result(
+                        kind,
+                        data,
+                        dataset,
+                        seed,
+                        minutes,
+                        folder,
+                        (scorer, inception),
+                        scfg,
+                        device,
+                        say,
+                    )  # fmt: skip
+                )
+        sweep["models"] = describe_models(*load_models(folder / f"seed{seeds[0]}", device), cfg)
+        sweep["summary"] = summarize(sweep)
+        starts = [*earlier, time.monotonic() - began]
+        sweep["environment"].update(seconds=sum(starts), starts_seconds=starts)
+        (folder / "sweep.json").write_text(json.dumps(sweep, indent=2))
+        report = write_sweep_report(sweep, folder)
+    say(f"wrote {report}")
+    return report
+
+
+def sweep(scfg: SweepConfig, progress: bool = True) -> list[Path]:
+    """Run the sweep of `scfg` on each of its data sets; returns the sweep.md paths."""
+    from ..runs import pick_device
+
+    device = pick_device(scfg.study.device)
+    say = print if progress else (lambda *a, **k: None)
+    return [sweep_data(data, scfg, device, say) for data in scfg.study.data]
