@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .nn.unet import UNet
 from .schedule import NoiseSchedule
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -55,6 +56,19 @@ class Denoiser(nn.Module):
             return c_in**2 * x - s * c_in * out
         return out
 
+    def prepare(self, cond: Cond | None) -> Cond | None:
+        """`cond` with a U-Net's prompt-only work (keys, values, layout maps) done once, for
+        all the calls of a sampling run; the same result as the raw `cond`."""
+        if not isinstance(self.model, UNet) or cond is None or cond.get("context") is None:
+            return cond
+        context = self.model.prepare_context(cond["context"], cond.get("context_mask"))
+        return {**cond, "context": context, "context_mask": None}
+
+
+def prepared(denoiser: Callable, cond: Cond | None) -> Cond | None:
+    """`cond` prepared by `denoiser` when it is a `Denoiser` (see `Denoiser.prepare`)."""
+    return denoiser.prepare(cond) if isinstance(denoiser, Denoiser) else cond
+
 
 def training_target(
     prediction: str, x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor
@@ -88,7 +102,8 @@ def cat_cond(a: Cond | None, b: Cond | None) -> Cond | None:
 
 
 def bind(denoiser: Callable, cond: Cond | None) -> DenoiserFn:
-    """A two-argument denoiser with its condition fixed."""
+    """A two-argument denoiser with its condition fixed (and prepared once)."""
+    cond = prepared(denoiser, cond)
     return lambda x, sigma: denoiser(x, sigma, cond)
 
 
@@ -118,7 +133,7 @@ def guided(
     """
     if isinstance(scale, (int, float)) and scale == 1.0:
         return bind(denoiser, cond)
-    both = cat_cond(uncond, cond)
+    both = prepared(denoiser, cat_cond(uncond, cond))
 
     def fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = _expand(sigma, x)

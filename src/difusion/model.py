@@ -202,7 +202,7 @@ class DiffusionModel(nn.Module):
             fn = consistency(fn, self.config.consistency["sigma_min"])
         return fn
 
-    @torch.no_grad()
+    @torch.inference_mode()  # returns inference tensors: clone one to change it in place
     def sample(
         self,
         n: int,

@@ -16,6 +16,15 @@ from .model import SHIPPED, DiffusionModel, resolve_checkpoint
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 ImageInput = Image.Image | torch.Tensor
+# the U-Net's weights, as `difusion generate --dtype` and `difusion serve --dtype` name them;
+# bf16 is fast only where the CPU has native bf16 (AVX-512 bf16 or AMX) or on a GPU
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _cast_input_hook(dtype: torch.dtype):
@@ -176,7 +185,8 @@ class Pipeline:
     ) -> Pipeline:
         """ "default" (the model shipped with the package), a run folder or a model file, or a
         Stable Diffusion checkpoint: a diffusers folder (model_index.json) or a single original
-        .safetensors / .ckpt (see `difusion.sd.load` for its `options`)."""
+        .safetensors / .ckpt (see `difusion.sd.load` for its `options`). `dtype`
+        (torch.bfloat16) converts the U-Net's and the VAE's weights once, as `to` does."""
         from .sd import is_sd_checkpoint, load
 
         if str(name_or_path) not in SHIPPED and is_sd_checkpoint(name_or_path):
@@ -334,4 +344,6 @@ class Pipeline:
             generator=generator,
             final_sigma=self.model.schedule.sigma_min if ddim_end else 0.0,
         )
-        return self.decode(x) if decode else x
+        # only here and in model.sample: the text cache must hold plain tensors, for training
+        with torch.inference_mode():
+            return self.decode(x) if decode else x

@@ -14,7 +14,7 @@ loads with `load_state_dict(strict=True)` and Stable Diffusion's weights by key 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -57,7 +57,9 @@ class UNetConfig:
     layers_per_block: int = 2
     attention_levels: tuple[bool, ...] = (False, True, True)  # one flag per resolution level
     mid_attention: bool = True
-    attention_head_dim: int = 32  # channels per head: heads = channels // attention_head_dim
+    attention_head_dim: int = (
+        32  # channels per head: heads = channels // attention_head_dim, at least 1
+    )
     num_heads: int | None = None  # if set, the same number of heads at every level (SD 1.x: 8)
     dropout: float = 0.0  # in the ResNet blocks only, as in diffusers
     norm_groups: int = 32
@@ -94,7 +96,7 @@ class UNetConfig:
         return 4 * self.block_out_channels[0]
 
     def heads(self, channels: int) -> int:
-        return self.num_heads or channels // self.attention_head_dim
+        return self.num_heads or max(1, channels // self.attention_head_dim)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -336,14 +338,24 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, heads, L, dim / heads] of tokens [B, L, context_dim]."""
+        B, L, _ = context.shape
+        k = self.to_k(context).view(B, L, self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(B, L, self.heads, -1).transpose(1, 2)
+        return k, v
+
     def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        keys_values: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        """`keys_values`: `self.keys_values(context)`, computed beforehand."""
         B, N, C = x.shape
-        ctx = x if context is None else context
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
-        k = self.to_k(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.to_v(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
+        k, v = keys_values or self.keys_values(x if context is None else context)
         if mask is not None:
             mask = mask[:, None, None, :]
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -358,13 +370,7 @@ class AttentionBlock(Attention):
         super().__init__(channels, heads, bias=True)
         self.group_norm = nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
 
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor | None = None,
-        mask: Tensor | None = None,
-        layout: LayoutMaps | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, prepared: PreparedContext | None = None) -> Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
         h = super().forward(h)
@@ -403,9 +409,10 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, prepared: PreparedContext) -> Tensor:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, mask)
+        kv = prepared.keys_values[self.attn2]
+        x = x + self.attn2(self.norm2(x), mask=prepared.mask, keys_values=kv)
         return x + self.ff(self.norm3(x))
 
 
@@ -414,7 +421,7 @@ class LayoutMap(nn.Module):
     [H, W] grid (Fourier features of its centre in [-1, 1], so the same at every size) is the
     query of a cross-attention to the prompt's tokens, then a feed-forward layer. Its queries
     do not depend on the noisy image, and `to_image` reads colours off the map, so it can be
-    fitted on its own to the data's images at a coarse grid (`train.pretrain_layout`): what a
+    fitted on its own to the data's images at a coarse grid (`layout_fit.pretrain_layout`): what a
     denoiser must predict from pure noise. Each spatial transformer adds the map through its
     own projection, zero at initialisation."""
 
@@ -455,16 +462,32 @@ class LayoutMap(nn.Module):
 
 
 class LayoutMaps:
-    """One forward pass's layout maps, computed once per grid size."""
+    """A prompt's layout maps as each spatial transformer adds them (its `layout_proj` of the
+    map at its grid size): computed at first use, then kept for every call that shares them."""
 
     def __init__(self, layout: LayoutMap, context: Tensor, mask: Tensor | None):
         self.layout, self.context, self.mask = layout, context, mask
         self.maps: dict[tuple[int, int], Tensor] = {}
+        self.projected: dict[tuple[nn.Module, int, int], Tensor] = {}
 
-    def __call__(self, height: int, width: int) -> Tensor:
+    def __call__(self, proj: nn.Module, height: int, width: int) -> Tensor:
         if (height, width) not in self.maps:
             self.maps[height, width] = self.layout(height, width, self.context, self.mask)
-        return self.maps[height, width]
+        if (proj, height, width) not in self.projected:
+            self.projected[proj, height, width] = proj(self.maps[height, width])
+        return self.projected[proj, height, width]
+
+
+@dataclass(eq=False)
+class PreparedContext:
+    """What a U-Net computes from the prompt alone (`UNet.prepare_context`): the same at every
+    step of a sampling run, so computed once and passed as `context` to each call."""
+
+    batch_size: int
+    keys_values: dict[nn.Module, tuple[Tensor, Tensor]]  # per cross-attention (`attn2`)
+    mask: Tensor | None  # [B, L] bool, True = attend
+    layout: LayoutMaps | None
+    unet: nn.Module = field(repr=False)  # the U-Net it was prepared by, and for
 
 
 class SpatialTransformer(nn.Module):
@@ -490,13 +513,7 @@ class SpatialTransformer(nn.Module):
             nn.init.zeros_(self.layout_proj.weight)
             nn.init.zeros_(self.layout_proj.bias)
 
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor,
-        mask: Tensor | None = None,
-        layout: LayoutMaps | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, prepared: PreparedContext) -> Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
@@ -505,10 +522,10 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         if self.layout_proj is not None:
-            assert layout is not None, "a model with a layout map needs its maps"
-            h = h + self.layout_proj(layout(H, W)).to(h.dtype)
+            assert prepared.layout is not None, "a model with a layout map needs its maps"
+            h = h + prepared.layout(self.layout_proj, H, W).to(h.dtype)
         for block in self.transformer_blocks:
-            h = block(h, context, mask)
+            h = block(h, prepared)
         if self.linear:
             h = self.proj_out(h)
         h = h.view(B, H, W, C).permute(0, 3, 1, 2)
@@ -536,18 +553,13 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample(cout)] if downsample else [])
 
     def forward(
-        self,
-        h: Tensor,
-        emb: Tensor,
-        context: Tensor | None,
-        mask: Tensor | None,
-        layout: LayoutMaps | None = None,
+        self, h: Tensor, emb: Tensor, prepared: PreparedContext | None
     ) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, emb)
             if self.attentions:
-                h = self.attentions[i](h, context, mask, layout)
+                h = self.attentions[i](h, prepared)
             skips.append(h)
         for down in self.downsamplers:
             h = down(h)
@@ -581,15 +593,13 @@ class UpBlock(nn.Module):
         h: Tensor,
         skips: list[Tensor],
         emb: Tensor,
-        context: Tensor | None,
-        mask: Tensor | None,
+        prepared: PreparedContext | None,
         size: tuple[int, int] | None,
-        layout: LayoutMaps | None = None,
     ) -> Tensor:
         for i, resnet in enumerate(self.resnets):
             h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
             if self.attentions:
-                h = self.attentions[i](h, context, mask, layout)
+                h = self.attentions[i](h, prepared)
         for up in self.upsamplers:
             h = up(h, size)
         return h
@@ -608,17 +618,10 @@ class MidBlock(nn.Module):
             [attention_layer(channels, cfg)] if cfg.mid_attention else []
         )
 
-    def forward(
-        self,
-        h: Tensor,
-        emb: Tensor,
-        context: Tensor | None,
-        mask: Tensor | None,
-        layout: LayoutMaps | None = None,
-    ) -> Tensor:
+    def forward(self, h: Tensor, emb: Tensor, prepared: PreparedContext | None) -> Tensor:
         h = self.resnets[0](h, emb)
         for attn in self.attentions:
-            h = attn(h, context, mask, layout)
+            h = attn(h, prepared)
         for resnet in self.resnets[1:]:
             h = resnet(h, emb)
         return h
@@ -667,22 +670,57 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chans[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
+    def prepare_context(
+        self, context: Tensor, context_mask: Tensor | None = None
+    ) -> PreparedContext:
+        """What the prompt alone determines: each cross-attention's keys and values, the
+        padding mask, the layout maps (at first use). Pass it as `context` to every call of a
+        sampling run instead of recomputing it at each step; the result is the same.
+        context [B, L, context_dim]; context_mask [B, L] bool, True = real token."""
+        if self.config.context_dim is None:
+            raise ValueError("this U-Net takes no context (config.context_dim is None)")
+        context = context.to(self.conv_in.weight.dtype)
+        mask = None
+        if context_mask is not None:
+            mask = context_mask.to(device=context.device, dtype=torch.bool)
+            # an all-padding row would give NaN: let it attend to every token, which is what
+            # diffusers' additive bias (-10000 on every score) amounts to
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+        keys_values = {
+            m.attn2: m.attn2.keys_values(context)
+            for m in self.modules()
+            if isinstance(m, TransformerBlock)
+        }
+        layout = LayoutMaps(self.layout_map, context, mask) if self.config.layout_map else None
+        return PreparedContext(len(context), keys_values, mask, layout, self)
+
     def forward(
         self,
         x: Tensor,
         t: Tensor | float | int,
-        context: Tensor | None = None,
+        context: Tensor | PreparedContext | None = None,
         context_mask: Tensor | None = None,
         class_labels: Tensor | None = None,
         guidance: Tensor | None = None,
     ) -> Tensor:
         """Predict from x [B, C, H, W] at timesteps t ([B] or scalar, on the 0..T-1 scale).
-        context [B, L, context_dim]; context_mask [B, L] bool, True = real token;
-        class_labels [B] long; guidance [B], the scale w of a distilled student. Returns a
-        tensor shaped like x."""
+        context [B, L, context_dim], or what `prepare_context` made of it (and of its mask);
+        context_mask [B, L] bool, True = real token; class_labels [B] long; guidance [B], the
+        scale w of a distilled student. Returns a tensor shaped like x."""
         cfg = self.config
         if (context is None) != (cfg.context_dim is None):
             raise ValueError("context is required exactly when config.context_dim is set")
+        if isinstance(context, PreparedContext):
+            if context_mask is not None:
+                raise ValueError("context_mask goes to prepare_context, with its context")
+            if context.unet is not self:
+                raise ValueError("the context was prepared by another U-Net")
+        elif context is not None:
+            context = self.prepare_context(context, context_mask)
+        if context is not None and context.batch_size != x.shape[0]:
+            raise ValueError(
+                f"context has {context.batch_size} rows for a batch of {x.shape[0]} samples"
+            )
         if (class_labels is None) != (cfg.num_classes is None):
             raise ValueError("class_labels are required exactly when config.num_classes is set")
         if (guidance is None) != (cfg.time_cond_proj_dim is None):
@@ -701,29 +739,18 @@ class UNet(nn.Module):
             emb = emb + self.class_embedding(class_labels)
         emb = F.silu(emb)  # every ResnetBlock's time projection starts with a SiLU
 
-        mask = None
-        if context_mask is not None:
-            mask = context_mask.to(device=x.device, dtype=torch.bool)
-            # an all-padding row would give NaN: let it attend to every token, which is what
-            # diffusers' additive bias (-10000 on every score) amounts to
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
-
         pixels, min_pixels = B * H * W, self.channels_last_min_pixels
         if x.device.type == "cpu" and min_pixels is not None and pixels >= min_pixels:
             x = x.contiguous(memory_format=torch.channels_last)
-        layout = None
-        if cfg.layout_map:
-            assert context is not None
-            layout = LayoutMaps(self.layout_map, context, mask)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, s = block(h, emb, context, mask, layout)
+            h, s = block(h, emb, context)
             skips += s
-        h = self.mid_block(h, emb, context, mask, layout)
+        h = self.mid_block(h, emb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
             level, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[-2:] if skips else None
-            h = block(h, level, emb, context, mask, size, layout)
+            h = block(h, level, emb, context, size)
         return self.conv_out(norm_silu(self.conv_norm_out, h)).contiguous()

@@ -37,6 +37,7 @@ class ServeSettings:
     queue_size: int = 8  # requests waiting per model before 429
     timeout: float = 300.0  # seconds a generation may run
     device: str = "cpu"
+    dtype: str = "fp32"  # the U-Nets' weights: "fp32" or "bf16"
 
 
 class ImageStore:
@@ -172,7 +173,9 @@ def create_app(settings: ServeSettings, models: dict[str, ServedModel] | None = 
     from . import a1111, native, openai
 
     if models is None:
-        models = load_models(list(settings.models), settings.device, settings.concurrency)
+        models = load_models(
+            list(settings.models), settings.device, settings.concurrency, settings.dtype
+        )
     state = Server(settings, models)
 
     @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..denoiser import GUIDANCE_RANGE
 from ..images import grid, to_pil
 from ..model import SHIPPED, CheckpointError, file_sha256, resolve_checkpoint, steps_kept
-from ..pipeline import Pipeline, img2img_strength
+from ..pipeline import Pipeline, dtype_named, img2img_strength
 from ..samplers import SAMPLERS
 from .errors import APIError
 
@@ -104,15 +104,19 @@ class ServedModel:
         return ThreadPoolExecutor(self.threads, thread_name_prefix=f"gen-{self.name}")
 
     @classmethod
-    def load(cls, source: str, device: str = "cpu", threads: int = 1) -> ServedModel:
+    def load(
+        cls, source: str, device: str = "cpu", threads: int = 1, dtype: torch.dtype | None = None
+    ) -> ServedModel:
         """The model loaded on the thread that will run it: weights made on one thread and
-        used on another ran 1.6x slower here (0.94 s against 0.58 s an image, 2-core CPU)."""
+        used on another ran 1.6x slower here (0.94 s against 0.58 s an image, 2-core CPU).
+        `dtype`: the U-Net's weights (`Pipeline.from_pretrained`)."""
         path = Path(source)
         name = source if source in SHIPPED else (path.stem if path.is_file() else path.name)
         executor = ThreadPoolExecutor(threads, thread_name_prefix=f"gen-{name}")
 
         def build() -> ServedModel:
-            return cls(name, source, Pipeline.from_pretrained(source, device), threads, executor)
+            pipe = Pipeline.from_pretrained(source, device, dtype)
+            return cls(name, source, pipe, threads, executor)
 
         return executor.submit(build).result()
 
@@ -295,13 +299,15 @@ def checkpoint_sha256(source: str) -> str | None:
 
 
 def load_models(
-    sources: list[str], device: str = "cpu", concurrency: int = 1
+    sources: list[str], device: str = "cpu", concurrency: int = 1, dtype: str = "fp32"
 ) -> dict[str, ServedModel]:
-    """Each model loaded once, by the name clients will use; a clear error for a bad one."""
+    """Each model loaded once, by the name clients will use; a clear error for a bad one.
+    `dtype`: "fp32" or "bf16", the U-Nets' weights."""
+    weights = dtype_named(dtype)
     models: dict[str, ServedModel] = {}
     for source in sources:
         try:
-            model = ServedModel.load(source, device, concurrency)
+            model = ServedModel.load(source, device, concurrency, weights)
         except (CheckpointError, ValueError, FileNotFoundError) as e:
             raise CheckpointError(
                 str(e) if source in str(e) else f"--model {source}: {e}"
