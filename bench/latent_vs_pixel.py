@@ -17,7 +17,8 @@ import torch
 from difusion.data import collate, load_dataset
 from difusion.model import DiffusionModel
 from difusion.nn.vae import AutoencoderKL, VAEConfig
-from difusion.train import TrainConfig, diffusion_loss, model_config_for
+from difusion.objective import diffusion_loss
+from difusion.train import TrainConfig, model_config_for
 
 
 def timed(fn, repeats: int) -> float:

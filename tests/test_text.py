@@ -356,3 +356,24 @@ def test_minilm_missing_package(monkeypatch):
 def test_minilm_bad_path(tmp_path):
     with pytest.raises(ValueError, match="config.json not found"):
         load_text_encoder("minilm", tmp_path)
+
+
+def test_caption_cache_gives_the_encoders_own_embeddings():
+    """Training captions repeat: a frozen encoder's embeddings are kept by caption, and what
+    the cache returns is what the encoder computes (order, repeats, padding and all)."""
+    from difusion.model import DiffusionModel, resolve_checkpoint
+
+    model = DiffusionModel.load(resolve_checkpoint("default")).train()  # frozen MiniLM
+    model._text_cache.clear()
+    first = ["a red circle", "a blue square above a green triangle", ""]
+    model.text_cond(first)
+    assert set(model._text_cache) == set(first)
+    prompts = ["", "a red circle", "a cyan triangle", "a red circle"]  # cached, new, repeated
+    got = model.text_cond(prompts)
+    with torch.no_grad():
+        tokens, mask = model.text_encoder.encode(prompts)
+    assert torch.equal(got["context_mask"], mask)
+    torch.testing.assert_close(got["context"], tokens, atol=1e-6, rtol=0)
+    model.TEXT_CACHE = 4  # bounded: a full cache starts again
+    model.text_cond(["a yellow circle", "a magenta square"])
+    assert len(model._text_cache) <= 4

@@ -278,3 +278,56 @@ def test_fine_tuned_scratch_encoder_keeps_its_vocabulary_on_resume(tmp_path):
     a, b = start.weights(), tuned.weights()
     assert any(k.startswith("text_encoder.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def outputs_of(run_dir, n=8) -> torch.Tensor:
+    """The EMA U-Net's outputs on fixed inputs. Weights are not compared: a bias before a
+    GroupNorm (or a key bias) has no gradient but rounding noise, which AdamW turns into
+    steps of about lr either way, without changing what the network computes."""
+    model = DiffusionModel.load(run_dir / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    c, s = model.config.channels, model.config.image_size
+    x = torch.randn(n, c, s, s, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g).float()
+    extra = {"class_labels": torch.arange(n) % 10} if model.config.cond == "label" else {}
+    with torch.no_grad():
+        return model.unet(x, t, **extra)
+
+
+def test_accumulated_batches_make_the_whole_batch_step(tmp_path, digits8):
+    """4 images x 2 accumulated batches draw what 8 images at once draw: the same step."""
+    kw = dict(steps=4, dropout=0.0, cond="label", cond_drop=0.3)
+    whole = train(tiny(tmp_path, "whole", batch_size=8, **kw), dataset=digits8, progress=False)
+    split = train(
+        tiny(tmp_path, "split", batch_size=4, grad_accum=2, **kw), dataset=digits8, progress=False
+    )
+    torch.testing.assert_close(outputs_of(whole), outputs_of(split), atol=1e-5, rtol=0)
+    losses = [[r["loss"] for r in Run(p).read_log()] for p in (whole, split)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    with pytest.raises(TrainingError, match="--grad-accum must be 1 or more"):
+        train(tiny(tmp_path, "bad", grad_accum=0), dataset=digits8, progress=False)
+
+
+def test_loop_watches_tensors_without_waiting_and_names_the_first_bad_step(tmp_path):
+    run = Run(tmp_path / "r")
+    run.dir.mkdir()
+    loop = TrainLoop(run, 0, 10, Stop(None), 5, False)
+    values = [1.0, 2.0, float("inf"), float("nan"), 3.0]
+    for v in values[:2]:
+        loop.advance({"loss": torch.tensor(v)}, lr=0.1)
+    loop.verify()  # all finite so far
+    for v in values[2:4]:
+        loop.advance({"loss": torch.tensor(v)}, lr=0.1)
+    with pytest.raises(TrainingError, match="loss became inf at step 3; stopping: nothing was"):
+        loop.verify()
+
+
+def test_compiled_training_matches_eager(tmp_path, digits8, capsys):
+    """torch.compile (Inductor: about a minute of C++ compilation here, so the smallest net)."""
+    kw = dict(
+        steps=2, dropout=0.0, channels=8, channel_mult=(1,), attention_resolutions=(), head_dim=8
+    )
+    eager = train(tiny(tmp_path, "eager", **kw), dataset=digits8, progress=False)
+    compiled = train(tiny(tmp_path, "compiled", compile=True, **kw), dataset=digits8)
+    assert "compiled (first step: " in capsys.readouterr().err
+    torch.testing.assert_close(outputs_of(eager), outputs_of(compiled), atol=1e-5, rtol=0)

@@ -15,13 +15,19 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from test_cli import ok, run_cli
+from test_gan import tiny as tiny_gan
+from test_latent import tiny_vae
 from test_train import tiny
 
 from difusion.data import DigitsDataset, load_dataset
+from difusion.gan_train import train_gan
 from difusion.model import DiffusionModel, read_metadata, resolve_checkpoint
+from difusion.nn.gan import GAN
 from difusion.runs import Run, TrainingError
 from difusion.train import train
+from difusion.vae_train import load_vae, train_vae
 
 # the options of test_train.tiny, on the command line
 TINY_CLI = (
@@ -238,7 +244,8 @@ def test_keep_holds_the_last_checkpoints_as_run_folders(monkeypatch, capsys, tmp
     assert not (plain.dir / "checkpoints").exists()
     for args, message in [
         (("--keep", "-1"), "error: --keep must be 0 or more, not -1"),
-        (("--keep", "2", "--model", "gan"), "error: --keep: not an option of --model gan"),
+        (("--keep", "-1", "--model", "gan"), "error: --keep must be 0 or more, not -1"),
+        (("--keep", "-1", "--model", "vae"), "error: --keep must be 0 or more, not -1"),
     ]:
         code, _, err = run_cli(monkeypatch, capsys, "train", "--out", tmp_path / "bad", *args)
         assert code == 1 and err.strip().splitlines() == [message]
@@ -306,3 +313,94 @@ def test_a_read_only_run_folder_stops_the_run_and_keeps_the_last_checkpoint(tmp_
         os.chmod(cfg.out, 0o755)
     run = Run(cfg.out)
     assert state_step(run) == model_step(run) == 3
+
+
+# ---- the GAN and VAE trainers: the same checkpoints, signals and failed writes ----
+
+TRAINERS = {"gan": (train_gan, tiny_gan, GAN.load), "vae": (train_vae, tiny_vae, load_vae)}
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return DigitsDataset(size=16)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("model", TRAINERS)
+def test_sigterm_saves_a_gan_or_vae_run_that_resumes_exactly(tmp_path, digits16, model):
+    train_fn, config, _ = TRAINERS[model]
+    whole = Run(train_fn(config(tmp_path, "whole", steps=6), dataset=digits16, progress=False))
+
+    def terminate_at_4(step, record):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = config(tmp_path, "stopped", steps=6, log_every=3, checkpoint_every=3)
+    with pytest.raises(SystemExit) as stop:
+        train_fn(cfg, dataset=digits16, progress=False, on_step=terminate_at_4)
+    assert stop.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    run = Run(cfg.out)
+    assert state_step(run) == model_step(run) == 4
+    assert [r["step"] for r in run.read_log()] == [3, 4]  # the step it stopped at is logged
+    train_fn(config(tmp_path, "stopped", steps=6), resume=True, dataset=digits16, progress=False)
+    assert state_step(run) == 6 and [r["step"] for r in run.read_log()] == [3, 4, 5, 6]
+    a, b = weights(whole.model_path), weights(run.model_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model", TRAINERS)
+def test_keep_holds_the_last_gan_or_vae_checkpoints(monkeypatch, capsys, tmp_path, digits16, model):
+    train_fn, config, load = TRAINERS[model]
+    cfg = config(tmp_path, steps=7, checkpoint_every=2, keep=2)
+    run = Run(train_fn(cfg, dataset=digits16, progress=False))
+    kept = run.dir / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["step_000006", "step_000007"]
+    for name in ("step_000006", "step_000007"):
+        folder = Run(kept / name)
+        assert state_step(folder) == model_step(folder) == int(name[5:])
+        load(folder.model_path)
+    last, now = weights(kept / "step_000007" / "model.safetensors"), weights(run.model_path)
+    assert all(torch.equal(last[k], now[k]) for k in now)
+    # the resuming command's --keep, as for a diffusion run
+    again = config(tmp_path, steps=9, checkpoint_every=2, keep=1)
+    train_fn(again, resume=True, dataset=digits16, progress=False)
+    assert [p.name for p in kept.iterdir()] == ["step_000009"]
+    out = tmp_path / "cli"
+    options = ["--size", "16", "--channels", "8", "--batch-size", "4", "--steps", "3"]
+    if model == "vae":
+        options += ["--channel-mult", "1,1", "--layers-per-block", "1"]
+    args = ("--model", model, "--out", out, "--checkpoint-every", "2", "--keep", "1")
+    ok(monkeypatch, capsys, "train", *args, *options)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000003"]
+
+
+@pytest.mark.parametrize("model", TRAINERS)
+def test_a_full_disk_stops_a_gan_or_vae_run_and_keeps_its_last_checkpoint(
+    monkeypatch, tmp_path, digits16, model
+):
+    import difusion.model
+
+    train_fn, config, _ = TRAINERS[model]
+    real_save_file = difusion.model.save_file
+
+    def disk_full_at_step_4(tensors, path, metadata=None):
+        if "next_train_state" in path and metadata["step"] == "4":
+            Path(path).write_bytes(b"half a file")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device")
+        real_save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(difusion.model, "save_file", disk_full_at_step_4)
+    cfg = config(tmp_path, steps=6, checkpoint_every=2)
+    with pytest.raises(TrainingError) as error:
+        train_fn(cfg, dataset=digits16, progress=False)
+    assert str(error.value) == (
+        "training stopped: Error while serializing: I/O error: No space left on device; "
+        f"its last good checkpoint (step 2) is kept in {cfg.out}"
+    )
+    run = Run(cfg.out)
+    assert state_step(run) == model_step(run) == 2
+    assert [p.name for p in run.dir.iterdir() if p.name.startswith("next_")] == []

@@ -101,7 +101,12 @@ def train(
     ),
     steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 5000,
     minutes: Minutes = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step (per process).")] = 64,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per batch (per process and accumulated batch).")
+    ] = 64,
+    grad_accum: Annotated[
+        int, typer.Option(help="Batches whose gradients make one step (a larger global batch).")
+    ] = 1,
     size: Annotated[int | None, typer.Option(help="Image size (default: the data set's).")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
     warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 200,
@@ -169,6 +174,20 @@ def train(
         ),
     ] = None,
     data_option: DataOption = None,
+    workers: Annotated[
+        int, typer.Option(help="Processes decoding the data beside training (0: none).")
+    ] = 0,
+    crop: Annotated[
+        str, typer.Option(help="center or random: where the square is cut from each picture.")
+    ] = "center",
+    flip: Annotated[bool, typer.Option(help="Flip pictures left-right at random.")] = False,
+    buckets: Annotated[
+        bool,
+        typer.Option(help="Keep each picture's aspect ratio: batches of one size bucket each."),
+    ] = False,
+    compile: Annotated[
+        bool, typer.Option(help="torch.compile the U-Net (its compile time is reported).")
+    ] = False,
 ) -> None:
     """Train a diffusion model (on one process, or several under torchrun), a DCGAN or a VAE."""
     from .runs import given_options
@@ -191,6 +210,8 @@ def train(
         return
     if cond not in (None, "label", "text"):
         raise UserError(f"--cond must be 'label' or 'text', got {cond!r}")
+    if crop not in ("center", "random"):
+        raise UserError(f"--crop must be center or random, got {crop!r}")
     if text_encoder not in ("minilm", "clip", "scratch"):
         raise UserError(f"--text-encoder must be minilm, clip or scratch, got {text_encoder!r}")
     if not 0 <= cond_drop < 1:
@@ -207,6 +228,7 @@ def train(
         steps=steps,
         minutes=minutes,
         batch_size=batch_size,
+        grad_accum=grad_accum,
         lr=lr,
         warmup=warmup,
         ema_decay=ema_decay,
@@ -234,6 +256,11 @@ def train(
         latent=latent,
         data_options=_key_values(data_option or [], "--data-option"),
         init=init,
+        workers=workers,
+        crop=crop,
+        flip=flip,
+        buckets=buckets,
+        compile=compile,
     )
     run_training(cfg, resume=resume)
 
@@ -353,6 +380,24 @@ def sample(
     typer.echo(f"wrote {output}" + (f" and {gif}" if gif else "") + f" ({sampler}, {steps} steps)")
 
 
+WeightsDtype = Annotated[
+    str,
+    typer.Option(
+        help="The U-Net's weights: fp32, or bf16 (faster only on CPUs with AVX-512 bf16 or AMX, "
+        "and on GPUs; the sampler stays fp32)."
+    ),
+]
+
+
+def _weights_dtype(name: str) -> torch.dtype:
+    from .pipeline import dtype_named
+
+    try:
+        return dtype_named(name)
+    except ValueError:
+        raise UserError(f"--dtype must be fp32 or bf16, got {name!r}") from None
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts (one grid row each).")],
@@ -380,24 +425,6 @@ def generate(
         "generated.png"
     ),
     gif: Annotated[Path | None, typer.Option(help="Also write the denoising as a GIF.")] = None,
-WeightsDtype = Annotated[
-    str,
-    typer.Option(
-        help="The U-Net's weights: fp32, or bf16 (faster only on CPUs with AVX-512 bf16 or AMX, "
-        "and on GPUs; the sampler stays fp32)."
-    ),
-]
-
-
-def _weights_dtype(name: str) -> torch.dtype:
-    from .pipeline import dtype_named
-
-    try:
-        return dtype_named(name)
-    except ValueError:
-        raise UserError(f"--dtype must be fp32 or bf16, got {name!r}") from None
-
-
     height: Annotated[
         int | None, typer.Option(help="Image height (latent models: a multiple of 8).")
     ] = None,
@@ -414,6 +441,7 @@ def _weights_dtype(name: str) -> torch.dtype:
         float | None, typer.Option(help="img2img: how much of --image to redraw (0-1).")
     ] = None,
     device: Device = "auto",
+    dtype: WeightsDtype = "fp32",
 ) -> None:
     """Generate images from text prompts (our models, or Stable Diffusion files and folders)."""
     import time
@@ -423,6 +451,7 @@ def _weights_dtype(name: str) -> torch.dtype:
     from .pipeline import Pipeline
     from .runs import pick_device
 
+    weights_dtype = _weights_dtype(dtype)
     if not 1 <= n <= 256:
         raise UserError(f"-n must be between 1 and 256, got {n}")
     if any(not p.strip() for p in prompts):
@@ -441,7 +470,6 @@ def _weights_dtype(name: str) -> torch.dtype:
     def open_image(path: Path | None) -> Image.Image | None:
         if path is None:
             return None
-    dtype: WeightsDtype = "fp32",
         try:
             return Image.open(path).convert("RGB")
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
@@ -451,7 +479,6 @@ def _weights_dtype(name: str) -> torch.dtype:
     pipe = Pipeline.from_pretrained(model, pick_device(device), weights_dtype)
     scale = auto_scale(height or width or pipe.image_size)
     frames = []
-    weights_dtype = _weights_dtype(dtype)
 
     def record(i: int, sigma: float, x0: torch.Tensor) -> None:
         frames.append(grid(to_pil(pipe.decode(x0)), cols=n, scale=scale))
@@ -612,6 +639,13 @@ def compare(
         str | None,
         typer.Option(help="Feature network (default: the data set's classifier)."),
     ] = None,
+    prediction: Annotated[str, typer.Option(help="Diffusion target: eps, v or x0.")] = "eps",
+    zero_terminal_snr: Annotated[
+        bool, typer.Option(help="Diffusion schedule rescaled to zero terminal SNR.")
+    ] = False,
+    min_snr_gamma: Annotated[
+        float, typer.Option(help="Diffusion loss: min-SNR weighting gamma (0: off).")
+    ] = 0.0,
     device: Device = "auto",
 ) -> None:
     """Diffusion vs GAN on the same wall-clock budget: stability, quality, diversity, speed;
@@ -619,6 +653,8 @@ def compare(
     from .compare import CompareConfig, SweepConfig, parse_budgets, sweep
     from .compare import compare as run_study
 
+    if budgets is not None and budget_minutes is not None:
+        raise UserError("give --budgets or --budget-minutes, not both")
     cfg = CompareConfig(
         data=tuple(data or ("digits", "fashion", "shapes")), out=str(out),
         budget_minutes=5.0 if budget_minutes is None else budget_minutes, seeds=seeds,
@@ -665,21 +701,12 @@ def distill(
     """Distil a model into a few-step student (latent consistency distillation)."""
     from .distill import DistillConfig
     from .distill import distill as run_distillation
-    prediction: Annotated[str, typer.Option(help="Diffusion target: eps, v or x0.")] = "eps",
-    zero_terminal_snr: Annotated[
-        bool, typer.Option(help="Diffusion schedule rescaled to zero terminal SNR.")
-    ] = False,
-    min_snr_gamma: Annotated[
-        float, typer.Option(help="Diffusion loss: min-SNR weighting gamma (0: off).")
-    ] = 0.0,
 
     cfg = DistillConfig(
         teacher=teacher, out=str(out), data=data,
         data_options=_key_values(data_option or [], "--data-option"), steps=steps,
         minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         guidance_min=guidance_min, guidance_max=guidance_max, solver_steps=solver_steps,
-    if budgets is not None and budget_minutes is not None:
-        raise UserError("give --budgets or --budget-minutes, not both")
         precision=precision, device=device, seed=seed, sample_every=sample_every,
         checkpoint_every=checkpoint_every,
     )  # fmt: skip
@@ -714,6 +741,7 @@ def serve(
         float, typer.Option(help="Seconds a generation may run before it is cancelled.")
     ] = 300.0,
     device: Device = "auto",
+    dtype: WeightsDtype = "fp32",
 ) -> None:
     """Serve models over HTTP: OpenAI's images API, AUTOMATIC1111's, and a page at /."""
     import logging
@@ -729,6 +757,7 @@ def serve(
         raise UserError("--concurrency and --timeout must be positive, --queue-size at least 0")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty")
+    _weights_dtype(dtype)
     _check_can_listen(host, port)  # before the minutes a large model may take to load
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -741,7 +770,6 @@ def serve(
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     typer.echo(f"serving {', '.join(settings.models)}: open http://{shown}:{port}/", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
-    dtype: WeightsDtype = "fp32",
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -757,7 +785,6 @@ def _check_can_listen(host: str, port: int) -> None:
 
 def main() -> None:
     from .model import CheckpointError
-    _weights_dtype(dtype)
     from .runs import TrainingError
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"

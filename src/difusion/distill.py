@@ -42,6 +42,7 @@ from .model import (
     resolve_checkpoint,
 )
 from .nn.unet import UNet
+from .previews import alignment_probe, preview
 from .runs import (
     Run,
     Stop,
@@ -60,7 +61,6 @@ from .runs import (
     update_ema,
     write_run_config,
 )
-from .train import alignment_probe, preview
 
 GUIDANCE_EMBED_DIM = 64
 

@@ -3,7 +3,8 @@
 The standard recipe: the non-saturating loss, Adam with lr 2e-4 and betas (0.5, 0.999) for
 both networks, one discriminator step then one generator step per batch, and an optional EMA
 of the generator (the weights that are saved for sampling). Like `train.train`: a
-`--minutes` budget, exact resume, a guard against non-finite losses, and a run folder with
+`--minutes` budget, a checkpoint at SIGINT/SIGTERM, exact resume, `--keep`, a guard against
+non-finite losses, a failed write that keeps the last checkpoint whole, and a run folder with
 
     model.safetensors        the (EMA) generator, GANConfig as JSON in the metadata
     train_state.safetensors  G, D, both optimisers and every RNG: exact --resume
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .data import random_batch
 from .images import auto_scale, grid, to_pil
-from .model import atomic_save, read_safetensors
+from .model import read_safetensors
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
 from .runs import (
     Run,
@@ -37,11 +38,14 @@ from .runs import (
     options_for_model,
     plot_series,
     restore_training_state,
+    run_folder_errors,
+    save_checkpoint,
     seeded_generators,
     start_run,
     training_state,
     update_ema,
     write_run_config,
+    write_whole,
 )
 
 
@@ -65,6 +69,7 @@ class GANTrainConfig:
     log_every: int = 25
     sample_every: int = 500
     checkpoint_every: int = 250
+    keep: int = 0  # step-numbered copies of the last `keep` checkpoints, in checkpoints/
     model: str = "gan"  # marks the run folder's train_config.json
 
     def to_dict(self) -> dict:
@@ -112,9 +117,8 @@ def save_gan_state(
         model_config=json.dumps(gen.config.to_dict()),
         model="gan",
     )
-    # the model file first, as train.save_state does: the state never points past it
-    ema.save(run.model_path, {"step": str(step)})
-    atomic_save(tensors, run.state_path, metadata)
+    write_model = lambda path: ema.save(path, {"step": str(step)})  # noqa: E731
+    save_checkpoint(run, step, write_model, tensors, metadata, cfg.keep)
 
 
 def load_gan_state(
@@ -153,7 +157,7 @@ def plot_gan_loss(run: Run) -> None:
 def gan_preview(ema: GAN, path: Path, seed: int = 0) -> None:
     """A fixed-noise grid of 36 samples, so grids from successive steps compare."""
     x = ema.sample(36, seed=seed)
-    grid(to_pil(x), cols=6, scale=auto_scale(ema.config.image_size, 64)).save(path)
+    write_whole(path, grid(to_pil(x), cols=6, scale=auto_scale(ema.config.image_size, 64)).save)
 
 
 def copy_buffers(ema: torch.nn.Module, model: torch.nn.Module) -> None:
@@ -185,82 +189,85 @@ def train_gan(
         "d": torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=betas),
     }
     generators = seeded_generators(cfg.seed)
-    step = 0
-    if resume:
-        step = load_gan_state(run, gen, disc, opts, generators)
-        ema.generator.load_state_dict(read_safetensors(run.model_path)[0])
-        run.truncate_log(step)
-    write_run_config(run, cfg)
+    stop = Stop(cfg.minutes)
+    with stop.catching_signals(), run_folder_errors(run):
+        step = 0
+        if resume:
+            step = load_gan_state(run, gen, disc, opts, generators)
+            ema.generator.load_state_dict(read_safetensors(run.model_path)[0])
+            run.truncate_log(step)
+        write_run_config(run, cfg)
 
-    if progress:
-        print(
-            f"training a DCGAN (G {parameter_count(gen) / 1e6:.2f}M, "
-            f"D {parameter_count(disc) / 1e6:.2f}M parameters) on {cfg.data} "
-            f"({len(dataset)} images, {dataset.size}x{dataset.size}) on {device}, "
-            f"steps {step}->{cfg.steps}",
-            flush=True,
-        )
-    loop = TrainLoop(run, step, cfg.steps, Stop(cfg.minutes), cfg.log_every, progress, on_step)
-    gen.train()
-    disc.train()
-    while loop.running():
-        real = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
-        z = torch.randn(cfg.batch_size, config.z_dim, generator=generators["noise"]).to(device)
-        fake = gen(z)
-        # discriminator: real -> 1, fake -> 0
-        logits_real, logits_fake = disc(real), disc(fake.detach())
-        loss_d = d_loss(logits_real, logits_fake)
-        loop.check_finite("discriminator loss", loss_d)
-        opts["d"].zero_grad(set_to_none=True)
-        loss_d.backward()
-        opts["d"].step()
-        # generator: the non-saturating loss through the updated discriminator
-        loss_g = g_loss(disc(fake))
-        loop.check_finite("generator loss", loss_g)
-        opts["g"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        opts["g"].step()
-        if cfg.ema_decay > 0:
-            update_ema(ema.generator, gen, loop.step, cfg.ema_decay)
-            copy_buffers(ema.generator, gen)
-        else:
-            ema.generator.load_state_dict(gen.state_dict())
-        record = {
-            "loss_d": loss_d.item(),
-            "loss_g": loss_g.item(),
-            "d_real": torch.sigmoid(logits_real.detach()).mean().item(),
-            "d_fake": torch.sigmoid(logits_fake.detach()).mean().item(),
-        }
-        loop.advance(record, cfg.lr)
-        if loop.due(cfg.checkpoint_every):
+        if progress:
+            print(
+                f"training a DCGAN (G {parameter_count(gen) / 1e6:.2f}M, "
+                f"D {parameter_count(disc) / 1e6:.2f}M parameters) on {cfg.data} "
+                f"({len(dataset)} images, {dataset.size}x{dataset.size}) on {device}, "
+                f"steps {step}->{cfg.steps}",
+                flush=True,
+            )
+        loop = TrainLoop(run, step, cfg.steps, stop, cfg.log_every, progress, on_step)
+        gen.train()
+        disc.train()
+        while loop.running():
+            real = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
+            z = torch.randn(cfg.batch_size, config.z_dim, generator=generators["noise"]).to(device)
+            fake = gen(z)
+            # discriminator: real -> 1, fake -> 0
+            logits_real, logits_fake = disc(real), disc(fake.detach())
+            loss_d = d_loss(logits_real, logits_fake)
+            loop.check_finite("discriminator loss", loss_d)
+            opts["d"].zero_grad(set_to_none=True)
+            loss_d.backward()
+            opts["d"].step()
+            # generator: the non-saturating loss through the updated discriminator
+            loss_g = g_loss(disc(fake))
+            loop.check_finite("generator loss", loss_g)
+            opts["g"].zero_grad(set_to_none=True)
+            loss_g.backward()
+            opts["g"].step()
+            if cfg.ema_decay > 0:
+                update_ema(ema.generator, gen, loop.step, cfg.ema_decay)
+                copy_buffers(ema.generator, gen)
+            else:
+                ema.generator.load_state_dict(gen.state_dict())
+            record = {
+                "loss_d": loss_d.item(),
+                "loss_g": loss_g.item(),
+                "d_real": torch.sigmoid(logits_real.detach()).mean().item(),
+                "d_fake": torch.sigmoid(logits_fake.detach()).mean().item(),
+            }
+            loop.advance(record, cfg.lr)
+            if loop.due(cfg.checkpoint_every):
+                save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators)
+                loop.saved_step = loop.step
+            if loop.due(cfg.sample_every):
+                plot_gan_loss(run)
+                gan_preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png")
+        loop.close()
+        if loop.step != loop.saved_step or not run.exists():
             save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators)
-            loop.saved_step = loop.step
-        if loop.due(cfg.sample_every):
-            plot_gan_loss(run)
-            gan_preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png")
-    loop.close()
-    if loop.step != loop.saved_step:
-        save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators)
-    plot_gan_loss(run)
-    gan_preview(ema, run.dir / "samples.png")
-    if progress:
-        weights = "EMA generator" if cfg.ema_decay > 0 else "generator"
-        print(
-            f"stopped at step {loop.step} after {loop.elapsed() / 60:.1f} min; "
-            f"{weights} in {run.model_path}"
-        )
+        plot_gan_loss(run)
+        gan_preview(ema, run.dir / "samples.png")
+        if progress:
+            weights = "EMA generator" if cfg.ema_decay > 0 else "generator"
+            print(
+                f"stopped at step {loop.step} after {loop.elapsed() / 60:.1f} min; "
+                f"{weights} in {run.model_path}"
+            )
+    stop.end_if_signalled(run, loop.step)
     return run.dir
 
 
 SHARED_OPTIONS = (
     "data", "out", "size", "steps", "minutes", "batch_size", "lr", "ema_decay", "channels",
-    "device", "seed", "sample_every", "checkpoint_every",
+    "device", "seed", "sample_every", "checkpoint_every", "keep",
 )  # fmt: skip
 NOT_FOR_GAN = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
     "layers_per_block", "dropout", "precision", "latent",
-    "init", "data_option", "layout_map", "layout_steps", "keep",
+    "init", "data_option", "layout_map", "layout_steps",
 )  # fmt: skip
 
 

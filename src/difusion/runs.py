@@ -9,6 +9,7 @@ full disk never leaves a half-written file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from torch.utils.data import Dataset
 
 from .data import load_dataset
-from .model import atomic_save, read_metadata
+from .model import CheckpointError, atomic_save, read_metadata
 
 STATE_FILE = "train_state.safetensors"
 
@@ -83,18 +84,29 @@ class Run:
         return self.state_path.exists()
 
     def read_log(self) -> list[dict]:
+        """The log's records; a last line without its newline (a write cut short by a kill)
+        is not one."""
         if not self.log_path.exists():
             return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        lines = self.log_path.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in lines if line.strip()]
 
     def truncate_log(self, step: int) -> None:
-        """On resume, drop log lines written after the checkpoint we continue from."""
+        """On resume, drop log lines written after the checkpoint we continue from (and a
+        line cut short by a kill), replacing the log whole."""
         kept = [r for r in self.read_log() if r["step"] <= step]
-        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_whole(self.log_path, lambda path: path.write_text("".join(map(log_line, kept))))
 
     def append_log(self, record: dict) -> None:
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """One write() of the whole line: a kill leaves it whole or a tail `read_log` drops."""
+        line = log_line(record).encode()
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            written = os.write(fd, line)
+        finally:
+            os.close(fd)
+        if written < len(line):  # a full disk: the next line must not follow a cut one
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.log_path))
 
     def plot_loss(self) -> None:
         records = [r for r in self.read_log() if "loss" in r]
@@ -125,6 +137,18 @@ class Run:
         plot_series(self.dir / "alignment.png", series, "prompts satisfied", log=False)
 
 
+def log_line(record: dict) -> str:
+    return json.dumps(record) + "\n"
+
+
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(staged)` beside `path`, then renamed over it: a kill leaves the old file or the
+    new one, never part of one (the staged name keeps the suffix, for writers that read it)."""
+    staged = path.with_name(f"next_{path.name}")
+    write(staged)
+    os.replace(staged, path)
+
+
 def plot_series(
     path: Path, series: dict[str, tuple[list, list]], ylabel: str, log: bool, xlabel: str = "step"
 ) -> None:
@@ -143,7 +167,7 @@ def plot_series(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    write_whole(path, fig.savefig)
     plt.close(fig)
 
 
@@ -192,11 +216,28 @@ def restore_training_state(
                 idx, field = key[len(prefix) :].split(".", 1)
                 state.setdefault(int(idx), {})[field] = value
         opt.load_state_dict({"state": state, "param_groups": groups[name]})
+        match_param_layouts(opt)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     for name, g in generators.items():
-        g.set_state(tensors[f"rng.{name}"].to(g.get_state().device))
+        if f"rng.{name}" in tensors:  # a generator added since the run was saved keeps its seed
+            g.set_state(tensors[f"rng.{name}"].to(g.get_state().device))
+
+
+def match_param_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give each restored moment its parameter's memory layout (a file holds contiguous
+    tensors): the fused AdamW kernels pair elements by memory, not by index, so a
+    channels-last weight beside a contiguous moment would be updated with the wrong ones."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if (
+                    torch.is_tensor(value)
+                    and value.shape == p.shape
+                    and value.stride() != p.stride()
+                ):
+                    opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def module_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -207,12 +248,13 @@ def module_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 # sample and keep; everything that shapes the optimisation continues as it was
 RESUME_SETTINGS = (
     "out", "steps", "minutes", "device", "log_every", "sample_every", "checkpoint_every", "keep",
+    "workers", "compile",
 )  # fmt: skip
 
 
 def resumed_config(cfg, stored):
     """The stored configuration of a run, with the settings a resuming command may change."""
-    return replace(stored, **{k: getattr(cfg, k) for k in RESUME_SETTINGS})
+    return replace(stored, **{k: getattr(cfg, k) for k in RESUME_SETTINGS if hasattr(cfg, k)})
 
 
 def save_checkpoint(
@@ -225,8 +267,9 @@ def save_checkpoint(
 ) -> None:
     """The model to sample from (`write_model(path)`) and the training state, both written
     beside the last checkpoint, then renamed over it: a failed write (a full disk) leaves that
-    checkpoint whole. The model goes first: if we die between the two renames, the state
-    still points at an older step whose model is at least as new, never the reverse."""
+    checkpoint whole. The `keep` copy is made before the renames, so a kill after them never
+    leaves the step without it. The model goes first: a kill between the two renames leaves
+    the new state staged, for `recover_run` to finish the checkpoint with."""
     staged = {
         run.model_path: run.dir / f"next_{MODEL_FILE}",
         run.state_path: run.dir / f"next_{STATE_FILE}",
@@ -239,25 +282,49 @@ def save_checkpoint(
             with suppress(OSError):
                 partial.unlink()
         raise
+    keep_checkpoint(run, step, staged, keep)
     for path, written in staged.items():
         os.replace(written, path)
-    keep_checkpoint(run, step, keep)
 
 
-def keep_checkpoint(run: Run, step: int, keep: int) -> None:
-    """The checkpoint just saved, also as checkpoints/step_NNNNNN/ (a run folder, as `sample`
-    and `--init` read it), of which only the last `keep` stay (0: none)."""
+def recover_run(run: Run) -> None:
+    """What a kill left half done. Killed between `save_checkpoint`'s two renames, a run has
+    the new model beside the old state, the new state whole in its staged file: renamed too,
+    the state and the model (the EMA weights a resume reads) are of the same step. Then the
+    files a kill left staged (`next_*`, whole or not) are dropped. Every process of a run
+    under torchrun may do it at once: a file another one renamed or dropped first is done."""
+    staged_model, staged_state = (run.dir / f"next_{name}" for name in (MODEL_FILE, STATE_FILE))
+    with suppress(FileNotFoundError, CheckpointError):
+        if staged_state.exists() and run.model_path.exists() and not staged_model.exists():
+            steps = {read_metadata(path).get("step") for path in (run.model_path, staged_state)}
+            if len(steps) == 1:  # the model renamed is the one this state was staged with
+                os.replace(staged_state, run.state_path)
+    if not run.exists():  # not (yet) a run folder: its files are not ours to drop
+        return
+    for staged in (*run.dir.glob("next_*"), *run.dir.glob("*/next_*")):
+        if staged.is_dir():
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            staged.unlink(missing_ok=True)
+
+
+def keep_checkpoint(run: Run, step: int, files: dict[Path, Path], keep: int) -> None:
+    """The checkpoint being saved (`files`: its run folder paths -> the files written), also
+    as checkpoints/step_NNNNNN/ (a run folder, as `sample` and `--init` read it), of which
+    only the last `keep` stay (0: none)."""
     if keep < 1:
         return
     folder = run.dir / "checkpoints" / f"step_{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in (run.model_path, run.state_path):
-        copy = folder / path.name
-        copy.unlink(missing_ok=True)
+    staged = folder.with_name(f"next_{folder.name}")  # a kill leaves no folder half made
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    for path, written in files.items():
         try:
-            os.link(path, copy)  # saved files are only ever replaced, never written again
+            os.link(written, staged / path.name)  # saved files are only replaced, never written
         except OSError:
-            shutil.copyfile(path, copy)
+            shutil.copyfile(written, staged / path.name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staged, folder)
     kept = sorted(folder.parent.glob("step_*"), key=lambda f: int(f.name.removeprefix("step_")))
     for old in kept[:-keep]:
         shutil.rmtree(old)
@@ -346,8 +413,13 @@ class TrainLoop:
     """The bookkeeping around every trainer's step (diffusion, GAN, VAE): the step and
     `stop` (minutes budget, signals), the progress bar, the `on_step` callback, the log of
     running means every `log_every` steps and at the last step, and the last checkpointed
-    step for the non-finite-loss stop. `agree` turns each process's wish to stop into one
-    decision for all of them (under torchrun)."""
+    step for the non-finite-loss stop.
+
+    Under torchrun, `agree` turns each process's wish to stop into one decision for all of
+    them and `reduce` averages the logged means over the processes; both talk to the other
+    processes, so they run every `log_every` steps, not every step. Scalars passed to
+    `advance` as tensors stay on their device until a log line (or `verify`) needs them:
+    the loop never waits for the accelerator between log lines."""
 
     def __init__(
         self,
@@ -360,10 +432,11 @@ class TrainLoop:
         on_step: Callable[[int, dict], None] | None = None,
         write_log: bool = True,
         agree: Callable[[bool], bool] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.run, self.step, self.steps, self.stop = run, step, steps, stop
         self.log_every, self.on_step, self.write_log = log_every, on_step, write_log
-        self.agree = agree
+        self.agree, self.reduce = agree, reduce
         self.saved_step = step
         self.bar = None
         if progress:
@@ -372,66 +445,105 @@ class TrainLoop:
             self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
         self.last_log_time = time.monotonic()
         self.last_log_step = step
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, float | torch.Tensor] = {}
         self.count = 0
         self.lr = 0.0
+        self.first_bad: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def running(self) -> bool:
         """Steps are left, and neither the budget nor a signal stops the run."""
         if self.step >= self.steps:
             return False
         stop = self.stop.requested()
-        return not (self.agree(stop) if self.agree is not None else stop)
+        if self.agree is None:
+            return not stop
+        if self.step % self.log_every and not self.stop.signal:
+            return True  # the processes agree every log_every steps (or at a signal)
+        return not self.agree(stop)
 
     def elapsed(self) -> float:
         return self.stop.elapsed()
 
-    def check_finite(self, what: str, value: torch.Tensor) -> None:
+    def check_finite(self, what: str, value: torch.Tensor, step: int | None = None) -> None:
         """Stop a run whose loss is no longer finite; saved files stay as they are."""
         if torch.isfinite(value):
             return
-        self.close()
+        self.close(verify=False)
         kept = (
             f"the last good checkpoint (step {self.saved_step}) is kept in {self.run.dir}"
             if self.saved_step
             else "nothing was saved"
         )
         raise TrainingError(
-            f"{what} became {value.item()} at step {self.step + 1}; stopping: {kept}"
+            f"{what} became {value.item()} at step {step or self.step + 1}; stopping: {kept}"
         )
 
-    def advance(self, record: dict[str, float], lr: float) -> None:
-        """One step done: `record` holds its scalars (the first one is shown on the bar)."""
+    def watch(self, what: str, value: torch.Tensor) -> None:
+        """Note, on the value's device, the first step at which `value` is not finite."""
+        bad = ~torch.isfinite(value.detach())
+        if what not in self.first_bad:
+            self.first_bad[what] = (
+                torch.zeros((), dtype=torch.long, device=value.device),
+                torch.zeros((), device=value.device),
+            )
+        step, seen = self.first_bad[what]
+        new = bad & (step == 0)
+        self.first_bad[what] = (
+            torch.where(new, self.step, step),
+            torch.where(new, value.detach().float(), seen),
+        )
+
+    def verify(self) -> None:
+        """Stop (as `check_finite` does) if a watched value was not finite at some step:
+        call it before a checkpoint, so none holds the weights of a step that went wrong."""
+        for what, (step, value) in self.first_bad.items():
+            if int(step):
+                self.check_finite(what, value, int(step))
+
+    def advance(self, record: dict[str, float | torch.Tensor], lr: float) -> None:
+        """One step done: `record` holds its scalars (the first one is shown on the bar).
+        Tensor scalars are watched for non-finite values and summed where they are."""
         self.step += 1
         self.lr = lr
         for k, v in record.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach()
+                self.watch(k, v)
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
         if self.on_step is not None:
-            self.on_step(self.step, record)
+            self.on_step(self.step, {k: float(v) for k, v in record.items()})
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4f}" for k, v in list(record.items())[:2]})
         if self.step % self.log_every == 0 or self.step == self.steps:
             self.log()
 
-    def log(self) -> None:
+    def log(self, verify: bool = True) -> None:
         """The means of the steps since the last log line, as a log line (if there are any)."""
-        if not self.write_log or not self.count:
+        if not self.count:
             return
+        if verify:
+            self.verify()
         now = time.monotonic()
         rate = (self.step - self.last_log_step) / max(now - self.last_log_time, 1e-9)
-        means = {k: v / self.count for k, v in self.sums.items()}
-        self.run.append_log({"step": self.step, **means, "lr": self.lr, "steps_per_s": rate})
+        names = list(self.sums)
+        means = torch.tensor([float(self.sums[k]) for k in names]) / self.count
+        if self.reduce is not None:
+            means = self.reduce(means)
+        record = dict(zip(names, means.tolist(), strict=True))
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in list(record.items())[:2]})
+        if self.write_log:
+            self.run.append_log({"step": self.step, **record, "lr": self.lr, "steps_per_s": rate})
         self.last_log_time, self.last_log_step = now, self.step
         self.sums, self.count = {}, 0
 
     def due(self, every: int) -> bool:
         return self.step % every == 0
 
-    def close(self) -> None:
+    def close(self, verify: bool = True) -> None:
         """The last step's log line (a run may stop between log steps), the bar closed."""
-        self.log()
+        self.log(verify)
         if self.bar is not None:
             self.bar.close()
 
@@ -464,6 +576,7 @@ def options_for_model(
 
 def check_run_folder(run: Run, resume: bool) -> None:
     """Resume needs a run; a fresh start never overwrites one."""
+    recover_run(run)
     if resume and not run.exists():
         raise TrainingError(f"{run.dir}: nothing to resume (no {STATE_FILE})")
     if not resume and run.exists():
@@ -485,7 +598,8 @@ def start_run(
     dataset: Dataset | None,
 ) -> tuple[Run, Any, torch.device, Dataset]:  # fmt: skip
     """The start the GAN and VAE trainers share: the run folder checked; on resume the stored
-    `architecture` fields win over `cfg`'s; budget and EMA decay validated; device and data."""
+    `architecture` fields win over `cfg`'s; budget, EMA decay and --keep validated; device
+    and data."""
     run = Run(cfg.out)
     check_run_folder(run, resume)
     if resume:
@@ -494,6 +608,8 @@ def start_run(
     check_budget(cfg)
     if not 0 <= cfg.ema_decay < 1:
         raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.keep < 0:
+        raise TrainingError(f"--keep must be 0 or more, not {cfg.keep}")
     device = pick_device(cfg.device)
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.size)
@@ -516,7 +632,8 @@ def write_run_config(run: Run, cfg) -> None:
     """The run folder, its samples/ folder and train_config.json (what `--resume` reads)."""
     run.dir.mkdir(parents=True, exist_ok=True)
     (run.dir / "samples").mkdir(exist_ok=True)
-    (run.dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    config = json.dumps(cfg.to_dict(), indent=2)
+    write_whole(run.dir / "train_config.json", lambda path: path.write_text(config))
 
 
 def any_process(wish: bool, device: torch.device) -> bool:

@@ -10,21 +10,23 @@ by a failed write (a full disk) keeps its last checkpoint whole.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import load_dataset, random_batch
-from .denoiser import Cond, training_target
-from .images import auto_scale, grid, to_pil
+from .batches import Batches, training_batches, training_generators
+from .data import load_dataset
+from .layout_fit import pretrain_layout
 from .model import (
     CheckpointError,
     DiffusionModel,
@@ -35,6 +37,8 @@ from .model import (
     resolve_checkpoint,
 )
 from .nn.unet import UNetConfig
+from .objective import Draws, batch_cond, diffusion_loss
+from .previews import alignment_probe, preview
 from .runs import (
     Run,
     Stop,
@@ -49,7 +53,6 @@ from .runs import (
     resumed_config,
     run_folder_errors,
     save_checkpoint,
-    seeded_generators,
     training_state,
     update_ema,
     write_run_config,
@@ -64,7 +67,8 @@ class TrainConfig:
     size: int | None = None
     steps: int = 5000
     minutes: float | None = None  # wall-clock budget; the run stops and saves when it is spent
-    batch_size: int = 64
+    batch_size: int = 64  # per process and accumulation step
+    grad_accum: int = 1  # batches whose gradients add up to one optimisation step
     lr: float = 2e-4
     warmup: int = 200
     weight_decay: float = 0.0
@@ -98,6 +102,11 @@ class TrainConfig:
     keep: int = 0  # step-numbered copies of the last `keep` checkpoints, in checkpoints/
     latent: str | None = None  # a VAE run folder or file: train in its latent space
     data_options: dict = field(default_factory=dict)  # keyword options of the data set
+    workers: int = 0  # DataLoader worker processes decoding the data (0: in the training one)
+    crop: str = "center"  # or "random": where the square is cut from a resized picture
+    flip: bool = False  # random horizontal flips
+    buckets: bool = False  # batches of one aspect-ratio bucket each, not squares
+    compile: bool = False  # torch.compile the U-Net
     init: str | None = None  # fine-tune: start from this model's weights (and architecture)
     init_sha256: str | None = None  # the file `init` named, when the run started
 
@@ -300,33 +309,6 @@ def check_condition_fits(cfg: TrainConfig, dataset: Dataset) -> None:
         raise TrainingError(f"--cond text needs captioned data; {cfg.data!r} has no captions")
 
 
-def diffusion_loss(
-    model: torch.nn.Module,
-    diffusion: DiffusionModel,
-    x0: torch.Tensor,
-    cond: Cond | None,
-    generator: torch.Generator,
-    min_snr_gamma: float = 0.0,
-) -> torch.Tensor:
-    """The simple loss of DDPM, optionally min-SNR weighted. `model` may be a DDP wrapper."""
-    schedule, prediction = diffusion.schedule, diffusion.config.prediction
-    b = x0.shape[0]
-    t = torch.randint(0, schedule.num_steps, (b,), generator=generator, device=generator.device)
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype)
-    t, noise = t.to(x0.device), noise.to(x0.device)
-    abar = schedule.alphas_cumprod.to(x0.device)[t].float()
-    x_t = schedule.q_sample(x0, t, noise)
-    target = training_target(prediction, x0, noise, abar)
-    out = model(x_t, t.float(), **(cond or {}))
-    per_sample = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma > 0:
-        snr = abar / (1 - abar).clamp(min=1e-8)
-        clipped = snr.clamp(max=min_snr_gamma)
-        weight = {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[prediction]
-        per_sample = per_sample * weight
-    return per_sample.mean()
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
@@ -339,12 +321,14 @@ def save_state(
     ema: DiffusionModel,
     opt: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
+    batches: Batches,
 ) -> None:
     tensors, metadata = training_state({"model": model.weights()}, {"model": opt}, generators)
     metadata.update(
         step=str(step),
         train_config=json.dumps(cfg.to_dict()),
         model_config=json.dumps(model.config.to_dict()),
+        data_stream=json.dumps(batches.state_dict()),
     )
     save_checkpoint(
         run, step, lambda path: ema.save(path, {"step": str(step)}), tensors, metadata, cfg.keep
@@ -356,10 +340,15 @@ def load_state(
     model: DiffusionModel,
     opt: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
+    batches: Batches,
 ) -> int:
+    """The step a run stopped at, with its weights, optimizer, generators and place in the
+    data restored (a run saved before the data's place was kept starts its data afresh)."""
     tensors, metadata = read_safetensors(run.state_path)
     model.load_weights(module_state(tensors, "model"))
     restore_training_state(tensors, metadata, {"model": opt}, generators)
+    if "data_stream" in metadata:
+        batches.load_state_dict(json.loads(metadata["data_stream"]))
     return int(metadata["step"])
 
 
@@ -371,137 +360,40 @@ def stored_train_config(out: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(stored)
 
 
-def batch_cond(
-    batch: dict,
+def start_line(
+    cfg: TrainConfig,
     diffusion: DiffusionModel,
-    drop: float,
-    generator: torch.Generator,
+    dataset: Dataset,
     device: torch.device,
-) -> Cond | None:
-    """The batch's condition, dropped (to the null label / empty prompt) with probability `drop`."""
-    kind = diffusion.config.cond
-    if kind is None:
-        return None
-    n = len(batch["image"])
-    dropped = (torch.rand(n, generator=generator, device=generator.device) < drop).cpu()
-    if kind == "text":
-        captions = ["" if d else c for c, d in zip(batch["caption"], dropped.tolist(), strict=True)]
-        return diffusion.text_cond(captions)
-    labels = batch["label"].clone()
-    labels[dropped] = diffusion.config.null_label
-    return {"class_labels": labels.to(device)}
+    world: int,
+    step: int,
+) -> str:
+    """What a run trains, on what, and its global batch and learning rate."""
+    params = sum(p.numel() for p in diffusion.unet.parameters())
+    total = cfg.batch_size * world * cfg.grad_accum
+    parts = [f"{cfg.batch_size} per batch"]
+    if world > 1:
+        parts.append(f"x {world} processes")
+    if cfg.grad_accum > 1:
+        parts.append(f"x {cfg.grad_accum} accumulated batches")
+    return (
+        f"training {params / 1e6:.2f}M parameters on {cfg.data} ({len(dataset)} images, "
+        f"{dataset.size}x{dataset.size}) on {device}"
+        + (f" x{world} processes" if world > 1 else "")
+        + f", steps {step}->{cfg.steps}; global batch {total} ({' '.join(parts)}), "
+        f"lr {cfg.lr:g}"
+    )
+
+
+def mean_over_processes(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`values` averaged over the processes of the group (on the host)."""
+    values = values.to(device)
+    dist.all_reduce(values)
+    return (values / dist.get_world_size()).cpu()
 
 
 def tracks_alignment(cfg: TrainConfig) -> bool:
     return cfg.data == "shapes" and cfg.cond == "text" and cfg.latent is None
-
-
-def alignment_probe(ema: DiffusionModel, n_single: int = 18, n_double: int = 18) -> dict:
-    """Fraction of a fixed prompt set the EMA model satisfies (its own sampler and steps:
-    20 of DPM-Solver++ for most)."""
-    from .alignment import prompt_set, score_batch
-
-    ema.eval()
-    prompts = prompt_set(n_single, n_double, seed=0)
-    cond, uncond = ema.text_cond(prompts), ema.text_cond([""] * len(prompts))
-    x = ema.sample(len(prompts), seed=0, cond=cond, uncond=uncond, guidance=ema.config.guidance)
-    scores = score_batch(x, prompts)
-    return {"align_single": scores["pass_rate_single"], "align_double": scores["pass_rate_double"]}
-
-
-PREVIEW_PROMPTS = [
-    "a red circle",
-    "a green square",
-    "a blue triangle",
-    "a yellow circle to the left of a magenta square",
-    "a cyan triangle above a red circle",
-    "a blue square below a green triangle",
-]
-
-
-def preview(ema: DiffusionModel, path: Path, seed: int = 0, vae=None) -> None:
-    """A fixed-noise sample grid, so grids from successive steps compare (decoded by `vae`
-    for a latent model)."""
-    ema.eval()
-    if ema.config.cond == "text":
-        prompts = PREVIEW_PROMPTS
-        cond, uncond = ema.text_cond(prompts * 3), ema.text_cond([""] * len(prompts) * 3)
-        x = ema.sample(len(prompts) * 3, seed=seed, cond=cond, uncond=uncond, guidance=4.0)
-        cols = len(prompts)
-    elif ema.config.cond == "label":
-        k = len(ema.config.class_names or [])
-        labels = torch.arange(k).repeat_interleave(max(1, 40 // k))[:40]
-        cond, uncond = ema.label_cond(labels)
-        x = ema.sample(len(labels), seed=seed, cond=cond, uncond=uncond, guidance=3.0)
-        cols = max(1, 40 // k)
-    else:
-        x, cols = ema.sample(36, seed=seed), 6
-    size = ema.config.image_size
-    if vae is not None:
-        with torch.no_grad():
-            x = vae.decode_latents(x).clamp(-1, 1)
-        size *= vae.config.downscale
-    grid(to_pil(x), cols=cols, scale=auto_scale(size, 64)).save(path)
-
-
-LAYOUT_GRID = 8  # the layout map is fitted to the images averaged down to this grid
-
-
-def pretrain_layout(
-    diffusion: DiffusionModel,
-    dataset: Dataset,
-    cfg: TrainConfig,
-    generator: torch.Generator,
-    run: Run | None = None,
-    progress: bool = True,
-    stop: Stop | None = None,
-) -> None:
-    """Fit a new layout map alone to the data's images, averaged down to an 8x8 grid, from
-    their captions: the pure-noise end of denoising without the noise. Learning which object
-    a relation puts first takes a product of three things (the place, the relation and the
-    word's position); inside the denoiser that product starts at zero and its gradient with
-    it, while here it is the whole loss. The mean loss of each `log_every` steps goes to the
-    run's log as `layout_loss` (with `step` 0: before the denoiser's first step). It ends
-    early when `stop` asks (budget spent, or a signal)."""
-    layout = diffusion.unet.layout_map
-    device = layout.query.weight.device
-    opt = torch.optim.Adam(layout.parameters(), lr=cfg.layout_lr)
-    size = LAYOUT_GRID
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.layout_steps, desc="layout map", unit="step", dynamic_ncols=True)
-    total, count, done = 0.0, 0, 0
-
-    def log() -> None:
-        nonlocal total, count
-        if run is not None and count:
-            run.append_log({"step": 0, "layout_step": done, "layout_loss": total / count})
-        total, count = 0.0, 0
-
-    for step in range(1, cfg.layout_steps + 1):
-        if stop is not None and stop.requested():
-            break
-        batch = random_batch(dataset, cfg.batch_size, generator)
-        target = F.adaptive_avg_pool2d(batch["image"].to(device), size)
-        with torch.no_grad():  # the text encoder is not the map's to train
-            cond = diffusion.text_cond(batch["caption"])
-        loss = F.mse_loss(layout.image(size, size, cond["context"], cond["context_mask"]), target)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the layout map's loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total, count, done = total + loss.item(), count + 1, step
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.log_every == 0:
-            log()
-    log()
-    if bar is not None:
-        bar.close()
 
 
 def train(
@@ -526,6 +418,8 @@ def train(
         raise TrainingError(f"--layout-steps must be 0 or more, not {cfg.layout_steps}")
     if cfg.keep < 0:
         raise TrainingError(f"--keep must be 0 or more, not {cfg.keep}")
+    if cfg.grad_accum < 1:
+        raise TrainingError(f"--grad-accum must be 1 or more, not {cfg.grad_accum}")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16")
     device = pick_device(cfg.device)
@@ -571,19 +465,24 @@ def train(
     diffusion = diffusion.to(device, memory_format=torch.channels_last)
     trainable = [p for p in diffusion.parameters() if p.requires_grad]
     # before the clock starts: the first AdamW of a process imports torch._dynamo (about 2 s)
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(
+        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True
+    )
     stop = Stop(cfg.minutes)  # the budget covers the layout map's pre-fit too
-    with stop.catching_signals(), run_folder_errors(run):
+    with contextlib.ExitStack() as cleanup, stop.catching_signals(), run_folder_errors(run):
         if new_layout and cfg.layout_steps > 0 and rank == 0:
             run.dir.mkdir(parents=True, exist_ok=True)
             generator = torch.Generator().manual_seed(cfg.seed + 7919)
             pretrain_layout(diffusion, dataset, cfg, generator, run, progress, stop)
         ema = copy.deepcopy(diffusion).requires_grad_(False)
         gen_device = device if device.type == "cuda" else torch.device("cpu")
-        generators = seeded_generators(cfg.seed, rank, gen_device)
+        generators = training_generators(cfg.seed, rank, gen_device)
+        multiple = 2 ** (len(cfg.channel_mult) - 1) * (vae.config.downscale if vae else 1)
+        batches = training_batches(dataset, cfg, rank, world, device, generators["data"], multiple)
+        cleanup.callback(batches.close)  # its worker processes, however the run ends
         step = 0
         if resume:
-            step = load_state(run, diffusion, opt, generators)
+            step = load_state(run, diffusion, opt, generators, batches)
             ema.load_weights(read_safetensors(run.model_path)[0])
             if rank == 0:
                 run.truncate_log(step)
@@ -592,59 +491,81 @@ def train(
             write_run_config(run, cfg)
 
         net: torch.nn.Module = diffusion.unet
+        if cfg.compile:
+            net = torch.compile(net)
         if distributed:
             net = torch.nn.parallel.DistributedDataParallel(
-                diffusion.unet, device_ids=[device.index] if device.type == "cuda" else None
+                net, device_ids=[device.index] if device.type == "cuda" else None
             )
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-        params = sum(p.numel() for p in diffusion.unet.parameters())
         if rank == 0 and progress:
-            print(
-                f"training {params / 1e6:.2f}M parameters on {cfg.data} ({len(dataset)} images, "
-                f"{dataset.size}x{dataset.size}) on {device}"
-                + (f" x{world} processes" if distributed else "")
-                + f", steps {step}->{cfg.steps}",
-                flush=True,
-            )
+            print(start_line(cfg, diffusion, dataset, device, world, step), flush=True)
         loop = TrainLoop(
             run, step, cfg.steps, stop, cfg.log_every, rank == 0 and progress,
             on_step=(lambda s, record: on_step(s, record["loss"])) if on_step else None,
             write_log=rank == 0,
             agree=(lambda wish: any_process(wish, device)) if distributed else None,
+            reduce=(lambda means: mean_over_processes(means, device)) if distributed else None,
         )  # fmt: skip
         diffusion.train()
+        parts = world * cfg.grad_accum  # the batches of a step, over processes and accumulation
+        compiled_at = loop.step + 1 if cfg.compile else None
         while loop.running():
-            batch = random_batch(dataset, cfg.batch_size, generators["data"])
-            x0 = batch["image"].to(device)
-            if vae is not None:  # the latents: a posterior sample, scaled to about unit variance
-                with torch.no_grad():
-                    x0 = vae.encode_latents(x0, generator=generators["noise"])
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-            cond = batch_cond(batch, diffusion, cfg.cond_drop, generators["noise"], device)
+            started = time.monotonic()
             lr = lr_at(loop.step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast(
-                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ):
-                loss = diffusion_loss(
-                    net, diffusion, x0, cond, generators["noise"], cfg.min_snr_gamma
-                )
-            loop.check_finite("loss", loss)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss, draws = torch.zeros((), device=device), None
+            for micro in range(cfg.grad_accum):
+                batch = batches.next()
+                x0 = batch["image"].to(device, non_blocking=True)
+                if vae is not None:  # latents: a posterior sample, scaled to about unit variance
+                    with torch.no_grad():
+                        x0 = vae.encode_latents(x0, generator=generators["data"])
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+                b = x0.shape[0]
+                if (
+                    draws is None
+                    or draws.noise.shape[1:] != x0.shape[1:]
+                    or b * parts != len(draws.t)
+                ):
+                    # once a step (again for a batch of another size: a bucket's last)
+                    draws = Draws.make(
+                        diffusion, x0, parts, generators["noise"], generators["cond"], cfg.cond_drop
+                    )
+                mine = draws.share(micro * world + rank, b)
+                cond = batch_cond(
+                    batch, diffusion, cfg.cond_drop, generators["cond"], device, mine.dropped
+                )
+                last = micro == cfg.grad_accum - 1
+                # under DDP, gradients are averaged over the processes at the last batch only
+                with net.no_sync() if distributed and not last else contextlib.nullcontext():
+                    with torch.autocast(
+                        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                    ):
+                        micro_loss = diffusion_loss(
+                            net, diffusion, x0, cond, generators["noise"], cfg.min_snr_gamma, mine
+                        )
+                    scaler.scale(micro_loss / cfg.grad_accum).backward()
+                loss += micro_loss.detach() / cfg.grad_accum
             scaler.unscale_(opt)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
             update_ema(ema, diffusion, loop.step, cfg.ema_decay)
-            loop.advance({"loss": loss.item()}, lr)
+            loop.advance({"loss": loss}, lr)
+            if loop.step == compiled_at and rank == 0 and progress:
+                took = time.monotonic() - started
+                print(f"compiled (first step: {took:.1f} s)", file=sys.stderr, flush=True)
             if rank != 0:
                 continue
+            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
+                loop.verify()  # no checkpoint or sample grid from weights that went wrong
             if loop.due(cfg.checkpoint_every):
-                save_state(run, loop.step, cfg, diffusion, ema, opt, generators)
+                save_state(run, loop.step, cfg, diffusion, ema, opt, generators, batches)
                 loop.saved_step = loop.step
             if loop.due(cfg.sample_every):
                 run.plot_loss()
@@ -655,7 +576,7 @@ def train(
         loop.close()
         step = loop.step
         if rank == 0 and (step != loop.saved_step or not run.exists()):
-            save_state(run, step, cfg, diffusion, ema, opt, generators)
+            save_state(run, step, cfg, diffusion, ema, opt, generators, batches)
         if rank == 0:
             run.plot_loss()
             preview(ema, run.dir / "samples.png", vae=vae)

@@ -2,7 +2,8 @@
 diffusion runs, and the VAE side of latent diffusion (the VAE file and its identity).
 
 The objective is `vae_loss` (L1 reconstruction + a small KL), AdamW, an EMA of the weights
-(the one saved), a `--minutes` budget, exact resume and a guard against non-finite losses.
+(the one saved), a `--minutes` budget, a checkpoint at SIGINT/SIGTERM, exact resume, `--keep`,
+a guard against non-finite losses and a failed write that keeps the last checkpoint whole.
 After training the latent std is measured on data batches and `scaling_factor = 1 / std` is
 stored in the VAEConfig, so the latents a diffusion model sees have about unit variance.
 
@@ -38,11 +39,14 @@ from .runs import (
     options_for_model,
     plot_series,
     restore_training_state,
+    run_folder_errors,
+    save_checkpoint,
     seeded_generators,
     start_run,
     training_state,
     update_ema,
     write_run_config,
+    write_whole,
 )
 
 FORMAT = "difusion-vae/1"
@@ -69,6 +73,7 @@ class VAETrainConfig:
     log_every: int = 25
     sample_every: int = 500
     checkpoint_every: int = 250
+    keep: int = 0  # step-numbered copies of the last `keep` checkpoints, in checkpoints/
     model: str = "vae"  # marks the run folder's train_config.json
 
     def to_dict(self) -> dict:
@@ -180,8 +185,8 @@ def save_vae_state(run, step, cfg, vae, ema, opt, generators) -> None:
         model_config=json.dumps(vae.config.to_dict()),
         model="vae",
     )
-    save_vae(ema, run.model_path, {"step": str(step)})  # model first, as train.save_state
-    atomic_save(tensors, run.state_path, metadata)
+    write_model = lambda path: save_vae(ema, path, {"step": str(step)})  # noqa: E731
+    save_checkpoint(run, step, write_model, tensors, metadata, cfg.keep)
 
 
 def stored_vae_config(out: str | Path) -> VAETrainConfig:
@@ -214,7 +219,7 @@ def reconstruction_grid(vae: AutoencoderKL, dataset: Dataset, path: Path, n: int
     x = x.to(next(vae.parameters()).device)
     recon = vae(x, sample_posterior=False)[0].clamp(-1, 1)
     images = to_pil(torch.cat([x, recon]))
-    grid(images, cols=len(x), scale=auto_scale(dataset.size, 64)).save(path)
+    write_whole(path, grid(images, cols=len(x), scale=auto_scale(dataset.size, 64)).save)
 
 
 def plot_vae_loss(run: Run) -> None:
@@ -245,66 +250,70 @@ def train_vae(
     ema = copy.deepcopy(vae).requires_grad_(False)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     generators = seeded_generators(cfg.seed)
-    step = 0
-    if resume:
-        tensors, metadata = read_safetensors(run.state_path)
-        vae.load_state_dict(module_state(tensors, "vae"))
-        restore_training_state(tensors, metadata, {"vae": opt}, generators)
-        step = int(metadata["step"])
-        ema.load_state_dict(read_safetensors(run.model_path)[0])
-        run.truncate_log(step)
-    write_run_config(run, cfg)
-    if progress:
-        params = sum(p.numel() for p in vae.parameters())
-        print(
-            f"training a KL autoencoder ({params / 1e6:.2f}M parameters, f={config.downscale}, "
-            f"{config.latent_channels} latent channels) on {cfg.data} ({len(dataset)} images, "
-            f"{dataset.size}x{dataset.size}) on {device}, steps {step}->{cfg.steps}",
-            flush=True,
+    stop = Stop(cfg.minutes)
+    with stop.catching_signals(), run_folder_errors(run):
+        step = 0
+        if resume:
+            tensors, metadata = read_safetensors(run.state_path)
+            vae.load_state_dict(module_state(tensors, "vae"))
+            restore_training_state(tensors, metadata, {"vae": opt}, generators)
+            step = int(metadata["step"])
+            ema.load_state_dict(read_safetensors(run.model_path)[0])
+            run.truncate_log(step)
+        write_run_config(run, cfg)
+        if progress:
+            params = sum(p.numel() for p in vae.parameters())
+            print(
+                f"training a KL autoencoder ({params / 1e6:.2f}M parameters, "
+                f"f={config.downscale}, {config.latent_channels} latent channels) on {cfg.data} "
+                f"({len(dataset)} images, {dataset.size}x{dataset.size}) on {device}, "
+                f"steps {step}->{cfg.steps}",
+                flush=True,
+            )
+        loop = TrainLoop(run, step, cfg.steps, stop, cfg.log_every, progress, on_step)
+        vae.train()
+        while loop.running():
+            x = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
+            loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=generators["noise"])
+            loop.check_finite("loss", loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            update_ema(ema, vae, loop.step, cfg.ema_decay)
+            loop.advance({k: v.item() for k, v in parts.items()}, cfg.lr)
+            if loop.due(cfg.checkpoint_every):
+                save_vae_state(run, loop.step, cfg, vae, ema, opt, generators)
+                loop.saved_step = loop.step
+            if loop.due(cfg.sample_every):
+                plot_vae_loss(run)
+                reconstruction_grid(ema, dataset, run.dir / "samples" / f"step_{loop.step:06d}.png")
+        loop.close()
+        step = loop.step
+        # the scaling factor of the EMA weights that are saved, then the final files
+        ema.eval()
+        ema.config.scaling_factor = measure_scaling_factor(
+            ema, dataset, cfg.scale_batches, cfg.batch_size, seed=cfg.seed
         )
-    loop = TrainLoop(run, step, cfg.steps, Stop(cfg.minutes), cfg.log_every, progress, on_step)
-    vae.train()
-    while loop.running():
-        x = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
-        loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=generators["noise"])
-        loop.check_finite("loss", loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(ema, vae, loop.step, cfg.ema_decay)
-        loop.advance({k: v.item() for k, v in parts.items()}, cfg.lr)
-        if loop.due(cfg.checkpoint_every):
-            save_vae_state(run, loop.step, cfg, vae, ema, opt, generators)
-            loop.saved_step = loop.step
-        if loop.due(cfg.sample_every):
-            plot_vae_loss(run)
-            reconstruction_grid(ema, dataset, run.dir / "samples" / f"step_{loop.step:06d}.png")
-    loop.close()
-    step = loop.step
-    # the scaling factor of the EMA weights that are saved, then the final files
-    ema.eval()
-    ema.config.scaling_factor = measure_scaling_factor(
-        ema, dataset, cfg.scale_batches, cfg.batch_size, seed=cfg.seed
-    )
-    save_vae_state(run, step, cfg, vae, ema, opt, generators)
-    plot_vae_loss(run)
-    reconstruction_grid(ema, dataset, run.dir / "reconstructions.png")
-    if progress:
-        print(
-            f"stopped at step {step} after {loop.elapsed() / 60:.1f} min; scaling factor "
-            f"{ema.config.scaling_factor:.4f}; EMA VAE in {run.model_path}"
-        )
+        save_vae_state(run, step, cfg, vae, ema, opt, generators)
+        plot_vae_loss(run)
+        reconstruction_grid(ema, dataset, run.dir / "reconstructions.png")
+        if progress:
+            print(
+                f"stopped at step {step} after {loop.elapsed() / 60:.1f} min; scaling factor "
+                f"{ema.config.scaling_factor:.4f}; EMA VAE in {run.model_path}"
+            )
+    stop.end_if_signalled(run, step)
     return run.dir
 
 
 SHARED_OPTIONS = (
     "data", "out", "size", "steps", "minutes", "batch_size", "lr", "ema_decay", "channels",
-    "layers_per_block", "device", "seed", "sample_every", "checkpoint_every",
+    "layers_per_block", "device", "seed", "sample_every", "checkpoint_every", "keep",
 )  # fmt: skip
 NOT_FOR_VAE = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "attention", "dropout", "precision",
-    "latent", "init", "data_option", "layout_map", "layout_steps", "keep",
+    "latent", "init", "data_option", "layout_map", "layout_steps",
 )  # fmt: skip
 
 

@@ -1,0 +1,77 @@
+"""The layout map's pre-fit: before the denoiser trains, a new layout map is fitted alone to
+the data's images averaged down to a small grid, from their captions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .data import random_batch
+from .model import DiffusionModel
+from .runs import Run, Stop, TrainingError
+
+if TYPE_CHECKING:  # the configuration's module imports this one
+    from .train import TrainConfig
+
+
+LAYOUT_GRID = 8  # the layout map is fitted to the images averaged down to this grid
+
+
+def pretrain_layout(
+    diffusion: DiffusionModel,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    run: Run | None = None,
+    progress: bool = True,
+    stop: Stop | None = None,
+) -> None:
+    """Fit a new layout map alone to the data's images, averaged down to an 8x8 grid, from
+    their captions: the pure-noise end of denoising without the noise. Learning which object
+    a relation puts first takes a product of three things (the place, the relation and the
+    word's position); inside the denoiser that product starts at zero and its gradient with
+    it, while here it is the whole loss. The mean loss of each `log_every` steps goes to the
+    run's log as `layout_loss` (with `step` 0: before the denoiser's first step). It ends
+    early when `stop` asks (budget spent, or a signal)."""
+    layout = diffusion.unet.layout_map
+    device = layout.query.weight.device
+    opt = torch.optim.Adam(layout.parameters(), lr=cfg.layout_lr)
+    size = LAYOUT_GRID
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.layout_steps, desc="layout map", unit="step", dynamic_ncols=True)
+    total, count, done = 0.0, 0, 0
+
+    def log() -> None:
+        nonlocal total, count
+        if run is not None and count:
+            run.append_log({"step": 0, "layout_step": done, "layout_loss": total / count})
+        total, count = 0.0, 0
+
+    for step in range(1, cfg.layout_steps + 1):
+        if stop is not None and stop.requested():
+            break
+        batch = random_batch(dataset, cfg.batch_size, generator)
+        target = F.adaptive_avg_pool2d(batch["image"].to(device), size)
+        with torch.no_grad():  # the text encoder is not the map's to train
+            cond = diffusion.text_cond(batch["caption"])
+        loss = F.mse_loss(layout.image(size, size, cond["context"], cond["context_mask"]), target)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the layout map's loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, count, done = total + loss.item(), count + 1, step
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0:
+            log()
+    log()
+    if bar is not None:
+        bar.close()
