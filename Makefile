@@ -33,8 +33,10 @@ format: install
 test: lint
 	$(VENV)/bin/pytest -q
 
+# every comparison once, then bench/results.md (~15-20 min on 2 cores);
+# a smoke run: make bench BENCH_ARGS="--quick --out /tmp/results.md"
 bench: install
-	$(PY) bench/unet.py
+	$(PY) bench/report.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out

@@ -1,7 +1,9 @@
 """Stable Diffusion 1.5's U-Net: ours against diffusers' UNet2DConditionModel, same weights.
 
-    OMP_NUM_THREADS=2 python bench/sd_unet.py              # one run of each, ~860M parameters
-    OMP_NUM_THREADS=2 python bench/sd_unet.py --reps 3
+    OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py         # one run of each, ~860M parameters
+    OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py --reps 3
+    OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py --precision bf16   # bf16 autocast
+    OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py --quick   # a smoke run: 16x16 latents
 
 Each implementation runs in its own subprocess (so that its peak memory is its own): it
 builds the full SD 1.5 U-Net architecture from the config below, fills it with the same
@@ -9,7 +11,8 @@ deterministic random weights (generated per parameter name, which both share), a
 denoising steps: one no-grad forward of batch 2 (classifier-free guidance's two branches),
 4x64x64 latents (512x512 images), a 77x768 text context. Reported: median seconds per step
 after one warm-up step, the resident memory once the weights are in (RSS) and the peak
-(getrusage's maxrss), and the relative difference of the two outputs.
+(getrusage's maxrss), and the relative difference of the two outputs. `--precision bf16`
+runs both under bf16 autocast (float32 weights, as a training step would).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import zlib
 from pathlib import Path
 
 import torch
+from harness import parser, report, unet_flops
+
+from difusion.nn.unet import UNetConfig
 
 # huggingface.co/runwayml/stable-diffusion-v1-5, unet/config.json
 SD15_UNET = {
@@ -85,8 +91,8 @@ def fill(model: torch.nn.Module) -> None:
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def child(impl: str, reps: int, out: Path) -> None:
-    from difusion.nn.unet import UNet, UNetConfig
+def child(impl: str, reps: int, out: Path, size: int, precision: str) -> None:
+    from difusion.nn.unet import UNet
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -102,7 +108,7 @@ def child(impl: str, reps: int, out: Path) -> None:
     model.eval().requires_grad_(False)
     loaded = rss_mib()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 64, 64, generator=g)
+    x = torch.randn(2, 4, size, size, generator=g)
     ctx = torch.randn(2, 77, 768, generator=g)
     t = torch.tensor([981.0, 981.0])
 
@@ -112,8 +118,9 @@ def child(impl: str, reps: int, out: Path) -> None:
         return model(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
     times = []
-    with torch.no_grad():
-        y = step()  # warm-up
+    bf16 = precision == "bf16"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = step().float()  # warm-up
         for _ in range(reps):
             t0 = time.perf_counter()
             step()
@@ -126,38 +133,56 @@ def child(impl: str, reps: int, out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--reps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--size", type=int, default=64, help="latent size (64: 512x512 images)")
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:
+        args.reps, args.size = 1, 16
     if args.impl:
-        child(args.impl, args.reps, args.out)
+        child(args.impl, args.reps, args.out, args.size, args.precision)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         res = {}
         for impl in ("ours", "diffusers"):
             cmd = [sys.executable, __file__, "--impl", impl, "--reps", str(args.reps)]
+            cmd += ["--size", str(args.size), "--precision", args.precision]
             subprocess.run([*cmd, "--out", tmp], check=True, env=os.environ.copy())
             res[impl] = json.loads((Path(tmp) / f"{impl}.json").read_text())
         a = torch.load(Path(tmp) / "ours.pt", weights_only=True)
         b = torch.load(Path(tmp) / "diffusers.pt", weights_only=True)
     err = float((a - b).norm() / b.norm())
-    print(
-        f"SD 1.5 U-Net, {res['ours']['params'] / 1e6:.0f}M parameters, batch 2, 4x64x64, "
-        f"context 77x768, threads {torch.get_num_threads()}, {args.reps} timed step(s)"
-    )
-    print(f"outputs: |ours - diffusers| / |diffusers| = {err:.1e}")
-    print(f"{'':10} {'s/step':>8} {'RSS loaded':>11} {'peak RSS':>9}")
-    for impl, r in res.items():
-        s = statistics.median(r["times"])
-        print(f"{impl:10} {s:8.2f} {r['loaded']:8.0f} MiB {r['peak']:5.0f} MiB")
+    s = {impl: statistics.median(r["times"]) for impl, r in res.items()}
     o, d = res["ours"], res["diffusers"]
-    speed = statistics.median(d["times"]) / statistics.median(o["times"])
-    print(f"ours/diffusers: {1 / speed:.2f}x the time per step ({speed:.2f}x as fast), "
-          f"{o['peak'] / d['peak']:.2f}x the peak memory")  # fmt: skip
-    assert err < 1e-3, "outputs differ"
+    speed = s["diffusers"] / s["ours"]
+    rows = [
+        [impl, f"{s[impl]:.2f}", f"{r['loaded']:.0f} MiB", f"{r['peak']:.0f} MiB"]
+        for impl, r in res.items()
+    ]
+    flops = unet_flops(UNetConfig.from_diffusers_config(SD15_UNET), 2, args.size, 77)
+    record = {"kind": "sd15_unet_step", "precision": args.precision, "batch": 2,
+              "size": args.size, "ours_s": s["ours"], "diffusers_s": s["diffusers"],
+              "flops": flops, "rel_err": err, "ours_peak_mib": o["peak"],
+              "diffusers_peak_mib": d["peak"]}  # fmt: skip
+    title = (
+        f"SD 1.5 U-Net, ours vs diffusers, same weights: {o['params'] / 1e6:.0f}M parameters, "
+        f"batch 2, 4x{args.size}x{args.size}, context 77x768, {args.precision}"
+        f"{' autocast' if args.precision == 'bf16' else ''}, {torch.get_num_threads()} threads, "
+        f"{args.reps} timed step(s)"
+    )
+    notes = [
+        f"outputs: |ours - diffusers| / |diffusers| = {err:.1e}; {flops / 1e9:.0f} GFLOP a step",
+        f"ours/diffusers: {1 / speed:.2f}x the time per step ({speed:.2f}x as fast), "
+        f"{o['peak'] / d['peak']:.2f}x the peak memory",
+    ]
+    headers = ["", "s/step", "RSS loaded", "peak RSS"]
+    report(args, title, headers, rows, [record], notes)
+    # bf16 rounds the activations of both, each in its own order
+    assert err < (1e-3 if args.precision == "fp32" else 5e-2), "outputs differ"
 
 
 if __name__ == "__main__":

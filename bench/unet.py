@@ -1,7 +1,8 @@
 """Our U-Net against diffusers' with the same architecture and the same weights.
 
-    OMP_NUM_THREADS=2 python bench/unet.py            # vs UNet2DModel
-    OMP_NUM_THREADS=2 python bench/unet.py --cond     # vs UNet2DConditionModel, with a context
+    OMP_NUM_THREADS=2 .venv/bin/python bench/unet.py          # vs UNet2DModel
+    OMP_NUM_THREADS=2 .venv/bin/python bench/unet.py --cond   # vs UNet2DConditionModel + context
+    OMP_NUM_THREADS=2 .venv/bin/python bench/unet.py --quick  # smoke run: batch 4, 1 rep
 
 Checks that both give the same output, then times a no-grad forward pass and one training
 step (forward + MSE + backward + AdamW step): median over repetitions after warm-up, the two
@@ -10,26 +11,18 @@ models interleaved so that load from elsewhere on the machine hits both alike.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel, UNet2DModel
+from harness import median_times, parser, report, unet_flops
+from twins import diffusers_twin
 
 from difusion.nn.unet import UNet, UNetConfig
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--cond", action="store_true", help="cross-attention to a text context")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=32)
@@ -37,6 +30,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.quick:
+        args.batch, args.warmup, args.reps = 4, 1, 1
 
     cfg = UNetConfig(
         sample_size=args.size,
@@ -46,10 +41,9 @@ def main() -> None:
         context_dim=128 if args.cond else None,
     )
     torch.manual_seed(args.seed)
-    cls = UNet2DConditionModel if args.cond else UNet2DModel
-    theirs = cls(**cfg.to_diffusers_kwargs())
     ours = UNet(cfg)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs = diffusers_twin(ours)
+    name = type(theirs).__name__
 
     B = args.batch
     x = torch.randn(B, cfg.in_channels, args.size, args.size)
@@ -72,7 +66,7 @@ def main() -> None:
     with torch.no_grad():
         a, b = run_ours(), run_theirs()
     err = ((a - b).abs().max() / b.abs().max()).item()
-    print(f"{cls.__name__} vs UNet, batch {B}, {args.size}x{args.size}, "
+    print(f"{name} vs UNet, batch {B}, {args.size}x{args.size}, "
           f"{sum(q.numel() for q in ours.parameters()) / 1e6:.2f}M parameters, "
           f"threads {torch.get_num_threads()}; max |diff| / max |out| = {err:.1e}")  # fmt: skip
     assert err < 1e-4, "outputs differ"
@@ -86,28 +80,41 @@ def main() -> None:
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
     results = {}
-    for name, fns in {
+    for what, fns in {
         "forward (no_grad)": (run_ours, run_theirs),
         "train step": (
             lambda: train_step(run_ours, opt_ours),
             lambda: train_step(run_theirs, opt_theirs),
         ),
     }.items():
-        grad = name == "train step"
+        grad = what == "train step"
         ours.train(grad)
         theirs.train(grad)
-        times: tuple[list[float], list[float]] = ([], [])
         with torch.set_grad_enabled(grad):
-            for i in range(args.warmup + args.reps):
-                for fn, out in zip(fns, times, strict=True):
-                    dt = timed(fn)
-                    if i >= args.warmup:
-                        out.append(dt)
-        results[name] = tuple(statistics.median(ts) for ts in times)
+            times = median_times(
+                dict(zip(("ours", "diffusers"), fns, strict=True)), args.warmup, args.reps
+            )
+        results[what] = times["ours"], times["diffusers"]
 
-    print(f"\n{'':20s} {'ours (s)':>10s} {'diffusers (s)':>14s} {'diffusers/ours':>15s}")
-    for name, (o, d) in results.items():
-        print(f"{name:20s} {o:10.4f} {d:14.4f} {d / o:15.2f}")
+    context = 16 if args.cond else None
+    records, rows = [], []
+    for what, (o, d) in results.items():
+        flops = unet_flops(cfg, B, args.size, context, train=what == "train step")
+        kind = "unet_train_step" if what == "train step" else "unet_forward"
+        records.append({"kind": kind, "model": name, "precision": "fp32", "batch": B,
+                        "ours_s": o, "diffusers_s": d, "flops": flops, "rel_err": err})  # fmt: skip
+        rows.append([what, f"{o:.4f}", f"{d:.4f}", f"{d / o:.2f}", f"{flops / 1e9:.1f}"])
+    params = sum(q.numel() for q in ours.parameters()) / 1e6
+    title = (
+        f"Our U-Net vs diffusers' {name}, same weights: batch {B}, {args.size}x{args.size}, "
+        f"{params:.2f}M parameters, fp32, {torch.get_num_threads()} threads"
+    )
+    headers = ["", "ours (s)", "diffusers (s)", "diffusers/ours", "GFLOP"]
+    notes = [
+        f"max |ours - diffusers| / max |diffusers| = {err:.1e}; median of {args.reps} after "
+        f"{args.warmup} warm-up, interleaved"
+    ]
+    report(args, title, headers, rows, records, notes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""The training loop's efficiency: `difusion train`'s images/s over a bare training step's.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_loop.py             # batch 32, fp32 and bf16
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_loop.py --quick     # batch 8, 2 timed steps
+
+The loop: `difusion.train.train` itself on `shapes`, with the shipped text model's recipe (its
+file's training configuration: architecture, objective, optimizer) but a scratch text encoder,
+no layout pre-fit, no checkpoint or sample grid inside the timed steps; timed from the
+`on_step` callback's timestamps, after `--warmup` steps. The bare step: the same U-Net
+(built by the same functions) on one pre-made noised batch with its text context:
+forward, MSE, backward, AdamW, nothing else. Both at the same batch size and precision
+(fp32, or bf16 autocast as `--precision bf16` trains). What only the loop does: drawing and
+rendering the batch, the scratch text encoder's forward and backward (its FLOPs are in the
+notes), condition dropout, gradient clipping, the EMA update, logging.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from harness import count_flops, parser, report, unet_flops
+
+import difusion.train as train_module
+from difusion.data import ShapesDataset, random_batch
+from difusion.denoiser import training_target
+from difusion.model import DiffusionModel, default_model_path, read_metadata
+from difusion.train import TrainConfig, build_text_encoder, model_config_for, train
+
+AMP = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def recipe(batch: int, steps: int, precision: str, out: Path) -> TrainConfig:
+    """The shipped model's training configuration, with a scratch text encoder, for a
+    fixed number of steps and nothing saved or sampled before the last."""
+    stored = json.loads(read_metadata(default_model_path())["train_config"])
+    never = 10**9
+    return replace(
+        TrainConfig.from_dict(stored),
+        out=str(out), steps=steps, minutes=None, batch_size=batch, precision=precision,
+        device="cpu", text_encoder="scratch", text_encoder_path=None, init=None,
+        init_sha256=None, layout_steps=0, sample_every=never, checkpoint_every=never, keep=0,
+    )  # fmt: skip
+
+
+def loop_images_per_s(cfg: TrainConfig, dataset: ShapesDataset, warmup: int) -> float:
+    """`train` itself; images/s over its steps after the first `warmup`."""
+    stamps: list[float] = []
+
+    def on_step(step: int, loss: float) -> None:
+        stamps.append(time.perf_counter())
+
+    train(cfg, dataset=dataset, progress=False, on_step=on_step)
+    timed = len(stamps) - warmup
+    return cfg.batch_size * timed / (stamps[-1] - stamps[warmup - 1])
+
+
+def bare_model(cfg: TrainConfig, dataset: ShapesDataset) -> DiffusionModel:
+    """The model `train` builds for `cfg` (the same functions, the same layout)."""
+    encoder = build_text_encoder(cfg, dataset)
+    config = model_config_for(cfg, dataset, encoder)
+    model = DiffusionModel(config, text_encoder=encoder)
+    return model.to(memory_format=torch.channels_last).train()
+
+
+def bare_images_per_s(
+    model: DiffusionModel, cfg: TrainConfig, dataset: ShapesDataset, warmup: int, steps: int
+) -> float:
+    """Forward + MSE + backward + AdamW of the U-Net alone on one pre-made batch."""
+    g = torch.Generator().manual_seed(0)
+    batch = random_batch(dataset, cfg.batch_size, g)
+    x0 = batch["image"].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        cond = model.text_cond(batch["caption"])
+    t = torch.randint(0, model.schedule.num_steps, (len(x0),), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = model.schedule.q_sample(x0, t, noise)
+    abar = model.schedule.alphas_cumprod[t].float()
+    target = training_target(model.config.prediction, x0, noise, abar)
+    unet = model.unet
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp = AMP[cfg.precision]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            out = unet(x_t, t.float(), **cond)
+        loss = F.mse_loss(out.float(), target.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return cfg.batch_size * steps / (time.perf_counter() - t0)
+
+
+def encoder_flops(model: DiffusionModel, dataset: ShapesDataset, batch: int) -> int:
+    """FLOPs of the scratch encoder's forward and backward on one batch of captions."""
+    captions = [dataset[i]["caption"] for i in range(batch)]
+
+    def fwd_bwd() -> None:
+        tokens, _ = model.text_encoder.encode(captions)
+        tokens.square().mean().backward()
+
+    return count_flops(fwd_bwd)
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="steps before the clock starts (>= 1)")
+    p.add_argument("--precision", nargs="+", choices=list(AMP), default=list(AMP))
+    args = p.parse_args()
+    if args.quick:
+        args.batch, args.steps, args.warmup = 8, 2, 1
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the clock starts at the end of a step)")
+
+    # the grid `train` draws after its last step is not timed, and costs more than a
+    # quick run's steps: skipped here
+    train_module.preview = lambda *a, **k: None
+    records, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in args.precision:
+            cfg = recipe(args.batch, args.warmup + args.steps, precision, Path(tmp) / precision)
+            dataset = ShapesDataset(cfg.size or 32, **cfg.data_options)
+            loop = loop_images_per_s(cfg, dataset, args.warmup)
+            model = bare_model(cfg, dataset)
+            bare = bare_images_per_s(model, cfg, dataset, args.warmup, args.steps)
+            context = model.text_encoder.max_length
+            flops = unet_flops(model.config.unet, args.batch, dataset.size, context, train=True)
+            enc = encoder_flops(model, dataset, args.batch)
+            records.append({"kind": "train_loop", "precision": precision, "batch": args.batch,
+                            "loop_images_per_s": loop, "bare_images_per_s": bare,
+                            "flops": flops, "encoder_flops": enc})  # fmt: skip
+            rows.append([precision, f"{loop:.1f}", f"{bare:.1f}", f"{loop / bare:.2f}",
+                         f"{flops / 1e9:.0f}", f"{enc / 1e9:.1f}"])  # fmt: skip
+    params = sum(q.numel() for q in model.unet.parameters()) / 1e6
+    title = (
+        f"Training loop vs bare step: the shipped model's U-Net ({params:.2f}M parameters, "
+        f"shapes 32x32, scratch text encoder), batch {args.batch}, {args.steps} timed steps "
+        f"after {args.warmup}, {torch.get_num_threads()} threads"
+    )
+    headers = ["precision", "loop images/s", "bare step images/s", "loop/bare",
+               "U-Net GFLOP/step (fwd+bwd)", "text encoder GFLOP/step"]  # fmt: skip
+    notes = [
+        "bf16 = autocast (float32 weights); the loop trains the scratch text encoder too, "
+        "the bare step only the U-Net"
+    ]
+    report(args, title, headers, rows, records, notes)
+
+
+if __name__ == "__main__":
+    main()
