@@ -166,3 +166,21 @@ def test_generate_and_serve_take_dtype(monkeypatch, capsys, tmp_path):
         assert "--dtype must be fp32 or bf16, got 'fp16'" in capsys.readouterr().err
     served = load_models(["default"], dtype="bf16")["default"]
     assert served.pipe.dtype == torch.bfloat16
+
+
+def test_compiled_pipeline_matches_eager():
+    """Pipeline.compile (torch.compile, Inductor: tens of seconds of C++ compilation here,
+    so the smallest model) samples what the eager model samples."""
+    from difusion.model import ModelConfig
+
+    unet = UNetConfig(
+        in_channels=1, out_channels=1, sample_size=8, block_out_channels=(8,),
+        layers_per_block=1, attention_levels=(False,), attention_head_dim=8, norm_groups=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DiffusionModel(ModelConfig(unet=unet, image_size=8, channels=1)).eval()
+    eager = model.sample(2, steps=3, seed=0)
+    pipe = Pipeline(model).compile()
+    compiled = model.sample(2, steps=3, seed=0)
+    assert pipe.model.unet._compiled_call_impl is not None
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)

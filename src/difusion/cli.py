@@ -442,6 +442,12 @@ def generate(
     ] = None,
     device: Device = "auto",
     dtype: WeightsDtype = "fp32",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="torch.compile the U-Net first (pays for many images, not for one grid)."
+        ),
+    ] = False,
 ) -> None:
     """Generate images from text prompts (our models, or Stable Diffusion files and folders)."""
     import time
@@ -477,6 +483,8 @@ def generate(
 
     init, mask_image = open_image(image), open_image(mask)
     pipe = Pipeline.from_pretrained(model, pick_device(device), weights_dtype)
+    if compile:
+        pipe.compile()
     scale = auto_scale(height or width or pipe.image_size)
     frames = []
 

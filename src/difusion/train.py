@@ -491,8 +491,9 @@ def train(
             write_run_config(run, cfg)
 
         net: torch.nn.Module = diffusion.unet
-        if cfg.compile:
-            net = torch.compile(net)
+        if cfg.compile:  # CUDA graphs where every step has the same shapes
+            static = device.type == "cuda" and not distributed and not cfg.buckets
+            net = torch.compile(net, mode="reduce-overhead" if static else "default")
         if distributed:
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[device.index] if device.type == "cuda" else None
