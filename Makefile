@@ -2,7 +2,7 @@
 TORCH_SPEC ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export OMP_NUM_THREADS ?= 2
+# torch takes one thread per physical core unless OMP_NUM_THREADS says otherwise
 
 .PHONY: install demo test lint format bench clean
 
