@@ -230,11 +230,13 @@ def _interpolate(minutes: list[float], ys: list[float], z: float) -> float:
 
 
 def _cell(s: dict, seeds: int, whole: bool = False) -> str:
-    """mean ± std (n/a with one value), with how many of the seeds have it when not all do;
-    `whole`: counts, as whole numbers."""
+    """mean ± std (the value alone in a sweep of one seed), with how many of the seeds have
+    it when not all do; `whole`: counts, as whole numbers."""
     if s["mean"] is None:
         return "n/a"
     show = (lambda v: f"{v:,.0f}") if whole else fmt
+    if seeds == 1:
+        return show(s["mean"])
     cell = f"{show(s['mean'])} ± {show(s['std']) if s['n'] > 1 else 'n/a'}"
     return cell + (f" ({s['n']} of {seeds} seeds)" if s["n"] < seeds else "")
 
@@ -260,8 +262,8 @@ def _header(sweep: dict) -> list[str]:
         f"(torch {env['torch']}); preset `{cfg['preset']}`; {len(seeds)} seed"
         f"{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}) per model and budget. "
         "A budget is a run's total training time: each run continued from its checkpoint at "
-        "the budget before, so it was trained once, to the largest budget. Cells are mean ± std "
-        "across seeds (sample std; n/a with one seed).",
+        "the budget before, so it was trained once, to the largest budget."
+        + (" Cells are mean ± std across seeds (sample std)." if len(seeds) > 1 else ""),
         "",
     ]
     for metric in ("inception_fid", "fid"):
