@@ -331,3 +331,19 @@ def test_compiled_training_matches_eager(tmp_path, digits8, capsys):
     compiled = train(tiny(tmp_path, "compiled", compile=True, **kw), dataset=digits8)
     assert "compiled (first step: " in capsys.readouterr().err
     torch.testing.assert_close(outputs_of(eager), outputs_of(compiled), atol=1e-5, rtol=0)
+
+
+def test_resume_is_exact_with_rendered_shapes_captions_and_accumulation(tmp_path):
+    """All of the loop at once: shapes rendered a batch at a time, a scratch text encoder
+    trained beside the U-Net, condition dropout, accumulated batches, fused AdamW."""
+    kw = dict(
+        data="shapes", size=16, cond="text", text_encoder="scratch", grad_accum=2,
+        dropout=0.0, layout_map=False, attention_resolutions=(8,),
+    )  # fmt: skip
+    full = train(tiny(tmp_path, "full", steps=4, **kw), progress=False)
+    train(tiny(tmp_path, "half", steps=2, **kw), progress=False)
+    resumed = train(tiny(tmp_path, "half", steps=4, **kw), resume=True, progress=False)
+    a, b = raw_weights(full), raw_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
