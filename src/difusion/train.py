@@ -561,10 +561,10 @@ def train(
             if loop.step == compiled_at and rank == 0 and progress:
                 took = time.monotonic() - started
                 print(f"compiled (first step: {took:.1f} s)", file=sys.stderr, flush=True)
+            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
+                loop.verify()  # no checkpoint or grid from weights gone wrong (all processes stop)
             if rank != 0:
                 continue
-            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
-                loop.verify()  # no checkpoint or sample grid from weights that went wrong
             if loop.due(cfg.checkpoint_every):
                 save_state(run, loop.step, cfg, diffusion, ema, opt, generators, batches)
                 loop.saved_step = loop.step
