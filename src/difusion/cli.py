@@ -23,6 +23,10 @@ app = typer.Typer(
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Seed = Annotated[int, typer.Option(help="Seed of everything random.")]
 Minutes = Annotated[float | None, typer.Option(help="Stop (and save) after this wall time.")]
+# the diffusion recipe, shared by train and compare
+Prediction = Annotated[str, typer.Option(help="What the U-Net predicts: eps, v or x0.")]
+ZeroTerminalSNR = Annotated[bool, typer.Option(help="Rescale the schedule to zero terminal SNR.")]
+MinSNRGamma = Annotated[float, typer.Option(help="Min-SNR loss weighting (0: off; 5 is usual).")]
 SampleEvery = Annotated[int, typer.Option(help="Steps between sample grids and loss plots.")]
 CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")]
@@ -111,14 +115,10 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
     warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 200,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the sampling weights.")] = 0.999,
-    prediction: Annotated[str, typer.Option(help="eps, v or x0.")] = "eps",
+    prediction: Prediction = "eps",
     schedule: Annotated[str, typer.Option(help="linear, cosine or scaled_linear.")] = "cosine",
-    zero_terminal_snr: Annotated[
-        bool, typer.Option(help="Rescale the schedule to zero terminal SNR.")
-    ] = False,
-    min_snr_gamma: Annotated[
-        float, typer.Option(help="Min-SNR loss weighting (0: off; 5 is usual).")
-    ] = 0.0,
+    zero_terminal_snr: ZeroTerminalSNR = False,
+    min_snr_gamma: MinSNRGamma = 0.0,
     cond: Annotated[
         str | None, typer.Option(help="'label' (class-conditional) or 'text' (captioned data).")
     ] = None,
@@ -647,13 +647,9 @@ def compare(
         str | None,
         typer.Option(help="Feature network (default: the data set's classifier)."),
     ] = None,
-    prediction: Annotated[str, typer.Option(help="Diffusion target: eps, v or x0.")] = "eps",
-    zero_terminal_snr: Annotated[
-        bool, typer.Option(help="Diffusion schedule rescaled to zero terminal SNR.")
-    ] = False,
-    min_snr_gamma: Annotated[
-        float, typer.Option(help="Diffusion loss: min-SNR weighting gamma (0: off).")
-    ] = 0.0,
+    prediction: Prediction = "eps",
+    zero_terminal_snr: ZeroTerminalSNR = False,
+    min_snr_gamma: MinSNRGamma = 0.0,
     device: Device = "auto",
 ) -> None:
     """Diffusion vs GAN on the same wall-clock budget: stability, quality, diversity, speed;
