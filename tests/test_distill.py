@@ -1,5 +1,7 @@
 """Consistency distillation and the `lcm` sampler."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from difusion.data import DigitsDataset
 from difusion.denoiser import consistency
 from difusion.distill import DistillConfig, distill, skipping_sigmas
 from difusion.model import DiffusionModel, read_metadata
+from difusion.runs import Run, TrainingError
 from difusion.samplers import get_sampler
 from difusion.train import TrainConfig, train
 
@@ -118,6 +121,29 @@ def test_distillation_resumes_exactly(teacher, digits, tmp_path):
     b = DiffusionModel.load(f"{parts}/model.safetensors").unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_metadata(f"{parts}/model.safetensors")["step"] == "6"
+    place = json.loads(read_metadata(f"{parts}/train_state.safetensors")["data_stream"])
+    assert (place["epoch"], place["batch"]) == (0, 6)
+
+
+class NaNImages(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base, self.size, self.channels = base, base.size, base.channels
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = dict(self.base[i])
+        return {**item, "image": item["image"] * float("nan")}
+
+
+def test_a_non_finite_loss_stops_distillation_in_one_line(teacher, digits, tmp_path):
+    cfg = student_cfg(teacher, tmp_path / "nan", steps=4, log_every=2)
+    with pytest.raises(TrainingError) as error:
+        distill(cfg, dataset=NaNImages(digits), progress=False)
+    # found at the log line of step 2, as of the step it went wrong at
+    assert str(error.value) == "loss became nan at step 1; stopping: nothing was saved"
+    assert not Run(cfg.out).exists()
 
 
 def test_distilled_pipeline_defaults_and_guidance_range(teacher, digits, tmp_path):
@@ -138,8 +164,6 @@ def test_skipping_schedule_pairs_neighbouring_teacher_steps(teacher):
 
 
 def test_distill_refusals(teacher, digits, tmp_path):
-    from difusion.runs import TrainingError
-
     for kw, message in [
         ({"solver_steps": 7}, "must divide 1000"),
         ({"guidance_min": 3.0, "guidance_max": 2.0}, "guidance range"),

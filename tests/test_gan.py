@@ -112,6 +112,8 @@ def test_resume_continues_exactly(tmp_path, digits16):
     ema_b = load_file(resumed / "model.safetensors")
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     assert [r["step"] for r in Run(resumed).read_log()] == list(range(1, 7))
+    with safe_open(str(resumed / "train_state.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["data_stream"])["batch"] == 6  # the place in the data
 
 
 def test_resume_needs_a_gan_run_and_runs_are_not_overwritten(tmp_path, digits16):
@@ -148,10 +150,15 @@ class NaNDigits(torch.utils.data.Dataset):
         return item
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits16):
-    cfg = tiny(tmp_path, steps=10, checkpoint_every=3)
-    with pytest.raises(TrainingError, match=r"discriminator loss became nan at step 5.*step 3"):
+@pytest.mark.parametrize("log_every", [1, 100])  # found at a log line, or before a checkpoint
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits16, log_every):
+    cfg = tiny(tmp_path, steps=10, checkpoint_every=3, log_every=log_every)
+    with pytest.raises(TrainingError) as error:
         train_gan(cfg, dataset=NaNDigits(digits16, after_steps=4, batch=8), progress=False)
+    assert str(error.value) == (
+        f"loss_d became nan at step 5; stopping: the last good checkpoint (step 3) is kept in "
+        f"{cfg.out}"
+    )
     run = Run(cfg.out)
     with safe_open(str(run.state_path), "pt") as f:
         assert f.metadata()["step"] == "3"
@@ -205,9 +212,12 @@ def test_cli_trains_a_gan_and_resumes(monkeypatch, capsys, tmp_path):
     assert code == 0, err
     assert GAN.load(out / "model.safetensors").config.g_channels == 8
     more = [a if a != "4" else "6" for a in TINY_CLI]  # --steps 6
-    code, _, err = cli(monkeypatch, capsys, "train", "--out", out, *more, "--resume")
+    code, _, err = cli(
+        monkeypatch, capsys, "train", "--out", out, *more, "--resume", "--workers", 1
+    )
     assert code == 0, err
     assert Run(out).read_log()[-1]["step"] == 6
+    assert json.loads((out / "train_config.json").read_text())["workers"] == 1
 
 
 @pytest.mark.parametrize(
@@ -215,6 +225,7 @@ def test_cli_trains_a_gan_and_resumes(monkeypatch, capsys, tmp_path):
     [
         (("--cond", "label"), "--cond: not an option of --model gan"),
         (("--prediction", "v", "--dropout", "0.1"), "--prediction, --dropout: not an option"),
+        (("--flip", "--crop", "random"), "--crop, --flip: not an option of --model gan"),
         (("--model", "flow"), "--model must be unet, gan or vae"),
     ],
 )

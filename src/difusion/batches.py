@@ -1,9 +1,11 @@
-"""Where a diffusion run's batches come from, and the generators that draw them: `shapes`
-rendered whole on the device, any other data set through a `BatchStream`."""
+"""Where every trainer's batches come from, and the generators that draw them: `shapes`
+rendered whole on the device, any other data set through a `BatchStream`; and the place in
+the data that a checkpoint keeps."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import json
+from typing import Protocol
 
 import torch
 from torch.utils.data import Dataset
@@ -12,8 +14,7 @@ from .data import ShapesDataset
 from .data.loader import BatchStream
 from .runs import TrainingError
 
-if TYPE_CHECKING:  # the configuration's module imports this one
-    from .train import TrainConfig
+STREAM_KEY = "data_stream"  # the checkpoint metadata that holds the place in the data
 
 
 def training_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
@@ -60,24 +61,42 @@ class RenderedShapes:
 
 def training_batches(
     dataset: Dataset,
-    cfg: TrainConfig,
-    rank: int,
-    world: int,
-    device: torch.device,
+    batch_size: int,
+    seed: int,
     generator: torch.Generator,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+    crop: str = "center",
+    flip: bool = False,
+    buckets: bool = False,
     multiple: int = 8,
 ) -> Batches:
-    """`shapes` rendered as whole batches on the device; any other data set through a
-    `BatchStream` (each image once an epoch over all processes, decoded by `cfg.workers`;
-    bucket sides are multiples of `multiple`, what the U-Net's levels and a VAE divide by)."""
-    plain = cfg.crop == "center" and not cfg.flip and not cfg.buckets
+    """`shapes` rendered as whole batches by `generator`, on its device; any other data set
+    through a `BatchStream` (its order from `seed`: each image once an epoch over the `world`
+    processes, decoded by `workers` processes; bucket sides are multiples of `multiple`, what
+    a U-Net's levels and a VAE divide by)."""
+    plain = crop == "center" and not flip and not buckets
     if type(dataset) is ShapesDataset and plain:
-        return RenderedShapes(dataset, cfg.batch_size, generator)
+        return RenderedShapes(dataset, batch_size, generator)
     try:
         return BatchStream(
-            dataset, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
-            workers=cfg.workers, pin_memory=device.type == "cuda",
-            crop=cfg.crop, flip=cfg.flip, buckets=cfg.buckets, multiple=multiple,
+            dataset, batch_size, seed=seed, rank=rank, world=world, workers=workers,
+            pin_memory=device.type == "cuda", crop=crop, flip=flip, buckets=buckets,
+            multiple=multiple,
         )  # fmt: skip
     except ValueError as e:
         raise TrainingError(str(e)) from None
+
+
+def stream_metadata(batches: Batches) -> dict[str, str]:
+    """The place in the data, as checkpoint metadata."""
+    return {STREAM_KEY: json.dumps(batches.state_dict())}
+
+
+def restore_stream(batches: Batches, metadata: dict[str, str]) -> None:
+    """Go on from the place a checkpoint kept (one saved before it was kept: from the start)."""
+    if STREAM_KEY in metadata:
+        batches.load_state_dict(json.loads(metadata[STREAM_KEY]))

@@ -17,13 +17,15 @@ distance. A distilled model records what it is, and defaults to 4 steps of the `
 sampler at the teacher's guidance. Run folder:
 
     model.safetensors        the target (EMA) student, ModelConfig with "consistency" set
-    train_state.safetensors  student, target, optimizer and RNG states: exact --resume
+    train_state.safetensors  student, target, optimizer, RNG states and the place in the data:
+                             exact --resume
     train_config.json        the DistillConfig (with "model": "distill")
     log.jsonl, loss.png      losses along the run; samples/, samples.png as for training
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable
@@ -33,7 +35,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .data import load_dataset, random_batch
+from .batches import Batches, restore_stream, stream_metadata, training_batches
+from .data import load_dataset
 from .denoiser import Denoiser, bind, clamped, consistency, guided
 from .model import (
     DiffusionModel,
@@ -88,6 +91,7 @@ class DistillConfig:
     sample_every: int = 500
     checkpoint_every: int = 250
     keep: int = 0
+    workers: int = 0  # DataLoader worker processes decoding the data (0: in the training one)
     model: str = "distill"  # marks the run folder's train_config.json
 
     def to_dict(self) -> dict:
@@ -196,12 +200,13 @@ def distill_loss(
 
 
 def save_distill_state(
-    run: Run, step: int, cfg: DistillConfig, student, target, opt, generators
+    run: Run, step: int, cfg: DistillConfig, student, target, opt, generators, batches: Batches
 ) -> None:
     modules = {"student": student.weights(), "target": target.weights()}
     tensors, metadata = training_state(modules, {"student": opt}, generators)
     metadata.update(step=str(step), train_config=json.dumps(cfg.to_dict()),
-                    model_config=json.dumps(student.config.to_dict()))  # fmt: skip
+                    model_config=json.dumps(student.config.to_dict()),
+                    **stream_metadata(batches))  # fmt: skip
     write_target = lambda path: target.save(path, {"step": str(step)})  # noqa: E731
     save_checkpoint(run, step, write_target, tensors, metadata, cfg.keep)
 
@@ -255,15 +260,19 @@ def distill(
     target = copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     generators = seeded_generators(cfg.seed)
+    batches = training_batches(
+        dataset, cfg.batch_size, cfg.seed, generators["data"], device, workers=cfg.workers
+    )
     sigmas = skipping_sigmas(teacher, cfg.solver_steps).to(device)
     stop = Stop(cfg.minutes)
-    with stop.catching_signals(), run_folder_errors(run):
+    with stop.catching_signals(), run_folder_errors(run), contextlib.closing(batches):
         step = 0
         if resume:
             tensors, metadata = read_safetensors(run.state_path)
             student.load_weights(module_state(tensors, "student"))
             target.load_weights(module_state(tensors, "target"))
             restore_training_state(tensors, metadata, {"student": opt}, generators)
+            restore_stream(batches, metadata)
             step = int(metadata["step"])
             run.truncate_log(step)
         write_run_config(run, cfg)
@@ -277,8 +286,8 @@ def distill(
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         student.train()
         while loop.running():
-            batch = random_batch(dataset, cfg.batch_size, generators["data"])
-            x0 = batch["image"].to(device)
+            batch = batches.next()
+            x0 = batch["image"].to(device, non_blocking=True)
             if vae is not None:
                 with torch.no_grad():
                     x0 = vae.encode_latents(x0, generator=generators["noise"])
@@ -297,15 +306,16 @@ def distill(
                     student, student.unet, target, teacher, x0, cond, uncond, sigmas, cfg,
                     generators["noise"],
                 )  # fmt: skip
-            loop.check_finite("loss", loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.unet.parameters(), 1.0)
             opt.step()
             update_ema(target, student, loop.step, cfg.ema_decay)
-            loop.advance({"loss": loss.item()}, lr)
+            loop.advance({"loss": loss.detach()}, lr)  # checked by `verify`
+            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
+                loop.verify()  # no checkpoint or grid from weights gone wrong
             if loop.due(cfg.checkpoint_every):
-                save_distill_state(run, loop.step, cfg, student, target, opt, generators)
+                save_distill_state(run, loop.step, cfg, student, target, opt, generators, batches)
                 loop.saved_step = loop.step
             if loop.due(cfg.sample_every):
                 run.plot_loss()
@@ -315,7 +325,7 @@ def distill(
                     run.plot_alignment()
         loop.close()
         if loop.step != loop.saved_step or not run.exists():
-            save_distill_state(run, loop.step, cfg, student, target, opt, generators)
+            save_distill_state(run, loop.step, cfg, student, target, opt, generators, batches)
         run.plot_loss()
         preview(target, run.dir / "samples.png", vae=vae)
         if progress:

@@ -7,7 +7,8 @@ of the generator (the weights that are saved for sampling). Like `train.train`: 
 non-finite losses, a failed write that keeps the last checkpoint whole, and a run folder with
 
     model.safetensors        the (EMA) generator, GANConfig as JSON in the metadata
-    train_state.safetensors  G, D, both optimisers and every RNG: exact --resume
+    train_state.safetensors  G, D, both optimisers, every RNG and the place in the data:
+                             exact --resume
     train_config.json        the GANTrainConfig (with "model": "gan")
     log.jsonl                {"step", "loss_d", "loss_g", "d_real", "d_fake", ...} lines
     loss.png                 the two losses along training
@@ -16,6 +17,7 @@ non-finite losses, a failed write that keeps the last checkpoint whole, and a ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .data import random_batch
+from .batches import Batches, restore_stream, stream_metadata, training_batches
 from .images import auto_scale, grid, to_pil
 from .model import read_safetensors
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
@@ -70,6 +72,7 @@ class GANTrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 250
     keep: int = 0  # step-numbered copies of the last `keep` checkpoints, in checkpoints/
+    workers: int = 0  # DataLoader worker processes decoding the data (0: in the training one)
     model: str = "gan"  # marks the run folder's train_config.json
 
     def to_dict(self) -> dict:
@@ -107,6 +110,7 @@ def save_gan_state(
     ema: GAN,
     opts: dict[str, torch.optim.Optimizer],
     generators: dict[str, torch.Generator],
+    batches: Batches,
 ) -> None:
     tensors, metadata = training_state(
         {"g": gen.state_dict(), "d": disc.state_dict()}, opts, generators
@@ -116,6 +120,7 @@ def save_gan_state(
         train_config=json.dumps(cfg.to_dict()),
         model_config=json.dumps(gen.config.to_dict()),
         model="gan",
+        **stream_metadata(batches),
     )
     write_model = lambda path: ema.save(path, {"step": str(step)})  # noqa: E731
     save_checkpoint(run, step, write_model, tensors, metadata, cfg.keep)
@@ -127,11 +132,13 @@ def load_gan_state(
     disc: Discriminator,
     opts: dict[str, torch.optim.Optimizer],
     generators: dict[str, torch.Generator],
+    batches: Batches,
 ) -> int:
     tensors, metadata = read_safetensors(run.state_path)
     gen.load_state_dict(module_state(tensors, "g"))
     disc.load_state_dict(module_state(tensors, "d"))
     restore_training_state(tensors, metadata, opts, generators)
+    restore_stream(batches, metadata)
     return int(metadata["step"])
 
 
@@ -189,11 +196,14 @@ def train_gan(
         "d": torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=betas),
     }
     generators = seeded_generators(cfg.seed)
+    batches = training_batches(
+        dataset, cfg.batch_size, cfg.seed, generators["data"], device, workers=cfg.workers
+    )
     stop = Stop(cfg.minutes)
-    with stop.catching_signals(), run_folder_errors(run):
+    with stop.catching_signals(), run_folder_errors(run), contextlib.closing(batches):
         step = 0
         if resume:
-            step = load_gan_state(run, gen, disc, opts, generators)
+            step = load_gan_state(run, gen, disc, opts, generators, batches)
             ema.generator.load_state_dict(read_safetensors(run.model_path)[0])
             run.truncate_log(step)
         write_run_config(run, cfg)
@@ -210,19 +220,17 @@ def train_gan(
         gen.train()
         disc.train()
         while loop.running():
-            real = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
+            real = batches.next()["image"].to(device, non_blocking=True)
             z = torch.randn(cfg.batch_size, config.z_dim, generator=generators["noise"]).to(device)
             fake = gen(z)
             # discriminator: real -> 1, fake -> 0
             logits_real, logits_fake = disc(real), disc(fake.detach())
             loss_d = d_loss(logits_real, logits_fake)
-            loop.check_finite("discriminator loss", loss_d)
             opts["d"].zero_grad(set_to_none=True)
             loss_d.backward()
             opts["d"].step()
             # generator: the non-saturating loss through the updated discriminator
             loss_g = g_loss(disc(fake))
-            loop.check_finite("generator loss", loss_g)
             opts["g"].zero_grad(set_to_none=True)
             loss_g.backward()
             opts["g"].step()
@@ -232,21 +240,23 @@ def train_gan(
             else:
                 ema.generator.load_state_dict(gen.state_dict())
             record = {
-                "loss_d": loss_d.item(),
-                "loss_g": loss_g.item(),
-                "d_real": torch.sigmoid(logits_real.detach()).mean().item(),
-                "d_fake": torch.sigmoid(logits_fake.detach()).mean().item(),
+                "loss_d": loss_d.detach(),
+                "loss_g": loss_g.detach(),
+                "d_real": torch.sigmoid(logits_real.detach()).mean(),
+                "d_fake": torch.sigmoid(logits_fake.detach()).mean(),
             }
-            loop.advance(record, cfg.lr)
+            loop.advance(record, cfg.lr)  # watched on the device, checked by `verify`
+            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
+                loop.verify()  # no checkpoint or grid from weights gone wrong
             if loop.due(cfg.checkpoint_every):
-                save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators)
+                save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators, batches)
                 loop.saved_step = loop.step
             if loop.due(cfg.sample_every):
                 plot_gan_loss(run)
                 gan_preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png")
         loop.close()
         if loop.step != loop.saved_step or not run.exists():
-            save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators)
+            save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators, batches)
         plot_gan_loss(run)
         gan_preview(ema, run.dir / "samples.png")
         if progress:
@@ -261,13 +271,13 @@ def train_gan(
 
 SHARED_OPTIONS = (
     "data", "out", "size", "steps", "minutes", "batch_size", "lr", "ema_decay", "channels",
-    "device", "seed", "sample_every", "checkpoint_every", "keep",
+    "device", "seed", "sample_every", "checkpoint_every", "keep", "workers",
 )  # fmt: skip
 NOT_FOR_GAN = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
     "layers_per_block", "dropout", "precision", "latent",
-    "init", "data_option", "layout_map", "layout_steps",
+    "init", "data_option", "layout_map", "layout_steps", "crop", "flip", "buckets",
 )  # fmt: skip
 
 

@@ -3,13 +3,14 @@ the data's images averaged down to a small grid, from their captions."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import random_batch
+from .batches import training_batches
 from .model import DiffusionModel
 from .runs import Run, Stop, TrainingError
 
@@ -35,9 +36,14 @@ def pretrain_layout(
     word's position); inside the denoiser that product starts at zero and its gradient with
     it, while here it is the whole loss. The mean loss of each `log_every` steps goes to the
     run's log as `layout_loss` (with `step` 0: before the denoiser's first step). It ends
-    early when `stop` asks (budget spent, or a signal)."""
+    early when `stop` asks (budget spent, or a signal). Its batches are drawn as training's
+    are, in an order of its own (from `generator`), center-cropped squares."""
     layout = diffusion.unet.layout_map
     device = layout.query.weight.device
+    seed = int(torch.randint(2**62, (), generator=generator))
+    batches = training_batches(
+        dataset, cfg.batch_size, seed, generator, device, workers=cfg.workers
+    )
     opt = torch.optim.Adam(layout.parameters(), lr=cfg.layout_lr)
     size = LAYOUT_GRID
     bar = None
@@ -53,25 +59,28 @@ def pretrain_layout(
             run.append_log({"step": 0, "layout_step": done, "layout_loss": total / count})
         total, count = 0.0, 0
 
-    for step in range(1, cfg.layout_steps + 1):
-        if stop is not None and stop.requested():
-            break
-        batch = random_batch(dataset, cfg.batch_size, generator)
-        target = F.adaptive_avg_pool2d(batch["image"].to(device), size)
-        with torch.no_grad():  # the text encoder is not the map's to train
-            cond = diffusion.text_cond(batch["caption"])
-        loss = F.mse_loss(layout.image(size, size, cond["context"], cond["context_mask"]), target)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the layout map's loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total, count, done = total + loss.item(), count + 1, step
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.log_every == 0:
-            log()
+    with contextlib.closing(batches):
+        for step in range(1, cfg.layout_steps + 1):
+            if stop is not None and stop.requested():
+                break
+            batch = batches.next()
+            target = F.adaptive_avg_pool2d(batch["image"].to(device, non_blocking=True), size)
+            with torch.no_grad():  # the text encoder is not the map's to train
+                cond = diffusion.text_cond(batch["caption"])
+            loss = F.mse_loss(
+                layout.image(size, size, cond["context"], cond["context_mask"]), target
+            )
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the layout map's loss became {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count, done = total + loss.item(), count + 1, step
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % cfg.log_every == 0:
+                log()
     log()
     if bar is not None:
         bar.close()

@@ -496,9 +496,11 @@ class TrainLoop:
     def verify(self) -> None:
         """Stop (as `check_finite` does) if a watched value was not finite at some step:
         call it before a checkpoint, so none holds the weights of a step that went wrong."""
-        for what, (step, value) in self.first_bad.items():
-            if int(step):
-                self.check_finite(what, value, int(step))
+        bad = [(int(step), what, value) for what, (step, value) in self.first_bad.items()]
+        bad = [b for b in bad if b[0]]
+        if bad:
+            step, what, value = min(bad, key=lambda b: b[0])  # the first to go, whichever
+            self.check_finite(what, value, step)
 
     def advance(self, record: dict[str, float | torch.Tensor], lr: float) -> None:
         """One step done: `record` holds its scalars (the first one is shown on the bar).

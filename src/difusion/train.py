@@ -24,7 +24,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from .batches import Batches, training_batches, training_generators
+from .batches import (
+    Batches,
+    restore_stream,
+    stream_metadata,
+    training_batches,
+    training_generators,
+)
 from .data import load_dataset
 from .layout_fit import pretrain_layout
 from .model import (
@@ -328,7 +334,7 @@ def save_state(
         step=str(step),
         train_config=json.dumps(cfg.to_dict()),
         model_config=json.dumps(model.config.to_dict()),
-        data_stream=json.dumps(batches.state_dict()),
+        **stream_metadata(batches),
     )
     save_checkpoint(
         run, step, lambda path: ema.save(path, {"step": str(step)}), tensors, metadata, cfg.keep
@@ -347,8 +353,7 @@ def load_state(
     tensors, metadata = read_safetensors(run.state_path)
     model.load_weights(module_state(tensors, "model"))
     restore_training_state(tensors, metadata, {"model": opt}, generators)
-    if "data_stream" in metadata:
-        batches.load_state_dict(json.loads(metadata["data_stream"]))
+    restore_stream(batches, metadata)
     return int(metadata["step"])
 
 
@@ -478,7 +483,11 @@ def train(
         gen_device = device if device.type == "cuda" else torch.device("cpu")
         generators = training_generators(cfg.seed, rank, gen_device)
         multiple = 2 ** (len(cfg.channel_mult) - 1) * (vae.config.downscale if vae else 1)
-        batches = training_batches(dataset, cfg, rank, world, device, generators["data"], multiple)
+        batches = training_batches(
+            dataset, cfg.batch_size, cfg.seed, generators["data"], device, rank=rank, world=world,
+            workers=cfg.workers, crop=cfg.crop, flip=cfg.flip, buckets=cfg.buckets,
+            multiple=multiple,
+        )  # fmt: skip
         cleanup.callback(batches.close)  # its worker processes, however the run ends
         step = 0
         if resume:

@@ -8,7 +8,7 @@ After training the latent std is measured on data batches and `scaling_factor = 
 stored in the VAEConfig, so the latents a diffusion model sees have about unit variance.
 
     model.safetensors        the (EMA) VAE, VAEConfig as JSON in the metadata ("difusion-vae/1")
-    train_state.safetensors  VAE, optimiser and every RNG: exact --resume
+    train_state.safetensors  VAE, optimiser, every RNG and the place in the data: exact --resume
     train_config.json        the VAETrainConfig (with "model": "vae")
     log.jsonl                {"step", "loss", "rec", "kl", "lr", "steps_per_s"} lines
     loss.png                 the loss along training
@@ -17,6 +17,7 @@ stored in the VAEConfig, so the latents a diffusion model sees have about unit v
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from .batches import restore_stream, stream_metadata, training_batches
 from .data import collate, random_batch
 from .images import auto_scale, grid, to_pil
 from .model import CheckpointError, atomic_save, file_sha256, read_safetensors
@@ -74,6 +76,7 @@ class VAETrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 250
     keep: int = 0  # step-numbered copies of the last `keep` checkpoints, in checkpoints/
+    workers: int = 0  # DataLoader worker processes decoding the data (0: in the training one)
     model: str = "vae"  # marks the run folder's train_config.json
 
     def to_dict(self) -> dict:
@@ -177,13 +180,14 @@ def vae_config_for(cfg: VAETrainConfig, dataset: Dataset) -> VAEConfig:
     return config
 
 
-def save_vae_state(run, step, cfg, vae, ema, opt, generators) -> None:
+def save_vae_state(run, step, cfg, vae, ema, opt, generators, batches) -> None:
     tensors, metadata = training_state({"vae": vae.state_dict()}, {"vae": opt}, generators)
     metadata.update(
         step=str(step),
         train_config=json.dumps(cfg.to_dict()),
         model_config=json.dumps(vae.config.to_dict()),
         model="vae",
+        **stream_metadata(batches),
     )
     write_model = lambda path: save_vae(ema, path, {"step": str(step)})  # noqa: E731
     save_checkpoint(run, step, write_model, tensors, metadata, cfg.keep)
@@ -250,13 +254,17 @@ def train_vae(
     ema = copy.deepcopy(vae).requires_grad_(False)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     generators = seeded_generators(cfg.seed)
+    batches = training_batches(
+        dataset, cfg.batch_size, cfg.seed, generators["data"], device, workers=cfg.workers
+    )
     stop = Stop(cfg.minutes)
-    with stop.catching_signals(), run_folder_errors(run):
+    with stop.catching_signals(), run_folder_errors(run), contextlib.closing(batches):
         step = 0
         if resume:
             tensors, metadata = read_safetensors(run.state_path)
             vae.load_state_dict(module_state(tensors, "vae"))
             restore_training_state(tensors, metadata, {"vae": opt}, generators)
+            restore_stream(batches, metadata)
             step = int(metadata["step"])
             ema.load_state_dict(read_safetensors(run.model_path)[0])
             run.truncate_log(step)
@@ -273,16 +281,17 @@ def train_vae(
         loop = TrainLoop(run, step, cfg.steps, stop, cfg.log_every, progress, on_step)
         vae.train()
         while loop.running():
-            x = random_batch(dataset, cfg.batch_size, generators["data"])["image"].to(device)
+            x = batches.next()["image"].to(device, non_blocking=True)
             loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=generators["noise"])
-            loop.check_finite("loss", loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             update_ema(ema, vae, loop.step, cfg.ema_decay)
-            loop.advance({k: v.item() for k, v in parts.items()}, cfg.lr)
+            loop.advance({"loss": parts["loss"], **parts}, cfg.lr)  # checked by `verify`
+            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
+                loop.verify()  # no checkpoint or reconstructions from weights gone wrong
             if loop.due(cfg.checkpoint_every):
-                save_vae_state(run, loop.step, cfg, vae, ema, opt, generators)
+                save_vae_state(run, loop.step, cfg, vae, ema, opt, generators, batches)
                 loop.saved_step = loop.step
             if loop.due(cfg.sample_every):
                 plot_vae_loss(run)
@@ -294,7 +303,7 @@ def train_vae(
         ema.config.scaling_factor = measure_scaling_factor(
             ema, dataset, cfg.scale_batches, cfg.batch_size, seed=cfg.seed
         )
-        save_vae_state(run, step, cfg, vae, ema, opt, generators)
+        save_vae_state(run, step, cfg, vae, ema, opt, generators, batches)
         plot_vae_loss(run)
         reconstruction_grid(ema, dataset, run.dir / "reconstructions.png")
         if progress:
@@ -308,12 +317,12 @@ def train_vae(
 
 SHARED_OPTIONS = (
     "data", "out", "size", "steps", "minutes", "batch_size", "lr", "ema_decay", "channels",
-    "layers_per_block", "device", "seed", "sample_every", "checkpoint_every", "keep",
+    "layers_per_block", "device", "seed", "sample_every", "checkpoint_every", "keep", "workers",
 )  # fmt: skip
 NOT_FOR_VAE = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "attention", "dropout", "precision",
-    "latent", "init", "data_option", "layout_map", "layout_steps",
+    "latent", "init", "data_option", "layout_map", "layout_steps", "crop", "flip", "buckets",
 )  # fmt: skip
 
 
