@@ -3,6 +3,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from difusion.cli import main
 from difusion.compare import (
@@ -384,3 +385,66 @@ def test_settings_of_an_older_folder_count_as_defaults(tmp_path):
     with pytest.raises(ValueError, match=r"holds a study with other settings \(prediction\)"):
         check_settings(tmp_path, {"samples": 1000, "prediction": "v"}, defaults, (), "study")
     check_settings(tmp_path, {"samples": 500, "prediction": "eps"}, defaults, ("samples",), "s")
+
+
+def tiny_student(folder):
+    """The tiny preset's untrained U-Net for 8 px digits, saved as a run's model; returns it
+    as loaded back."""
+    from difusion.compare.study import unet_options
+    from difusion.data import DigitsDataset
+    from difusion.model import DiffusionModel
+    from difusion.runs import Run
+    from difusion.train import TrainConfig, model_config_for
+
+    cfg = TrainConfig(data="digits", size=8, **unet_options(8, "tiny"))
+    torch.manual_seed(0)
+    DiffusionModel(model_config_for(cfg, DigitsDataset(size=8))).save(Run(folder).model_path)
+    return DiffusionModel.load(Run(folder).model_path)
+
+
+def test_students_get_the_inception_fid_their_teacher_gets(tmp_path):
+    """Each step count's Inception FID is on the first inception_samples of the draw whose
+    first samples give its feature-network numbers, as `measure_model` does for a teacher."""
+    from difusion.compare import CompareConfig
+    from difusion.compare.evaluation import Scorer
+    from difusion.compare.sweep import SweepConfig, measure_student
+    from difusion.evaluate import draw
+    from difusion.metrics import RandomFeatures
+
+    student = tiny_student(tmp_path)
+    real = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    scorer, inception = Scorer(RandomFeatures(0, 4), real), Scorer(RandomFeatures(1, 4), real)
+    study = CompareConfig(data=("digits",), samples=8, inception_samples=12)
+    scfg = SweepConfig(study, budgets=(1.0,), student_steps=(1, 2))
+    result = measure_student(tmp_path, scorer, inception, scfg, torch.device("cpu"))
+    assert set(result["steps"]) == set(result["inception"]) == {"1", "2"}
+    for k in (1, 2):
+        fake = draw(student, 12, sampler="lcm", steps=k)
+        assert result["inception"][str(k)] == inception(fake)
+        assert result["inception"][str(k)]["n"] == 12
+        assert result["steps"][str(k)] == scorer(fake[:8])
+    alone = measure_student(tmp_path, scorer, None, scfg, torch.device("cpu"))
+    assert alone["inception"] is None
+    assert alone["steps"]["1"] == result["steps"]["1"]  # one step: the first 8 of 12 are 8
+
+
+def test_sweep_report_shows_the_students_inception_fid(tmp_path):
+    sweep = synthetic_sweep()
+    sweep.update(distill_minutes=1.0, student_steps=[1])
+    for r in sweep["runs"]:
+        if r["kind"] == "diffusion":
+            fid = r["final"]["fid"] + 5
+            r["student"] = {"train_steps": 50, "steps": {"1": {**r["final"], "fid": fid}},
+                            "inception": {"1": {"fid": 2 * fid, "n": 100}}}  # fmt: skip
+    sweep["summary"] = summarize(sweep)
+    text = write_sweep_report(sweep, tmp_path).read_text()
+    # diffusion at 1 min: FID 40 and 42 over the seeds; the students' 45 and 47, Inception 90, 94
+    assert "| 1 | student (1 lcm step) | 50 ± 0 | — | 92.0 ± 2.83 | 46.0 ± 1.41 |" in text
+    assert "features only" not in text
+    assert "their FIDs, in the classifier's features and in Inception's, stand beside" in text
+    for r in sweep["runs"]:
+        r.get("student", {}).pop("inception", None)  # measured before students had one
+    sweep["summary"] = summarize(sweep)
+    text = write_sweep_report(sweep, tmp_path).read_text()
+    assert "| 1 | student (1 lcm step) | 50 ± 0 | — | — | 46.0 ± 1.41 |" in text
+    assert "their FID is in the classifier's features only, beside" in text

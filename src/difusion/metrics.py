@@ -649,6 +649,27 @@ def extract_features(
     return net.extract(_as_images(images), batch_size, progress)
 
 
+def feature_metrics(
+    real_f: torch.Tensor,
+    fake_f: torch.Tensor,
+    k: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """FID, KID (mean and std over subsets) and k-NN precision and recall of two feature
+    sets [N, D]."""
+    kid_mean, kid_std = kid_from_features(real_f, fake_f, kid_subsets, kid_subset_size, seed)
+    precision, recall = precision_recall(real_f, fake_f, k)
+    return {
+        "fid": fid_from_features(real_f, fake_f),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "precision": precision,
+        "recall": recall,
+    }
+
+
 def compute_metrics(
     real: torch.Tensor | Iterable,
     fake: torch.Tensor | Iterable,
@@ -676,14 +697,8 @@ def compute_metrics(
     net = load_feature_net(feature_net, device)
     real_f, real_logits = extract_features(net, real, batch_size, progress)
     fake_f, fake_logits = extract_features(net, fake, batch_size, progress)
-    kid_mean, kid_std = kid_from_features(real_f, fake_f, kid_subsets, kid_subset_size, seed)
-    precision, recall = precision_recall(real_f, fake_f, k)
     out = {
-        "fid": fid_from_features(real_f, fake_f),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "precision": precision,
-        "recall": recall,
+        **feature_metrics(real_f, fake_f, k, kid_subsets, kid_subset_size, seed),
         "k": k,
         "feature_net": net.name,
         "n_real": len(real_f),

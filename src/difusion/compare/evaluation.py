@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,25 +56,12 @@ class Scorer:
         return self.net.name
 
     def __call__(self, fake: torch.Tensor) -> dict:
-        from ..metrics import (
-            class_histogram,
-            fid_from_features,
-            kid_from_features,
-            mode_coverage,
-            precision_recall,
-        )
+        from ..metrics import class_histogram, feature_metrics, mode_coverage
 
         n = min(len(fake), len(self.real_f))
         fake_f, fake_logits = self.net.extract(fake[:n])
-        real_f = self.real_f[:n]
-        kid_mean, kid_std = kid_from_features(real_f, fake_f)
-        precision, recall = precision_recall(real_f, fake_f, self.k)
         out = {
-            "fid": fid_from_features(real_f, fake_f),
-            "kid_mean": kid_mean,
-            "kid_std": kid_std,
-            "precision": precision,
-            "recall": recall,
+            **feature_metrics(self.real_f[:n], fake_f, self.k),
             "n": n,
             "feature_net": self.name,
         }
@@ -218,16 +206,27 @@ def scorers_for(
     return Scorer(net.to(device), real), inception, note
 
 
+def measure_samples(
+    sample: Callable[[int], torch.Tensor],
+    scorer: Scorer,
+    inception: Scorer | None,
+    cfg: CompareConfig,
+) -> tuple[dict, dict | None]:
+    """The headline metrics of the images `sample(n)` draws: in the feature network's space
+    on the first `cfg.samples`, and in Inception's on the first `cfg.inception_samples` of
+    the same draw (None without `inception`)."""
+    n = max(cfg.samples, cfg.inception_samples if inception is not None else 0)
+    fake = sample(n)
+    final = scorer(fake[: cfg.samples])
+    return final, inception(fake[: cfg.inception_samples]) if inception is not None else None
+
+
 def measure_model(
     path: Path, scorer: Scorer, inception: Scorer | None, cfg: CompareConfig, device
 ) -> tuple[dict, dict | None]:
-    """The headline metrics of a model (a run folder or a file): in the feature network's
-    space on `cfg.samples` samples, and in Inception's on the first `cfg.inception_samples`
-    of the same draw (None without `inception`)."""
-    n = max(cfg.samples, cfg.inception_samples if inception is not None else 0)
-    fake = headline_samples(path, n, device)
-    final = scorer(fake[: cfg.samples])
-    return final, inception(fake[: cfg.inception_samples]) if inception is not None else None
+    """The headline metrics (`measure_samples`) of a model (a run folder or a file), drawn
+    as `headline_samples` draws them."""
+    return measure_samples(lambda n: headline_samples(path, n, device), scorer, inception, cfg)
 
 
 def headline_samples(path: Path, n: int, device) -> torch.Tensor:

@@ -232,6 +232,18 @@ def earlier_starts(results_file: Path) -> list[float]:
     return env.get("starts_seconds", [env["seconds"]] if "seconds" in env else [])
 
 
+def write_results(
+    results: dict, results_file: Path, earlier: list[float], began: float, write_report
+) -> Path:
+    """Add this start's seconds (since `began`) to the `earlier` starts' in the results'
+    environment, write them to `results_file` and the report beside it with
+    `write_report(results, folder)`; returns the report's path."""
+    starts = [*earlier, time.monotonic() - began]
+    results["environment"].update(seconds=sum(starts), starts_seconds=starts)
+    results_file.write_text(json.dumps(results, indent=2))
+    return write_report(results, results_file.parent)
+
+
 def compare(cfg: CompareConfig, progress: bool = True) -> Path:
     """Run the study of `cfg` and write its report; returns the report's path."""
     from ..data import load_dataset
@@ -311,10 +323,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> Path:
                 ddir / "samples.png"
             )
         results["datasets"][data] = entry
-    starts = [*earlier, time.monotonic() - began]
-    results["environment"].update(seconds=sum(starts), starts_seconds=starts)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    report = write_report(results, out)
+    report = write_results(results, out / "results.json", earlier, began, write_report)
     say(f"wrote {report}")
     return report
 

@@ -10,7 +10,8 @@ the budgets that have one.
 
 At every budget the diffusion model is also distilled (`distill.py`, consistency
 distillation) for `distill_minutes` of extra compute into a student sampled with 1, 2 and 4
-`lcm` steps, and measured in the feature network's space beside its teacher's 20 steps.
+`lcm` steps, and measured as its teacher is (in the feature network's space, and in
+Inception's unless `--no-inception`) beside its teacher's 20 steps.
 
 Writes, per data set, `sweep.json` (every number and the sweep's wall time), `sweep.md` and
 `fid_vs_minutes.png` (`sweep_report.py`) in `<out>/<data>/sweep/`, after every budget.
@@ -23,6 +24,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,8 +32,15 @@ import torch
 from ..evaluate import draw
 from ..runs import Run
 from .config import CompareConfig, check_settings
-from .evaluation import Scorer, measure_model, real_sample, scorers_for
-from .study import dataset_info, describe_models, earlier_starts, environment, train_run
+from .evaluation import Scorer, measure_model, measure_samples, real_sample, scorers_for
+from .study import (
+    dataset_info,
+    describe_models,
+    earlier_starts,
+    environment,
+    train_run,
+    write_results,
+)
 from .sweep_report import summarize, write_sweep_report
 
 FAMILIES = ("gan", "diffusion")
@@ -143,15 +152,24 @@ def distil_student(teacher: Path, out: Path, data: str, dataset, seed: int,
     return distill(dcfg, dataset=dataset, progress=False)
 
 
-def measure_student(run_dir: Path, scorer: Scorer, scfg: SweepConfig, device) -> dict:
-    """The student's metrics with each of `student_steps` lcm steps (feature network only)."""
+def measure_student(
+    run_dir: Path, scorer: Scorer, inception: Scorer | None, scfg: SweepConfig, device
+) -> dict:
+    """The student's headline metrics with each of `student_steps` lcm steps, as its teacher's
+    are measured (`measure_samples`): `steps` in the feature network's space, `inception`
+    (None without `inception`) in Inception's, by step count."""
     from ..model import DiffusionModel
 
     student = DiffusionModel.load(Run(run_dir).model_path, device)
-    steps = {}
+    steps, in_inception = {}, {}
     for k in scfg.student_steps:
-        steps[str(k)] = scorer(draw(student, scfg.study.samples, sampler="lcm", steps=k))
-    return {"train_steps": checkpoint_step(run_dir), "steps": steps}
+        lcm = partial(draw, student, sampler="lcm", steps=k)
+        steps[str(k)], in_inception[str(k)] = measure_samples(lcm, scorer, inception, scfg.study)
+    return {
+        "train_steps": checkpoint_step(run_dir),
+        "steps": steps,
+        "inception": in_inception if inception is not None else None,
+    }
 
 
 def past_budget(run_dir: Path, minutes: float) -> str:
@@ -214,7 +232,7 @@ def budget_result(
         distil_student(run_dir, student_dir, data, dataset, seed, scfg)
         wall["distill"] = time.monotonic() - began
         began = time.monotonic()
-        result["student"] = measure_student(student_dir, scorers[0], scfg, device)
+        result["student"] = measure_student(student_dir, *scorers, scfg, device)
         wall["measure_student"] = time.monotonic() - began
     result["wall_seconds"] = wall
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,10 +287,7 @@ def sweep_data(data: str, scfg: SweepConfig, device: torch.device, say) -> Path:
                 )
         sweep["models"] = describe_models(*load_models(folder / f"seed{seeds[0]}", device), cfg)
         sweep["summary"] = summarize(sweep)
-        starts = [*earlier, time.monotonic() - began]
-        sweep["environment"].update(seconds=sum(starts), starts_seconds=starts)
-        (folder / "sweep.json").write_text(json.dumps(sweep, indent=2))
-        report = write_sweep_report(sweep, folder)
+        report = write_results(sweep, folder / "sweep.json", earlier, began, write_sweep_report)
     say(f"wrote {report}")
     return report
 

@@ -29,8 +29,10 @@ def value(result: dict, family: str, metric: str) -> float | None:
         student = result.get("student") or {}
         if metric == "steps":
             return student.get("train_steps")
-        measured = student.get("steps", {}).get(family.removeprefix("student-")) or {}
-        return measured.get(metric)
+        k = family.removeprefix("student-")
+        if metric == "inception_fid":  # students measured before they had one: none
+            return ((student.get("inception") or {}).get(k) or {}).get("fid")
+        return (student.get("steps", {}).get(k) or {}).get(metric)
     if metric == "inception_fid":
         return (result.get("inception") or {}).get("fid")
     if metric == "steps":
@@ -289,19 +291,33 @@ def _header(sweep: dict) -> list[str]:
         f"{SAMPLER_NAMES[HEADLINE[0]]}, {HEADLINE[1]} steps; both models use their EMA weights."
     )
     if sweep["distill_minutes"] > 0:
+        spaces = (
+            "FIDs, in the classifier's features and in Inception's, stand"
+            if students_have_inception(summary)
+            else "FID is in the classifier's features only,"
+        )
         lines.append(
             f"- Students: at every budget the diffusion model was distilled (consistency "
             f"distillation, `difusion distill`) for {sweep['distill_minutes']:g} minutes, "
             "**extra compute on top of the budget**, and sampled with "
-            f"{'/'.join(map(str, sweep['student_steps']))} `lcm` steps; their FID is in the "
-            f"classifier's features only, beside their teacher's {HEADLINE[1]} steps in the "
-            "diffusion row."
+            f"{'/'.join(map(str, sweep['student_steps']))} `lcm` steps; their {spaces} "
+            f"beside their teacher's {HEADLINE[1]} steps in the diffusion row."
         )
     starts = env.get("starts_seconds", [env.get("seconds", 0.0)])
     took = f"- The sweep took {env.get('seconds', 0.0) / 60:.1f} minutes of wall time"
     if len(starts) > 1:
         took += f" ({' + '.join(f'{s / 60:.1f}' for s in starts)} over {len(starts)} starts)"
     return [*lines, took + ".", ""]
+
+
+def students_have_inception(summary: dict) -> bool:
+    """Whether any student of the sweep has an Inception FID (older sweeps' have none)."""
+    return any(
+        s["inception_fid"]["n"] > 0
+        for row in summary["budgets"].values()
+        for family, s in row.items()
+        if family.startswith("student-")
+    )
 
 
 def _table(sweep: dict) -> list[str]:
@@ -328,7 +344,8 @@ def _table(sweep: dict) -> list[str]:
             cells = [_cell(s["steps"], seeds, whole=True)]
             cells.append("—" if student else _cell(s["train_minutes"], seeds))
             if inception:
-                cells.append("—" if student else _cell(s["inception_fid"], seeds))
+                none = student and s["inception_fid"]["mean"] is None
+                cells.append("—" if none else _cell(s["inception_fid"], seeds))
             cells += [_cell(s[m], seeds) for m in ("fid", "precision", "recall")]
             lines.append(f"| {minutes:g} | {name} | " + " | ".join(cells) + " |")
     return lines
