@@ -78,6 +78,31 @@ def test_scratch_padding_does_not_leak(scratch):
     _check_batch_independent(scratch, "a red circle", ["", CAPTIONS[1], CAPTIONS[2]], atol=1e-6)
 
 
+def test_scratch_runs_on_the_longest_prompt_only():
+    """The blocks see the batch's longest prompt (to a multiple of 8), not max_length: the
+    embeddings and the gradients are those of the full-length computation."""
+    torch.manual_seed(0)
+    enc = build_scratch_encoder(CAPTIONS, dim=32, layers=2, heads=4, max_length=32).train()
+    prompts = ["a red circle", "a blue square to the left of a red circle"]
+    seen = []
+    enc.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    tokens, mask = enc.encode(prompts)
+    assert seen == [16] and tokens.shape[1] == 32
+    tokens.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad()
+
+    ids, _ = enc.tokenize(prompts)  # the same model run at max_length by hand
+    x = enc.tok_emb(ids) + enc.pos_emb
+    for block in enc.blocks:
+        x = block(x, mask)
+    full = enc.ln_f(x) * mask.unsqueeze(-1)
+    full.pow(2).sum().backward()
+    torch.testing.assert_close(tokens, full, atol=1e-6, rtol=1e-5)
+    for g, p in zip(grads, enc.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_scratch_trains(scratch):
     scratch.train()
     tokens, mask = scratch.encode(["a red circle", "a blue square"])

@@ -515,10 +515,14 @@ class ScratchEncoder(TextEncoder):
         if not prompts:
             return self._empty()
         ids, mask = self.tokenize(prompts)
-        x = self.tok_emb(ids) + self.pos_emb[: ids.shape[1]]
+        # the blocks run on the batch's longest prompt (to a multiple of 8), not max_length:
+        # padding is masked out of attention and zeroed, so what they return is the same
+        used = min(-(-int(mask.sum(1).max()) // 8) * 8, ids.shape[1])
+        x = self.tok_emb(ids[:, :used]) + self.pos_emb[:used]
         for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_f(x) * mask.unsqueeze(-1), mask
+            x = block(x, mask[:, :used])
+        x = self.ln_f(x) * mask[:, :used].unsqueeze(-1)
+        return F.pad(x, (0, 0, 0, ids.shape[1] - used)), mask
 
     def config(self) -> dict:
         """JSON-able: everything but the weights, the tokenizer included."""
