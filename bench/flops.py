@@ -17,26 +17,15 @@ from __future__ import annotations
 import json
 
 import torch
-from harness import parser, report, timed, unet_flops
+from harness import DTYPES, matmul_rate, parser, report, unet_flops
 from sd_unet import SD15_UNET
 
 from difusion.model import ModelConfig, default_model_path, read_metadata
 from difusion.nn.unet import UNet, UNetConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ATTAINABLE = 0.7  # the fraction of the measured matmul rate an ideal step would reach
 SHIPPED_CONTEXT = 32  # MiniLM's window (text.MiniLMEncoder's max_length)
 SD15_CONTEXT = 77
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of the fastest of `reps` n x n by n x n matmuls, after one warm-up: other
-    work on the machine only ever slows a matmul down."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    torch.mm(a, b)
-    return 2 * n**3 / min(timed(lambda: torch.mm(a, b)) for _ in range(reps)) / 1e9
 
 
 def shipped_unet_config() -> UNetConfig:

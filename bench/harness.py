@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from difusion.nn.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -58,6 +59,16 @@ def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of the fastest of `reps` n x n by n x n matmuls, after one warm-up: other
+    work on the machine only ever slows a matmul down."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    torch.mm(a, b)
+    return 2 * n**3 / min(timed(lambda: torch.mm(a, b)) for _ in range(reps)) / 1e9
 
 
 def median_times(fns: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, float]:

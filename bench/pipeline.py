@@ -24,14 +24,12 @@ is bench/sd_unet.py's).
 from __future__ import annotations
 
 import torch
-from harness import median_times, parser, report, unet_flops
+from harness import DTYPES, median_times, parser, report, unet_flops
 from twins import diffusers_twin, dpm_solver_scheduler, without_layout_map
 
 from difusion import Pipeline
 from difusion.alignment import prompt_set
 from difusion.denoiser import Cond
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @torch.no_grad()

@@ -13,6 +13,11 @@ denoising steps: one no-grad forward of batch 2 (classifier-free guidance's two 
 after one warm-up step, the resident memory once the weights are in (RSS) and the peak
 (getrusage's maxrss), and the relative difference of the two outputs. `--precision bf16`
 runs both under bf16 autocast (float32 weights, as a training step would).
+
+Where the time goes: one more step of each runs under torch.profiler, and its kernels' own
+time is summed by kind (attention, convolutions, linear layers, casts and copies, the rest),
+each beside the rate its FLOPs (counted on the meta device) reach there, and that rate over
+the machine's matmul rate at the same precision (bench/flops.py's measurement, redone here).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import zlib
 from pathlib import Path
 
 import torch
-from harness import parser, report, unet_flops
+from harness import DTYPES, markdown_table, matmul_rate, parser, report, unet_flops
+from torch.utils.flop_counter import FlopCounterMode
 
 from difusion.nn.unet import UNetConfig
 
@@ -64,6 +70,50 @@ SD15_UNET = {
         "CrossAttnUpBlock2D",
     ],
 }
+
+
+# what each kernel is, by the name the profiler gives it; the first match wins
+KINDS = {
+    "attention": ("scaled_dot_product", "flash_attention", "bmm", "baddbmm", "softmax"),
+    "convolution": ("convolution",),
+    "linear": ("addmm", "aten::mm", "aten::linear", "aten::matmul"),
+    "casts and copies": ("copy_", "_to_copy", "contiguous", "clone"),
+}
+FLOP_KINDS = {"convolution": "convolution", "addmm": "linear", "mm": "linear", "bmm": "attention"}
+
+
+def kind_of(op: str) -> str:
+    return next((k for k, names in KINDS.items() if any(n in op for n in names)), "other")
+
+
+def profiled_seconds(step) -> dict[str, float]:
+    """Seconds of one call of `step` by kind of kernel (each kernel's own time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    seconds: dict[str, float] = {}
+    for event in prof.key_averages():
+        kind = kind_of(event.key)
+        seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def flops_by_kind(size: int) -> dict[str, int]:
+    """Our U-Net's FLOPs a step by kind, counted on the meta device (where attention runs
+    as two batched matmuls)."""
+    from difusion.nn.unet import UNet
+
+    with torch.device("meta"):
+        model = UNet(UNetConfig.from_diffusers_config(SD15_UNET))
+        x, ctx = torch.randn(2, 4, size, size), torch.randn(2, 77, 768)
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.zeros(2), context=ctx)
+    flops: dict[str, int] = {}
+    for op, n in counter.get_flop_counts()["Global"].items():
+        kind = FLOP_KINDS.get(str(op).split(".")[-1], "other")
+        flops[kind] = flops.get(kind, 0) + n
+    return flops
 
 
 def rss_mib() -> float:
@@ -125,11 +175,29 @@ def child(impl: str, reps: int, out: Path, size: int, precision: str) -> None:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+        by_kind = profiled_seconds(step)
     torch.save(y.contiguous(), out / f"{impl}.pt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     params = sum(p.numel() for p in model.parameters())
-    result = dict(params=params, times=times, loaded=loaded, peak=peak)
+    result = dict(params=params, times=times, loaded=loaded, peak=peak, by_kind=by_kind)
     (out / f"{impl}.json").write_text(json.dumps(result))
+
+
+def kinds_table(res: dict, flops: dict[str, int], rate: float) -> str:
+    rows = []
+    for kind in [*KINDS, "other"]:
+        row = [kind]
+        for impl in ("ours", "diffusers"):
+            secs = res[impl]["by_kind"].get(kind, 0.0)
+            total = sum(res[impl]["by_kind"].values())
+            row.append(f"{secs:.2f} s ({100 * secs / total:.0f}%)")
+        n = flops.get(kind)
+        ours = res["ours"]["by_kind"].get(kind, 0.0)
+        row.append(f"{n / 1e9:.0f}" if n else "")
+        row.append(f"{n / ours / 1e9:.0f} ({100 * n / ours / rate:.0f}%)" if n and ours else "")
+        rows.append(row)
+    headers = ["kernels", "ours", "diffusers", "GFLOP", "ours: GFLOP/s (% of matmul rate)"]
+    return markdown_table(headers, rows)
 
 
 def main() -> None:
@@ -180,6 +248,14 @@ def main() -> None:
         f"{o['peak'] / d['peak']:.2f}x the peak memory",
     ]
     headers = ["", "s/step", "RSS loaded", "peak RSS"]
+    rate = matmul_rate(DTYPES[args.precision]) * 1e9
+    flops_kind = flops_by_kind(args.size)
+    notes.append(
+        f"Where the time goes, one profiled step (kernels' own time; matmul rate {rate / 1e9:.0f}"
+        f" GFLOP/s at {args.precision}):\n\n" + kinds_table(res, flops_kind, rate)
+    )
+    record["by_kind"] = {impl: r["by_kind"] for impl, r in res.items()}
+    record["flops_by_kind"], record["matmul_rate"] = flops_kind, rate
     report(args, title, headers, rows, [record], notes)
     # bf16 rounds the activations of both, each in its own order
     assert err < (1e-3 if args.precision == "fp32" else 5e-2), "outputs differ"
