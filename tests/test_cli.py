@@ -106,6 +106,10 @@ def test_sample_is_deterministic_for_a_seed(monkeypatch, capsys, tmp_path, run_d
         (["train", "--init", "{run}", "--layout-map", "--out", "{tmp}/r"], "--layout-map is for text-conditioned models"),
         (["train", "--model", "vae", "--layout-map", "--out", "{tmp}/r"], "--layout-map: not an option of --model vae"),
         (["train", "--layout-steps", "-1", "--out", "{tmp}/r"], "--layout-steps must be 0 or more, not -1"),
+        (["train", "--log-every", "0", "--out", "{tmp}/r"], "--log-every must be 1 or more, got 0"),
+        (["train", "--sample-every", "0", "--out", "{tmp}/r"], "--sample-every must be 1 or more, got 0"),
+        (["train", "--model", "gan", "--checkpoint-every", "0", "--out", "{tmp}/r"], "--checkpoint-every must be 1 or more, got 0"),
+        (["distill", "{run}", "--log-every", "-2", "--out", "{tmp}/r"], "--log-every must be 1 or more, got -2"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_nonzero(monkeypatch, capsys, tmp_path, run_dir, args, message):
@@ -141,3 +145,17 @@ def test_python_dash_m_difusion_is_the_command():
         [sys.executable, "-m", "difusion", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "Usage: python -m difusion" in out and "serve" in out and "distill" in out
+
+
+@pytest.mark.parametrize("model", ["unet", "gan"])
+def test_log_every_sets_the_log_lines(monkeypatch, capsys, tmp_path, model):
+    import json
+
+    out = tmp_path / "r"
+    arch = ["--channels", "16", "--channel-mult", "1,2", "--attention", "4"]
+    arch += ["--layers-per-block", "1"] if model == "unet" else []
+    ok(monkeypatch, capsys, "train", "--data", "digits", "--size", "8", "--steps", "6",
+       "--batch-size", "2", "--log-every", "2", "--model", model, "--out", out,
+       *(arch if model == "unet" else ["--channels", "16"]))  # fmt: skip
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "steps_per_s" in r] == [2, 4, 6]

@@ -448,3 +448,26 @@ def test_sweep_report_shows_the_students_inception_fid(tmp_path):
     text = write_sweep_report(sweep, tmp_path).read_text()
     assert "| 1 | student (1 lcm step) | 50 ± 0 | — | — | 46.0 ± 1.41 |" in text
     assert "their FID is in the classifier's features only, beside" in text
+
+
+class NaNImages(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base, self.size, self.channels = base, base.size, base.channels
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return {**self.base[i], "image": self.base[i]["image"] * float("nan")}
+
+
+@pytest.mark.parametrize("kind", ["gan", "diffusion"])
+def test_a_diverged_run_is_recorded_not_raised(tmp_path, kind):
+    from difusion.compare.study import train_run
+    from difusion.data import DigitsDataset
+
+    cfg = CompareConfig(data=("digits",), batch_size=4, preset="tiny", device="cpu")
+    error = train_run(
+        kind, "digits", NaNImages(DigitsDataset(size=8)), 0, tmp_path / kind, cfg, 0.05
+    )
+    assert error is not None and "became nan at step 1" in error

@@ -29,6 +29,10 @@ ZeroTerminalSNR = Annotated[bool, typer.Option(help="Rescale the schedule to zer
 MinSNRGamma = Annotated[float, typer.Option(help="Min-SNR loss weighting (0: off; 5 is usual).")]
 SampleEvery = Annotated[int, typer.Option(help="Steps between sample grids and loss plots.")]
 CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
+LogEvery = Annotated[int, typer.Option(help="Steps between log lines (means since the last).")]
+Workers = Annotated[
+    int, typer.Option(help="Processes decoding the data beside training (0: none).")
+]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")]
 DataOption = Annotated[
     list[str] | None,
@@ -152,6 +156,7 @@ def train(
     seed: Seed = 0,
     sample_every: SampleEvery = 500,
     checkpoint_every: CheckpointEvery = 250,
+    log_every: LogEvery = 25,
     keep: Annotated[
         int, typer.Option(help="Also keep the last K checkpoints, in checkpoints/step_N/.")
     ] = 0,
@@ -174,9 +179,7 @@ def train(
         ),
     ] = None,
     data_option: DataOption = None,
-    workers: Annotated[
-        int, typer.Option(help="Processes decoding the data beside training (0: none).")
-    ] = 0,
+    workers: Workers = 0,
     crop: Annotated[
         str, typer.Option(help="center or random: where the square is cut from each picture.")
     ] = "center",
@@ -252,6 +255,7 @@ def train(
         seed=seed,
         sample_every=sample_every,
         checkpoint_every=checkpoint_every,
+        log_every=log_every,
         keep=keep,
         latent=latent,
         data_options=_key_values(data_option or [], "--data-option"),
@@ -700,6 +704,8 @@ def distill(
     seed: Seed = 0,
     sample_every: SampleEvery = 500,
     checkpoint_every: CheckpointEvery = 250,
+    log_every: LogEvery = 25,
+    workers: Workers = 0,
     resume: Resume = False,
 ) -> None:
     """Distil a model into a few-step student (latent consistency distillation)."""
@@ -712,7 +718,7 @@ def distill(
         minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         guidance_min=guidance_min, guidance_max=guidance_max, solver_steps=solver_steps,
         precision=precision, device=device, seed=seed, sample_every=sample_every,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, log_every=log_every, workers=workers,
     )  # fmt: skip
     run_distillation(cfg, resume=resume)
 

@@ -271,7 +271,7 @@ def train_gan(
 
 SHARED_OPTIONS = (
     "data", "out", "size", "steps", "minutes", "batch_size", "lr", "ema_decay", "channels",
-    "device", "seed", "sample_every", "checkpoint_every", "keep", "workers",
+    "device", "seed", "sample_every", "checkpoint_every", "log_every", "keep", "workers",
 )  # fmt: skip
 NOT_FOR_GAN = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",

@@ -44,6 +44,10 @@ class TrainingError(RuntimeError):
     """Stops a run with a one-line reason; what was saved before stays as it was."""
 
 
+class NonFiniteLoss(TrainingError):
+    """A watched loss stopped being finite: the run diverged."""
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, over the parameters being trained."""
@@ -474,7 +478,7 @@ class TrainLoop:
             if self.saved_step
             else "nothing was saved"
         )
-        raise TrainingError(
+        raise NonFiniteLoss(
             f"{what} became {value.item()} at step {step or self.step + 1}; stopping: {kept}"
         )
 
@@ -588,11 +592,16 @@ def check_run_folder(run: Run, resume: bool) -> None:
 
 
 def check_budget(cfg) -> None:
-    """Steps, batch size and minutes (when given) are positive."""
+    """Steps, batch size, minutes (when given) and the intervals between log lines, sample
+    grids and checkpoints are positive."""
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise TrainingError("steps and batch size must be positive")
     if cfg.minutes is not None and not cfg.minutes > 0:
         raise TrainingError(f"--minutes must be positive, got {cfg.minutes}")
+    for name in ("log_every", "sample_every", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise TrainingError(f"{flag} must be 1 or more, got {getattr(cfg, name)}")
 
 
 def start_run(

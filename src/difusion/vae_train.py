@@ -317,7 +317,8 @@ def train_vae(
 
 SHARED_OPTIONS = (
     "data", "out", "size", "steps", "minutes", "batch_size", "lr", "ema_decay", "channels",
-    "layers_per_block", "device", "seed", "sample_every", "checkpoint_every", "keep", "workers",
+    "layers_per_block", "device", "seed", "sample_every", "checkpoint_every", "log_every", "keep",
+    "workers",
 )  # fmt: skip
 NOT_FOR_VAE = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",

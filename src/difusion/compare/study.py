@@ -126,7 +126,7 @@ def train_run(
     wall time; returns the reason it stopped early when its loss became non-finite, else
     None. Log lines fall on every checkpoint step, so the log holds the training time up to
     any checkpoint a run resumes from (`training_seconds`)."""
-    from ..runs import TrainingError
+    from ..runs import NonFiniteLoss
     from ..train import TrainConfig, train
 
     preset = PRESETS[cfg.preset]
@@ -161,9 +161,7 @@ def train_run(
                 **common,
             )
             train(dcfg, resume=resume, dataset=dataset, progress=False, on_step=on_step)
-    except TrainingError as e:
-        if "loss became" not in str(e):
-            raise
+    except NonFiniteLoss as e:
         return str(e)
     return None
 
