@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from data_util import NaNImages
 
 from difusion.cli import main
 from difusion.compare import (
@@ -448,17 +449,6 @@ def test_sweep_report_shows_the_students_inception_fid(tmp_path):
     text = write_sweep_report(sweep, tmp_path).read_text()
     assert "| 1 | student (1 lcm step) | 50 ± 0 | — | — | 46.0 ± 1.41 |" in text
     assert "their FID is in the classifier's features only, beside" in text
-
-
-class NaNImages(torch.utils.data.Dataset):
-    def __init__(self, base):
-        self.base, self.size, self.channels = base, base.size, base.channels
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return {**self.base[i], "image": self.base[i]["image"] * float("nan")}
 
 
 @pytest.mark.parametrize("kind", ["gan", "diffusion"])

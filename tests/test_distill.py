@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from data_util import NaNImages
 
 from difusion import Pipeline
 from difusion.data import DigitsDataset
@@ -123,18 +124,6 @@ def test_distillation_resumes_exactly(teacher, digits, tmp_path):
     assert read_metadata(f"{parts}/model.safetensors")["step"] == "6"
     place = json.loads(read_metadata(f"{parts}/train_state.safetensors")["data_stream"])
     assert (place["epoch"], place["batch"]) == (0, 6)
-
-
-class NaNImages(torch.utils.data.Dataset):
-    def __init__(self, base):
-        self.base, self.size, self.channels = base, base.size, base.channels
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        item = dict(self.base[i])
-        return {**item, "image": item["image"] * float("nan")}
 
 
 def test_a_non_finite_loss_stops_distillation_in_one_line(teacher, digits, tmp_path):
