@@ -347,9 +347,11 @@ def test_sweep_end_to_end_on_digits(monkeypatch, capsys, tmp_path):
         first, second = runs[kind, 0.02], runs[kind, 0.05]
         assert first["start_step"] == 0 and second["start_step"] == first["steps"] > 0
         assert second["steps"] > first["steps"]
-        # the budget is the total training time: 3 s in all, not 1.2 + 3
-        assert 1.2 - 0.6 < first["train_seconds"] < 1.2 + 1.0
-        assert 3.0 - 0.6 < second["train_seconds"] < 3.0 + 1.0
+        # the budget is the total training time: 3 s in all, not 1.2 + 3. The loop's time is
+        # counted, not a start's setup (loading, the data's workers), which a loaded machine
+        # can stretch to most of a second: the lower bounds leave room for it
+        assert 1.2 - 1.0 < first["train_seconds"] < 1.2 + 1.0
+        assert 3.0 - 1.5 < second["train_seconds"] < 3.0 + 1.0
         assert second["train_seconds"] == training_seconds(folder / "seed0" / kind)
         assert second["final"]["n"] == 16 and second["final"]["fid"] > 0
     student = runs["diffusion", 0.05]["student"]
