@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_gan import tiny as tiny_gan
 
 from difusion.data import DigitsDataset
@@ -125,7 +125,8 @@ def check_whole(run: Run) -> None:
     safetensors files read, train_config.json and each line of log.jsonl parse (a kill may
     cut the last line short: `read_log` and the resume's truncation drop it), PNGs decode."""
     for path in sorted(run.dir.rglob("*")):
-        if path.is_dir() or path.name.startswith("next_") or path.parent.name.startswith("next_"):
+        staged = path.name.startswith(("next_", ".tmp")) or path.parent.name.startswith("next_")
+        if path.is_dir() or staged:
             continue
         if path.suffix == ".safetensors":
             tensors, metadata = read_safetensors(path)
@@ -173,7 +174,7 @@ def test_sigkill_at_any_moment_loses_nothing(tmp_path, model):
     assert reference.returncode == 0, err
 
     check_whole(run)
-    assert not [p for p in run.dir.rglob("next_*")]  # nothing staged is left behind
+    assert not [*run.dir.rglob("next_*"), *run.dir.rglob(".tmp*")]  # nothing staged is left
     ref = Run(tmp_path / "reference")
     for name in ("model.safetensors", "train_state.safetensors"):
         a, b = load_file(ref.dir / name), load_file(run.dir / name)
@@ -244,3 +245,18 @@ def test_a_kill_between_the_two_renames_of_a_checkpoint_is_recovered(
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in run.read_log()] == list(range(1, 7))
     assert not list(run.dir.glob("next_*"))
+
+
+def test_a_writers_own_temporary_file_is_dropped_on_recovery(tmp_path):
+    from difusion.runs import recover_run
+
+    run = Run(tmp_path / "run")
+    run.dir.mkdir()
+    save_file({"w": torch.zeros(1)}, run.model_path, {"step": "1"})
+    save_file({"w": torch.zeros(1)}, run.state_path, {"step": "1"})
+    (run.dir / ".tmpAb3dEf").write_bytes(b"half a file")
+    (run.dir / ".tmp-notes-of-the-user").write_text("kept")
+    recover_run(run)
+    assert sorted(p.name for p in run.dir.iterdir()) == [
+        ".tmp-notes-of-the-user", "model.safetensors", "train_state.safetensors"
+    ]  # fmt: skip

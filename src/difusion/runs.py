@@ -295,7 +295,8 @@ def recover_run(run: Run) -> None:
     """What a kill left half done. Killed between `save_checkpoint`'s two renames, a run has
     the new model beside the old state, the new state whole in its staged file: renamed too,
     the state and the model (the EMA weights a resume reads) are of the same step. Then the
-    files a kill left staged (`next_*`, whole or not) are dropped. Every process of a run
+    files a kill left staged (`next_*`, whole or not, and the writer's own temporary files)
+    are dropped. Every process of a run
     under torchrun may do it at once: a file another one renamed or dropped first is done."""
     staged_model, staged_state = (run.dir / f"next_{name}" for name in (MODEL_FILE, STATE_FILE))
     with suppress(FileNotFoundError, CheckpointError):
@@ -305,7 +306,9 @@ def recover_run(run: Run) -> None:
                 os.replace(staged_state, run.state_path)
     if not run.exists():  # not (yet) a run folder: its files are not ours to drop
         return
-    for staged in (*run.dir.glob("next_*"), *run.dir.glob("*/next_*")):
+    # safetensors writes through a temporary file of its own (".tmp" and 6 characters)
+    leftovers = [p for p in (*run.dir.glob(".tmp*"), *run.dir.glob("*/.tmp*")) if len(p.name) == 10]
+    for staged in (*run.dir.glob("next_*"), *run.dir.glob("*/next_*"), *leftovers):
         if staged.is_dir():
             shutil.rmtree(staged, ignore_errors=True)
         else:
