@@ -311,9 +311,8 @@ def distill(
             torch.nn.utils.clip_grad_norm_(student.unet.parameters(), 1.0)
             opt.step()
             update_ema(target, student, loop.step, cfg.ema_decay)
-            loop.advance({"loss": loss.detach()}, lr)  # checked by `verify`
-            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
-                loop.verify()  # no checkpoint or grid from weights gone wrong
+            loop.advance({"loss": loss}, lr)
+            loop.verify_before(cfg.checkpoint_every, cfg.sample_every)
             if loop.due(cfg.checkpoint_every):
                 save_distill_state(run, loop.step, cfg, student, target, opt, generators, batches)
                 loop.saved_step = loop.step

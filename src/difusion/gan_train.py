@@ -240,14 +240,13 @@ def train_gan(
             else:
                 ema.generator.load_state_dict(gen.state_dict())
             record = {
-                "loss_d": loss_d.detach(),
-                "loss_g": loss_g.detach(),
+                "loss_d": loss_d,
+                "loss_g": loss_g,
                 "d_real": torch.sigmoid(logits_real.detach()).mean(),
                 "d_fake": torch.sigmoid(logits_fake.detach()).mean(),
             }
-            loop.advance(record, cfg.lr)  # watched on the device, checked by `verify`
-            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
-                loop.verify()  # no checkpoint or grid from weights gone wrong
+            loop.advance(record, cfg.lr)  # tensors: watched on the device, not read back
+            loop.verify_before(cfg.checkpoint_every, cfg.sample_every)
             if loop.due(cfg.checkpoint_every):
                 save_gan_state(run, loop.step, cfg, gen, disc, ema, opts, generators, batches)
                 loop.saved_step = loop.step

@@ -550,6 +550,13 @@ class TrainLoop:
     def due(self, every: int) -> bool:
         return self.step % every == 0
 
+    def verify_before(self, *every: int) -> None:
+        """`verify` at a step where any of these intervals (a checkpoint's, a sample grid's)
+        falls due: nothing is saved from weights gone wrong. Under torchrun every process calls
+        it, so that all of them stop together."""
+        if any(self.due(e) for e in every):
+            self.verify()
+
     def close(self, verify: bool = True) -> None:
         """The last step's log line (a run may stop between log steps), the bar closed."""
         self.log(verify)

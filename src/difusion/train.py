@@ -570,8 +570,7 @@ def train(
             if loop.step == compiled_at and rank == 0 and progress:
                 took = time.monotonic() - started
                 print(f"compiled (first step: {took:.1f} s)", file=sys.stderr, flush=True)
-            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
-                loop.verify()  # no checkpoint or grid from weights gone wrong (all processes stop)
+            loop.verify_before(cfg.checkpoint_every, cfg.sample_every)
             if rank != 0:
                 continue
             if loop.due(cfg.checkpoint_every):

@@ -287,9 +287,8 @@ def train_vae(
             loss.backward()
             opt.step()
             update_ema(ema, vae, loop.step, cfg.ema_decay)
-            loop.advance({"loss": parts["loss"], **parts}, cfg.lr)  # checked by `verify`
-            if loop.due(cfg.checkpoint_every) or loop.due(cfg.sample_every):
-                loop.verify()  # no checkpoint or reconstructions from weights gone wrong
+            loop.advance(parts, cfg.lr)  # the loss first: a non-finite stop names it
+            loop.verify_before(cfg.checkpoint_every, cfg.sample_every)
             if loop.due(cfg.checkpoint_every):
                 save_vae_state(run, loop.step, cfg, vae, ema, opt, generators, batches)
                 loop.saved_step = loop.step

@@ -408,7 +408,7 @@ def vae_loss(
     The weighting is LDM's (per-image sum of the reconstruction error + kl_weight * per-image
     KL, so its kl_weight = 1e-6 means the same here), divided by the number of values in an
     image so that the loss reads as a per-pixel error. Returns the loss and its parts
-    (detached): `rec` (mean per value), `kl` (mean per image), `loss`."""
+    (detached): `loss`, `rec` (mean per value), `kl` (mean per image)."""
     recon, posterior = model(x, sample_posterior=True, generator=generator)
     if reconstruction == "l1":
         rec = (recon - x).abs().mean()
@@ -418,4 +418,4 @@ def vae_loss(
         raise ValueError(f"reconstruction must be 'l1' or 'l2', got {reconstruction!r}")
     kl = posterior.kl().mean()
     loss = rec + kl_weight * kl / x[0].numel()
-    return loss, {"rec": rec.detach(), "kl": kl.detach(), "loss": loss.detach()}
+    return loss, {"loss": loss.detach(), "rec": rec.detach(), "kl": kl.detach()}
