@@ -37,6 +37,7 @@ SCRIPTS = [  # (script, arguments)
     ("unet.py", ["--cond"]),
     ("sd_unet.py", []),
     ("sd_unet.py", ["--precision", "bf16"]),
+    ("sd_unet.py", ["--precision", "bf16-weights"]),
     ("train_loop.py", []),
     ("pipeline.py", []),
     ("sampler_overhead.py", []),
@@ -155,7 +156,8 @@ def summary(results: list[dict]) -> str:
     rows = []
     for r in records(results):
         kind, prec = r.get("kind"), r.get("precision", "")
-        shown = {"bf16": "bf16 weights" if kind == "pipeline" else "bf16 autocast"}.get(prec, prec)
+        weights = kind == "pipeline" or r.get("weights") == "bf16"
+        shown = {"bf16": "bf16 weights" if weights else "bf16 autocast"}.get(prec, prec)
         if kind == "train_loop":
             flops = r["flops"] / r["batch"]  # per image
             loop, bare = r["loop_images_per_s"], r["bare_images_per_s"]

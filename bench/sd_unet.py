@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py         # one run of each, ~860M parameters
     OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py --reps 3
     OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py --precision bf16   # bf16 autocast
+    OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py --precision bf16-weights
     OMP_NUM_THREADS=2 .venv/bin/python bench/sd_unet.py --quick   # a smoke run: 16x16 latents
 
 Each implementation runs in its own subprocess (so that its peak memory is its own): it
@@ -12,7 +13,10 @@ denoising steps: one no-grad forward of batch 2 (classifier-free guidance's two 
 4x64x64 latents (512x512 images), a 77x768 text context. Reported: median seconds per step
 after one warm-up step, the resident memory once the weights are in (RSS) and the peak
 (getrusage's maxrss), and the relative difference of the two outputs. `--precision bf16`
-runs both under bf16 autocast (float32 weights, as a training step would).
+runs both under bf16 autocast (float32 weights, as a training step would);
+`--precision bf16-weights` converts both models' weights to bf16 once (our `--dtype bf16`,
+diffusers' `torch_dtype=torch.bfloat16`) and feeds them bf16 latents and context, so that no
+step casts a weight.
 
 Where the time goes: one more step of each runs under torch.profiler, and its kernels' own
 time is summed by kind (attention, convolutions, linear layers, casts and copies, the rest),
@@ -156,10 +160,13 @@ def child(impl: str, reps: int, out: Path, size: int, precision: str) -> None:
     if impl == "ours":  # as the library loads it (sd.py, DiffusionModel.load)
         model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
-    loaded = rss_mib()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, size, size, generator=g)
     ctx = torch.randn(2, 77, 768, generator=g)
+    if precision == "bf16-weights":
+        model.to(torch.bfloat16)
+        x, ctx = x.bfloat16(), ctx.bfloat16()
+    loaded = rss_mib()
     t = torch.tensor([981.0, 981.0])
 
     def step() -> torch.Tensor:
@@ -203,7 +210,7 @@ def kinds_table(res: dict, flops: dict[str, int], rate: float) -> str:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--reps", type=int, default=2, help="timed steps after one warm-up step")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "bf16-weights"], default="fp32")
     p.add_argument("--size", type=int, default=64, help="latent size (64: 512x512 images)")
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -232,14 +239,17 @@ def main() -> None:
         for impl, r in res.items()
     ]
     flops = unet_flops(UNetConfig.from_diffusers_config(SD15_UNET), 2, args.size, 77)
-    record = {"kind": "sd15_unet_step", "precision": args.precision, "batch": 2,
+    weights = "bf16" if args.precision == "bf16-weights" else "fp32"
+    precision = "bf16" if weights == "bf16" else args.precision
+    shown = {"bf16": "bf16 autocast", "bf16-weights": "bf16 weights"}.get(args.precision, "fp32")
+    record = {"kind": "sd15_unet_step", "precision": precision, "weights": weights, "batch": 2,
               "size": args.size, "ours_s": s["ours"], "diffusers_s": s["diffusers"],
               "flops": flops, "rel_err": err, "ours_peak_mib": o["peak"],
               "diffusers_peak_mib": d["peak"]}  # fmt: skip
     title = (
         f"SD 1.5 U-Net, ours vs diffusers, same weights: {o['params'] / 1e6:.0f}M parameters, "
-        f"batch 2, 4x{args.size}x{args.size}, context 77x768, {args.precision}"
-        f"{' autocast' if args.precision == 'bf16' else ''}, {torch.get_num_threads()} threads, "
+        f"batch 2, 4x{args.size}x{args.size}, context 77x768, {shown}, "
+        f"{torch.get_num_threads()} threads, "
         f"{args.reps} timed step(s)"
     )
     notes = [
@@ -248,11 +258,11 @@ def main() -> None:
         f"{o['peak'] / d['peak']:.2f}x the peak memory",
     ]
     headers = ["", "s/step", "RSS loaded", "peak RSS"]
-    rate = matmul_rate(DTYPES[args.precision]) * 1e9
+    rate = matmul_rate(DTYPES[precision]) * 1e9
     flops_kind = flops_by_kind(args.size)
     notes.append(
         f"Where the time goes, one profiled step (kernels' own time; matmul rate {rate / 1e9:.0f}"
-        f" GFLOP/s at {args.precision}):\n\n" + kinds_table(res, flops_kind, rate)
+        f" GFLOP/s at {precision}):\n\n" + kinds_table(res, flops_kind, rate)
     )
     record["by_kind"] = {impl: r["by_kind"] for impl, r in res.items()}
     record["flops_by_kind"], record["matmul_rate"] = flops_kind, rate
