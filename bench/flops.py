@@ -20,7 +20,8 @@ import torch
 from harness import DTYPES, matmul_rate, parser, report, unet_flops
 from sd_unet import SD15_UNET
 
-from difusion.model import ModelConfig, default_model_path, read_metadata
+from difusion.checkpoints import read_metadata
+from difusion.model import ModelConfig, default_model_path
 from difusion.nn.unet import UNet, UNetConfig
 
 ATTAINABLE = 0.7  # the fraction of the measured matmul rate an ideal step would reach

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from difusion.model import SHIPPED, DiffusionModel, read_metadata
+from difusion.checkpoints import read_metadata
+from difusion.model import SHIPPED, DiffusionModel
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "difusion" / "weights"
 

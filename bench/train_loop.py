@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from harness import count_flops, parser, report, unet_flops
 
 import difusion.train as train_module
+from difusion.checkpoints import read_metadata
 from difusion.data import ShapesDataset, random_batch
 from difusion.denoiser import training_target
-from difusion.model import DiffusionModel, default_model_path, read_metadata
+from difusion.model import DiffusionModel, default_model_path
 from difusion.train import TrainConfig, build_text_encoder, model_config_for, train
 
 AMP = {"fp32": None, "bf16": torch.bfloat16}

@@ -18,9 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_gan import tiny as tiny_gan
 
+from difusion.checkpoints import CheckpointError, read_metadata, read_safetensors
 from difusion.data import DigitsDataset
 from difusion.gan_train import train_gan
-from difusion.model import CheckpointError, read_metadata, read_safetensors
 from difusion.runs import Run
 
 STEPS = 60

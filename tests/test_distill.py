@@ -7,10 +7,11 @@ import torch
 from data_util import NaNImages
 
 from difusion import Pipeline
+from difusion.checkpoints import read_metadata
 from difusion.data import DigitsDataset
 from difusion.denoiser import consistency
 from difusion.distill import DistillConfig, distill, skipping_sigmas
-from difusion.model import DiffusionModel, read_metadata
+from difusion.model import DiffusionModel
 from difusion.runs import Run, TrainingError
 from difusion.samplers import get_sampler
 from difusion.train import TrainConfig, train

@@ -6,12 +6,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from difusion.checkpoints import CheckpointError
 from difusion.cli import main
 from difusion.compare import load_generator_or_diffusion
 from difusion.data import DigitsDataset
 from difusion.evaluate import draw, evaluate
 from difusion.gan_train import GANTrainConfig, train_gan
-from difusion.model import CheckpointError, DiffusionModel
+from difusion.model import DiffusionModel
 from difusion.nn.gan import GAN, Discriminator, GANConfig, Generator, is_gan_file, parameter_count
 from difusion.runs import Run, TrainingError
 from difusion.train import TrainConfig, train

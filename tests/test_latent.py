@@ -8,10 +8,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from difusion.checkpoints import CheckpointError
 from difusion.cli import main
 from difusion.data import DigitsDataset
 from difusion.images import auto_scale, grid, to_pil
-from difusion.model import CheckpointError, DiffusionModel
+from difusion.model import DiffusionModel
 from difusion.runs import Run, TrainingError
 from difusion.train import TrainConfig, train
 from difusion.vae_train import (

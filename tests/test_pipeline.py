@@ -7,8 +7,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from difusion import Pipeline
+from difusion.checkpoints import CheckpointError
 from difusion.data import ShapesDataset
-from difusion.model import CheckpointError, DiffusionModel
+from difusion.model import DiffusionModel
 from difusion.train import TrainConfig, train
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from difusion import Pipeline
-from difusion.model import CheckpointError
+from difusion.checkpoints import CheckpointError
 from difusion.schedule import NoiseSchedule, ScheduleConfig
 from difusion.sd import clip_tokenizer, is_sd_checkpoint, open_clip_bpe
 

@@ -21,9 +21,10 @@ from test_gan import tiny as tiny_gan
 from test_latent import tiny_vae
 from test_train import tiny
 
+from difusion.checkpoints import read_metadata
 from difusion.data import DigitsDataset, load_dataset
 from difusion.gan_train import train_gan
-from difusion.model import DiffusionModel, read_metadata, resolve_checkpoint
+from difusion.model import DiffusionModel, resolve_checkpoint
 from difusion.nn.gan import GAN
 from difusion.runs import Run, TrainingError
 from difusion.train import train

@@ -794,7 +794,7 @@ def _check_can_listen(host: str, port: int) -> None:
 
 
 def main() -> None:
-    from .model import CheckpointError
+    from .checkpoints import CheckpointError
     from .runs import TrainingError
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"

@@ -12,8 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
+from .checkpoints import CheckpointError
 from .images import auto_scale, grid, save_gif, to_pil, trajectory_frame
-from .model import CheckpointError, DiffusionModel, default_model_path
+from .model import DiffusionModel, default_model_path
 from .pipeline import Pipeline
 from .train import TrainConfig, train
 

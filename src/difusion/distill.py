@@ -36,14 +36,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .batches import Batches, restore_stream, stream_metadata, training_batches
+from .checkpoints import file_sha256, read_safetensors
 from .data import load_dataset
 from .denoiser import Denoiser, bind, clamped, consistency, guided
-from .model import (
-    DiffusionModel,
-    file_sha256,
-    read_safetensors,
-    resolve_checkpoint,
-)
+from .model import DiffusionModel, resolve_checkpoint
 from .nn.unet import UNet
 from .previews import alignment_probe, preview
 from .runs import (

@@ -6,18 +6,15 @@ JSON, so a checkpoint is self-describing and never unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoints import CheckpointError, atomic_save, read_safetensors
 from .denoiser import (
     GUIDANCE_RANGE,
     Cond,
@@ -32,13 +29,10 @@ from .denoiser import (
 from .nn.unet import UNet, UNetConfig
 from .samplers import Callback, get_sampler, initial_noise
 from .schedule import NoiseSchedule, ScheduleConfig
+from .text import check_identity, load_text_encoder
 
 FORMAT = "difusion/1"
 CONDITIONS = (None, "label", "text")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit: its message is one line for users."""
 
 
 @dataclass
@@ -339,8 +333,6 @@ def text_encoder_for(
     spec: dict, tensors: dict[str, torch.Tensor], path: str | None = None
 ) -> nn.Module:
     """Rebuild the text encoder a checkpoint was trained with, and check it is the same one."""
-    from .text import check_identity, load_text_encoder
-
     name = spec.get("name")
     if name is None:
         raise CheckpointError("text model without a text encoder in its configuration")
@@ -354,48 +346,6 @@ def text_encoder_for(
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return encoder
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:
-    """Write next to the target, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    return _read_safetensors(path, with_tensors=True)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """A safetensors file's metadata, without reading its tensors."""
-    return _read_safetensors(path, with_tensors=False)[1]
-
-
-def _read_safetensors(
-    path: str | Path, with_tensors: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}  # noqa: SIM118
-    except Exception as e:  # safetensors raises several types for a corrupt header
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    return tensors, metadata
-
-
-def file_sha256(path: str | Path) -> str:
-    """The file's sha256, as `sha256sum` prints it."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 SHIPPED = ("default", "default-fast")  # models in the package: the text model, its student

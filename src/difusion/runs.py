@@ -28,8 +28,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from torch.utils.data import Dataset
 
+from .checkpoints import CheckpointError, atomic_save, read_metadata
 from .data import load_dataset
-from .model import CheckpointError, atomic_save, read_metadata
 
 STATE_FILE = "train_state.safetensors"
 

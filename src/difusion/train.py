@@ -31,17 +31,10 @@ from .batches import (
     training_batches,
     training_generators,
 )
+from .checkpoints import CheckpointError, file_sha256, read_metadata, read_safetensors
 from .data import load_dataset
 from .layout_fit import pretrain_layout
-from .model import (
-    CheckpointError,
-    DiffusionModel,
-    ModelConfig,
-    file_sha256,
-    read_metadata,
-    read_safetensors,
-    resolve_checkpoint,
-)
+from .model import DiffusionModel, ModelConfig, resolve_checkpoint
 from .nn.unet import UNetConfig
 from .objective import Draws, batch_cond, diffusion_loss
 from .previews import alignment_probe, preview

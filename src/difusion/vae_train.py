@@ -28,9 +28,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .batches import restore_stream, stream_metadata, training_batches
+from .checkpoints import CheckpointError, atomic_save, file_sha256, read_safetensors
 from .data import collate, random_batch
 from .images import auto_scale, grid, to_pil
-from .model import CheckpointError, atomic_save, file_sha256, read_safetensors
 from .nn.vae import AutoencoderKL, VAEConfig, vae_loss
 from .runs import (
     Run,

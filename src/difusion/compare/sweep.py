@@ -96,7 +96,7 @@ def label(minutes: float) -> str:
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    from ..model import read_metadata
+    from ..checkpoints import read_metadata
 
     run = Run(run_dir)
     return int(read_metadata(run.state_path)["step"]) if run.exists() else 0

@@ -25,6 +25,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..checkpoints import CheckpointError, atomic_save, read_safetensors
+
 FORMAT = "difusion-gan/1"
 
 
@@ -170,8 +172,6 @@ class GAN(nn.Module):
         return torch.cat(out)
 
     def save(self, path: str | Path, extra_metadata: dict | None = None) -> None:
-        from ..model import atomic_save
-
         metadata = {"format": FORMAT, "config": json.dumps(self.config.to_dict())}
         metadata.update(extra_metadata or {})
         state = {k: v.detach().contiguous().cpu() for k, v in self.generator.state_dict().items()}
@@ -179,8 +179,6 @@ class GAN(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> GAN:
-        from ..model import CheckpointError, read_safetensors
-
         tensors, metadata = read_safetensors(path)
         if metadata.get("format") != FORMAT or "config" not in metadata:
             raise CheckpointError(f"{path}: not a difusion GAN checkpoint")

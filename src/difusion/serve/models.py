@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..checkpoints import CheckpointError, file_sha256
 from ..denoiser import GUIDANCE_RANGE
 from ..images import grid, to_pil
-from ..model import SHIPPED, CheckpointError, file_sha256, resolve_checkpoint, steps_kept
+from ..model import SHIPPED, resolve_checkpoint, steps_kept
 from ..pipeline import Pipeline, dtype_named, img2img_strength
 from ..samplers import SAMPLERS
 from .errors import APIError
