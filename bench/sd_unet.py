@@ -157,7 +157,7 @@ def child(impl: str, reps: int, out: Path, size: int, precision: str) -> None:
 
             model = UNet2DConditionModel(**SD15_UNET)
     fill(model)
-    if impl == "ours":  # as the library loads it (sd.py, DiffusionModel.load)
+    if impl == "ours":  # as the library loads it (sd/assemble.py, DiffusionModel.load)
         model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)

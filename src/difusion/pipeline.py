@@ -13,6 +13,7 @@ from PIL import Image
 from .denoiser import Cond
 from .images import to_pil
 from .model import SHIPPED, DiffusionModel, resolve_checkpoint
+from .sd import is_sd_checkpoint, load_checkpoint
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 ImageInput = Image.Image | torch.Tensor
@@ -195,12 +196,11 @@ class Pipeline:
     ) -> Pipeline:
         """ "default" (the model shipped with the package), a run folder or a model file, or a
         Stable Diffusion checkpoint: a diffusers folder (model_index.json) or a single original
-        .safetensors / .ckpt (see `difusion.sd.load` for its `options`). `dtype`
+        .safetensors / .ckpt (see `difusion.sd.load_checkpoint` for its `options`). `dtype`
         (torch.bfloat16) converts the U-Net's and the VAE's weights once, as `to` does."""
-        from .sd import is_sd_checkpoint, load
-
         if str(name_or_path) not in SHIPPED and is_sd_checkpoint(name_or_path):
-            return load(name_or_path, device, dtype, **options)
+            sd = load_checkpoint(name_or_path, **options)
+            return cls(sd.model, sd.vae, set_alpha_to_one=sd.set_alpha_to_one).to(device, dtype)
         if options:
             raise TypeError(f"options {sorted(options)} are for Stable Diffusion checkpoints")
         path = resolve_checkpoint(name_or_path)
