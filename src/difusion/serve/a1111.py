@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..denoiser import GUIDANCE_RANGE
-from .app import run_generation, server
 from .codec import b64, encode, open_base64_image
 from .errors import APIError
 from .models import MAX_N, MAX_SEED, MAX_STEPS, Generation, ServedModel
+from .server import run_generation, server
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field
 
-from .app import server
 from .codec import data_url, encode, open_base64_image
 from .jobs import Job, Stopped, abandon
 from .models import GenerationOptions
+from .server import server
 
 router = APIRouter(prefix="/api", tags=["native"])
 END = object()  # after the job's last event

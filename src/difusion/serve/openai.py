@@ -10,10 +10,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from .app import run_generation, server
 from .codec import MAX_UPLOAD_BYTES, b64, encode, open_image, transparent_area
 from .errors import APIError
 from .models import Generation, GenerationOptions, ServedModel
+from .server import run_generation, server
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Format = Literal["png", "jpeg", "webp"]
