@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_util import NaNImages
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -224,6 +225,16 @@ def test_minutes_cover_the_layout_map_pre_fit(tmp_path):
     train(tiny(tmp_path, steps=2), resume=True, progress=False)
     assert state_step(run) == 2 and logged_steps(run) == [1, 2]
     assert [r["layout_step"] for r in run.read_log() if "layout_loss" in r] == fitted
+
+
+def test_a_diverging_layout_map_pre_fit_names_its_steps_and_saves_nothing(tmp_path):
+    """The pre-fit reads its loss only at log lines: a NaN stops it there, with the steps."""
+    shapes = dict(data="shapes", size=16, cond="text", text_encoder="scratch", layout_map=True)
+    cfg = tiny(tmp_path, steps=2, layout_steps=7, log_every=3, **shapes)
+    data = NaNImages(load_dataset("shapes", size=16, split="train"))
+    with pytest.raises(TrainingError, match=r"layout map's loss became nan within steps 1-3$"):
+        train(cfg, dataset=data, progress=False)
+    assert not Run(cfg.out).state_path.exists()
 
 
 def test_keep_holds_the_last_checkpoints_as_run_folders(monkeypatch, capsys, tmp_path, digits8):

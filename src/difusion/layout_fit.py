@@ -4,6 +4,7 @@ the data's images averaged down to a small grid, from their captions."""
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,13 +52,24 @@ def pretrain_layout(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.layout_steps, desc="layout map", unit="step", dynamic_ncols=True)
-    total, count, done = 0.0, 0, 0
+    total, count, done = torch.zeros((), device=device), 0, 0
 
     def log() -> None:
+        """The mean loss since the last log line: the only point where the loop waits for
+        the device, and where a non-finite loss stops the run."""
         nonlocal total, count
-        if run is not None and count:
-            run.append_log({"step": 0, "layout_step": done, "layout_loss": total / count})
-        total, count = 0.0, 0
+        if not count:
+            return
+        mean = total.item() / count
+        if not math.isfinite(mean):
+            raise TrainingError(
+                f"the layout map's loss became {mean} within steps {done - count + 1}-{done}"
+            )
+        if run is not None:
+            run.append_log({"step": 0, "layout_step": done, "layout_loss": mean})
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean:.4f}")
+        total, count = torch.zeros((), device=device), 0
 
     with contextlib.closing(batches):
         for step in range(1, cfg.layout_steps + 1):
@@ -70,15 +82,12 @@ def pretrain_layout(
             loss = F.mse_loss(
                 layout.image(size, size, cond["context"], cond["context_mask"]), target
             )
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the layout map's loss became {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count, done = total + loss.item(), count + 1, step
+            total, count, done = total + loss.detach(), count + 1, step
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % cfg.log_every == 0:
                 log()
     log()
