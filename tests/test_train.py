@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from difusion.data import DigitsDataset
+from difusion.loop import Stop, TrainLoop
 from difusion.model import DiffusionModel
-from difusion.runs import Run, Stop, TrainingError, TrainLoop
+from difusion.runs import Run, TrainingError
 from difusion.train import TrainConfig, train
 
 

@@ -39,14 +39,13 @@ from .batches import Batches, restore_stream, stream_metadata, training_batches
 from .checkpoints import file_sha256, read_safetensors
 from .data import load_dataset
 from .denoiser import Denoiser, bind, clamped, consistency, guided
+from .loop import Stop, TrainLoop
 from .model import DiffusionModel, resolve_checkpoint
 from .nn.unet import UNet
 from .previews import alignment_probe, preview
 from .runs import (
     Run,
-    Stop,
     TrainingError,
-    TrainLoop,
     check_budget,
     check_run_folder,
     module_state,

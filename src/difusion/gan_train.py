@@ -30,12 +30,11 @@ from torch.utils.data import Dataset
 from .batches import Batches, restore_stream, stream_metadata, training_batches
 from .checkpoints import read_safetensors
 from .images import auto_scale, grid, to_pil
+from .loop import Stop, TrainLoop
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
 from .runs import (
     Run,
-    Stop,
     TrainingError,
-    TrainLoop,
     module_state,
     options_for_model,
     plot_series,

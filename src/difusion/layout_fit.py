@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .batches import training_batches
+from .loop import Stop
 from .model import DiffusionModel
-from .runs import Run, Stop, TrainingError
+from .runs import Run, TrainingError
 
 if TYPE_CHECKING:  # the configuration's module imports this one
     from .train import TrainConfig

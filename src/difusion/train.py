@@ -34,15 +34,14 @@ from .batches import (
 from .checkpoints import CheckpointError, file_sha256, read_metadata, read_safetensors
 from .data import load_dataset
 from .layout_fit import pretrain_layout
+from .loop import Stop, TrainLoop
 from .model import DiffusionModel, ModelConfig, resolve_checkpoint
 from .nn.unet import UNetConfig
 from .objective import Draws, batch_cond, diffusion_loss
 from .previews import alignment_probe, preview
 from .runs import (
     Run,
-    Stop,
     TrainingError,
-    TrainLoop,
     any_process,
     check_budget,
     check_run_folder,

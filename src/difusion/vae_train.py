@@ -31,12 +31,11 @@ from .batches import restore_stream, stream_metadata, training_batches
 from .checkpoints import CheckpointError, atomic_save, file_sha256, read_safetensors
 from .data import collate, random_batch
 from .images import auto_scale, grid, to_pil
+from .loop import Stop, TrainLoop
 from .nn.vae import AutoencoderKL, VAEConfig, vae_loss
 from .runs import (
     Run,
-    Stop,
     TrainingError,
-    TrainLoop,
     module_state,
     options_for_model,
     plot_series,
