@@ -207,6 +207,22 @@ def kinds_table(res: dict, flops: dict[str, int], rate: float) -> str:
     return markdown_table(headers, rows)
 
 
+def attention_shortfall(
+    by_kind: dict[str, float], flops: dict[str, int], step_s: float, total: int, rate: float
+) -> str:
+    """What attention's kernels cost against the convolutions' rate in the same step."""
+    attn, conv = by_kind.get("attention", 0.0), by_kind.get("convolution", 0.0)
+    if not (attn and conv and flops.get("attention") and flops.get("convolution")):
+        return "attention or convolutions were not profiled"
+    at_conv_rate = flops["attention"] / (flops["convolution"] / conv)
+    projected = step_s - attn + at_conv_rate
+    return (
+        f"Attention's kernels took {attn:.2f} s; at the convolutions' rate they would take "
+        f"{at_conv_rate:.2f} s, and the step {projected:.2f} s ({100 * total / projected / rate:.0f}% "
+        f"of the matmul rate, against {100 * total / step_s / rate:.0f}% measured)."
+    )
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--reps", type=int, default=2, help="timed steps after one warm-up step")
@@ -264,6 +280,7 @@ def main() -> None:
         f"Where the time goes, one profiled step (kernels' own time; matmul rate {rate / 1e9:.0f}"
         f" GFLOP/s at {precision}):\n\n" + kinds_table(res, flops_kind, rate)
     )
+    notes.append(attention_shortfall(o["by_kind"], flops_kind, s["ours"], flops, rate))
     record["by_kind"] = {impl: r["by_kind"] for impl, r in res.items()}
     record["flops_by_kind"], record["matmul_rate"] = flops_kind, rate
     report(args, title, headers, rows, [record], notes)
