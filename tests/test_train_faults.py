@@ -231,7 +231,7 @@ def test_a_diverging_layout_map_pre_fit_names_its_steps_and_saves_nothing(tmp_pa
     """The pre-fit reads its loss only at log lines: a NaN stops it there, with the steps."""
     shapes = dict(data="shapes", size=16, cond="text", text_encoder="scratch", layout_map=True)
     cfg = tiny(tmp_path, steps=2, layout_steps=7, log_every=3, **shapes)
-    data = NaNImages(load_dataset("shapes", size=16, split="train"))
+    data = NaNImages(load_dataset("shapes", size=16, length=64))
     with pytest.raises(TrainingError, match=r"layout map's loss became nan within steps 1-3$"):
         train(cfg, dataset=data, progress=False)
     assert not Run(cfg.out).state_path.exists()
@@ -264,9 +264,9 @@ def test_keep_holds_the_last_checkpoints_as_run_folders(monkeypatch, capsys, tmp
 
 
 def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(monkeypatch, tmp_path, digits8):
-    import difusion.model
+    import difusion.checkpoints
 
-    real_save_file = difusion.model.save_file
+    real_save_file = difusion.checkpoints.save_file
 
     def disk_full_at_step_4(tensors, path, metadata=None):
         if "next_train_state" in path and metadata["step"] == "4":
@@ -274,7 +274,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(monkeypatch, tm
             raise SafetensorError("Error while serializing: I/O error: No space left on device")
         real_save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(difusion.model, "save_file", disk_full_at_step_4)
+    monkeypatch.setattr(difusion.checkpoints, "save_file", disk_full_at_step_4)
     cfg = tiny(tmp_path, steps=6, checkpoint_every=2, keep=1)
     with pytest.raises(TrainingError) as error:
         train(cfg, dataset=digits8, progress=False)
@@ -394,10 +394,10 @@ def test_keep_holds_the_last_gan_or_vae_checkpoints(monkeypatch, capsys, tmp_pat
 def test_a_full_disk_stops_a_gan_or_vae_run_and_keeps_its_last_checkpoint(
     monkeypatch, tmp_path, digits16, model
 ):
-    import difusion.model
+    import difusion.checkpoints
 
     train_fn, config, _ = TRAINERS[model]
-    real_save_file = difusion.model.save_file
+    real_save_file = difusion.checkpoints.save_file
 
     def disk_full_at_step_4(tensors, path, metadata=None):
         if "next_train_state" in path and metadata["step"] == "4":
@@ -405,7 +405,7 @@ def test_a_full_disk_stops_a_gan_or_vae_run_and_keeps_its_last_checkpoint(
             raise SafetensorError("Error while serializing: I/O error: No space left on device")
         real_save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(difusion.model, "save_file", disk_full_at_step_4)
+    monkeypatch.setattr(difusion.checkpoints, "save_file", disk_full_at_step_4)
     cfg = config(tmp_path, steps=6, checkpoint_every=2)
     with pytest.raises(TrainingError) as error:
         train_fn(cfg, dataset=digits16, progress=False)
