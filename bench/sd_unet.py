@@ -14,9 +14,9 @@ denoising steps: one no-grad forward of batch 2 (classifier-free guidance's two 
 after one warm-up step, the resident memory once the weights are in (RSS) and the peak
 (getrusage's maxrss), and the relative difference of the two outputs. `--precision bf16`
 runs both under bf16 autocast (float32 weights, as a training step would);
-`--precision bf16-weights` converts both models' weights to bf16 once (our `--dtype bf16`,
-diffusers' `torch_dtype=torch.bfloat16`) and feeds them bf16 latents and context, so that no
-step casts a weight.
+`--precision bf16-weights` converts both models' weights to bf16 once (as our `--dtype bf16`
+does; diffusers' U-Net keeps no module in float32, so its `.to` is what `torch_dtype` gives)
+and feeds them bf16 latents and context, so that no step casts a weight.
 
 Where the time goes: one more step of each runs under torch.profiler, and its kernels' own
 time is summed by kind (attention, convolutions, linear layers, casts and copies, the rest),
