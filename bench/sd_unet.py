@@ -78,7 +78,14 @@ SD15_UNET = {
 
 # what each kernel is, by the name the profiler gives it; the first match wins
 KINDS = {
-    "attention": ("scaled_dot_product", "flash_attention", "bmm", "baddbmm", "softmax"),
+    "attention": (
+        "scaled_dot_product",
+        "flash_attention",
+        "bf16_attention",
+        "bmm",
+        "baddbmm",
+        "softmax",
+    ),
     "convolution": ("convolution",),
     "linear": ("addmm", "aten::mm", "aten::linear", "aten::matmul"),
     "casts and copies": ("copy_", "_to_copy", "contiguous", "clone"),

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import bf16_attention
+
 # diffusers options that this U-Net has only in their default form
 DIFFUSERS_FIXED = {
     "time_embedding_type": "positional",
@@ -356,9 +358,12 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
         k, v = keys_values or self.keys_values(x if context is None else context)
-        if mask is not None:
-            mask = mask[:, None, None, :]
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if bf16_attention.applies(q, k, v):
+            h = bf16_attention.attention(q, k, v, mask)
+        else:
+            h = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if mask is None else mask[:, None, None, :]
+            )
         return self.to_out[0](h.transpose(1, 2).reshape(B, N, C))
 
 

@@ -1,0 +1,127 @@
+"""Attention for bfloat16 inference on CPUs with AVX512-BF16 (csrc/bf16_attention.cpp).
+
+PyTorch's CPU attention reaches about a quarter of such a CPU's bf16 matmul rate at Stable
+Diffusion's head dim of 40; this kernel runs both of attention's products at the rate of
+the machine's dot-product instruction (bench/sd_unet.py measures the step).  It is built
+once per machine with the C++ compiler PyTorch's extensions use (`make install` builds it;
+otherwise the first bf16 generation does) into ~/.cache/difusion.
+Without a compiler, on other CPUs, with `DIFUSION_BF16_ATTENTION=0`, under autograd or
+torch.compile, attention is PyTorch's `scaled_dot_product_attention`.
+
+`main()` builds it and says whether it is used here (`make install` calls it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "bf16_attention.cpp"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+STALE_LOCK_S = 600  # a build killed midway leaves torch's lock file, which would block forever
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= set(flags)
+
+
+def enabled() -> bool:
+    return os.environ.get("DIFUSION_BF16_ATTENTION", "1") != "0"
+
+
+def build_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "difusion" / f"bf16_attention-torch{torch.__version__}"
+
+
+@functools.cache
+def kernel() -> bool:
+    """Build (once per machine) and load the kernel; False where it cannot be had."""
+    if not (enabled() and sys.platform == "linux" and cpu_has_avx512_bf16()):
+        return False
+    from torch.utils.cpp_extension import load
+
+    try:
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+        if not any(folder.glob("*.so")):
+            print(
+                "difusion: building the bf16 attention kernel for this CPU (once, about a minute)",
+                file=sys.stderr,
+                flush=True,
+            )
+        load(
+            "difusion_bf16_attention",
+            [str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+        )
+    except Exception as e:  # no compiler, a failed build: PyTorch's attention serves instead
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(
+            f"difusion: the bf16 attention kernel could not be built ({first_line}); "
+            "using PyTorch's attention",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `attention` takes these (bf16 CPU tensors, inference, an even head dim)."""
+    return (
+        q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and q.shape[-1] % 2 == 0
+        and not (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        )
+        and not torch.compiler.is_compiling()
+        and kernel()
+    )
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v of q [B, H, N, d], k and v [B, H, L, d], mask [B, L] (True =
+    attend; a query with no key to attend to gets zeros).  Returns [B, H, N, d] as a view of
+    [B, N, H, d], so that merging the heads copies nothing."""
+    B, H, N, d = q.shape
+    out = torch.empty(B, N, H, d, dtype=q.dtype).transpose(1, 2)
+    torch.ops.difusion.bf16_attention(
+        q.contiguous() if q.stride(-1) != 1 else q,
+        k.contiguous() if k.stride(-1) != 1 else k,
+        v.contiguous() if v.stride(-1) != 1 else v,
+        out,
+        mask,
+        d**-0.5,
+    )
+    return out
+
+
+def main() -> int:
+    if not enabled():
+        print("bf16 attention: off (DIFUSION_BF16_ATTENTION=0)")
+    elif not cpu_has_avx512_bf16():
+        print("bf16 attention: this CPU lacks AVX512-BF16; PyTorch's attention is used")
+    elif kernel():
+        print(f"bf16 attention: built in {build_dir()}")
+    else:
+        return 1
+    return 0
