@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difusion.data import shapes
-from difusion.nn.unet import Attention
+from difusion.nn.attention import Attention
 from difusion.text import load_text_encoder
 
 COLORS = list(shapes.COLORS)

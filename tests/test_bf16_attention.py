@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from difusion.nn import bf16_attention
-from difusion.nn.unet import Attention
+from difusion.nn.attention import Attention
 
 needs_kernel = pytest.mark.skipif(
     not bf16_attention.kernel(), reason="no AVX512-BF16 CPU or no C++ compiler here"

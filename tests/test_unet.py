@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from difusion.nn.unet import LayoutMap, UNet, UNetConfig
+from difusion.nn.attention import LayoutMap
+from difusion.nn.unet import UNet, UNetConfig
 
 SMALL = UNetConfig(
     sample_size=16,

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difusion.nn.unet import Attention, norm_silu
+from difusion.nn.attention import Attention
+from difusion.nn.unet import norm_silu
 
 EPS = 1e-6  # every GroupNorm of diffusers' VAE
 ENCODER_BLOCK = "DownEncoderBlock2D"
