@@ -11,14 +11,16 @@ by the same functions) on one pre-made noised batch and its captions: the scratc
 encoder's and the U-Net's forward, MSE, backward, AdamW over both, nothing else: the work of
 a training step, without what only the loop does (drawing and rendering the batch, condition
 dropout, gradient clipping, the EMA update, logging). Both at the same batch size and
-precision (fp32, or bf16 autocast as `--precision bf16` trains). The bare step is timed
-before and after the loop (the machine's speed drifts); the efficiency is over their mean.
+precision (fp32, or bf16 autocast as `--precision bf16` trains). The loop is timed
+`--rounds` times, each between two timings of the bare step (the machine's speed drifts);
+the efficiency is the loop's mean over the bare step's.
 A third column times the U-Net's step alone, for scale: the scratch encoder's share.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -129,12 +131,15 @@ def encoder_flops(model: DiffusionModel, dataset: ShapesDataset, batch: int) -> 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--steps", type=int, default=20, help="timed steps of each timing")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="loop timings, each between two bare-step timings"
+    )
     p.add_argument("--warmup", type=int, default=5, help="steps before the clock starts (>= 1)")
     p.add_argument("--precision", nargs="+", choices=list(AMP), default=list(AMP))
     args = p.parse_args()
     if args.quick:
-        args.batch, args.steps, args.warmup = 8, 2, 1
+        args.batch, args.steps, args.warmup, args.rounds = 8, 2, 1, 1
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the clock starts at the end of a step)")
 
@@ -147,10 +152,13 @@ def main() -> None:
             cfg = recipe(args.batch, args.warmup + args.steps, precision, Path(tmp) / precision)
             dataset = ShapesDataset(cfg.size or 32, **cfg.data_options)
             model = bare_model(cfg, dataset)
-            before = bare_images_per_s(model, cfg, dataset, args.warmup, args.steps)
-            loop = loop_images_per_s(cfg, dataset, args.warmup)
-            after = bare_images_per_s(model, cfg, dataset, args.warmup, args.steps)
-            bare = (before + after) / 2
+            bares = [bare_images_per_s(model, cfg, dataset, args.warmup, args.steps)]
+            loops = []
+            for r in range(args.rounds):
+                cfg = replace(cfg, out=str(Path(tmp) / f"{precision}-{r}"))
+                loops.append(loop_images_per_s(cfg, dataset, args.warmup))
+                bares.append(bare_images_per_s(model, cfg, dataset, args.warmup, args.steps))
+            loop, bare = statistics.mean(loops), statistics.mean(bares)
             unet_alone = bare_images_per_s(
                 model, cfg, dataset, args.warmup, args.steps, encoder=False
             )
@@ -159,25 +167,28 @@ def main() -> None:
             enc = encoder_flops(model, dataset, args.batch)
             records.append({"kind": "train_loop", "precision": precision, "batch": args.batch,
                             "loop_images_per_s": loop, "bare_images_per_s": bare,
-                            "bare_before": before, "bare_after": after,
+                            "loops": loops, "bares": bares,
                             "unet_alone_images_per_s": unet_alone,
                             "flops": flops + enc, "unet_flops": flops,
                             "encoder_flops": enc})  # fmt: skip
-            rows.append([precision, f"{loop:.1f}", f"{before:.1f} / {after:.1f}",
+            rows.append([precision, " / ".join(f"{x:.1f}" for x in loops),
+                         " / ".join(f"{x:.1f}" for x in bares),
                          f"{loop / bare:.2f}", f"{unet_alone:.1f}",
                          f"{flops / 1e9:.0f} + {enc / 1e9:.1f}"])  # fmt: skip
     params = sum(q.numel() for q in model.unet.parameters()) / 1e6
     title = (
         f"Training loop vs bare step: the shipped model's U-Net ({params:.2f}M parameters, "
-        f"shapes 32x32, scratch text encoder), batch {args.batch}, {args.steps} timed steps "
+        f"shapes 32x32, scratch text encoder), batch {args.batch}, each timing {args.steps} steps "
         f"after {args.warmup}, {torch.get_num_threads()} threads"
     )
-    headers = ["precision", "loop images/s", "bare step images/s (before / after the loop)",
+    headers = ["precision", "loop images/s (each timing)",
+               "bare step images/s (before, between and after)",
                "loop / bare", "U-Net alone: bare step images/s",
                "GFLOP/step (fwd+bwd): U-Net + text encoder"]  # fmt: skip
     notes = [
         "bf16 = autocast (float32 weights); the bare step trains what the loop trains (the "
-        "scratch text encoder and the U-Net); loop / bare is over the mean of its two timings"
+        "scratch text encoder and the U-Net); the loop's timings alternate with the bare step's "
+        "(the machine's speed drifts), and loop / bare is over the means of each"
     ]
     report(args, title, headers, rows, records, notes)
 
