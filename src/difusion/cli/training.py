@@ -1,0 +1,246 @@
+"""`difusion train` and `distill`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import (
+    CheckpointEvery,
+    DataOption,
+    Device,
+    LogEvery,
+    MinSNRGamma,
+    Minutes,
+    Prediction,
+    Resume,
+    SampleEvery,
+    Seed,
+    UserError,
+    Workers,
+    ZeroTerminalSNR,
+    _ints,
+    _key_values,
+)
+
+
+def train(
+    data: Annotated[
+        str, typer.Option(help="digits, fashion, shapes, or a folder of images.")
+    ] = "digits",
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, log, pictures).")] = Path(
+        "runs/run"
+    ),
+    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 5000,
+    minutes: Minutes = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per batch (per process and accumulated batch).")
+    ] = 64,
+    grad_accum: Annotated[
+        int, typer.Option(help="Batches whose gradients make one step (a larger global batch).")
+    ] = 1,
+    size: Annotated[int | None, typer.Option(help="Image size (default: the data set's).")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
+    warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 200,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the sampling weights.")] = 0.999,
+    prediction: Prediction = "eps",
+    schedule: Annotated[str, typer.Option(help="linear, cosine or scaled_linear.")] = "cosine",
+    zero_terminal_snr: ZeroTerminalSNR = False,
+    min_snr_gamma: MinSNRGamma = 0.0,
+    cond: Annotated[
+        str | None, typer.Option(help="'label' (class-conditional) or 'text' (captioned data).")
+    ] = None,
+    text_encoder: Annotated[
+        str, typer.Option(help="For --cond text: minilm (pretrained, frozen), clip, or scratch.")
+    ] = "minilm",
+    text_encoder_path: Annotated[
+        str | None, typer.Option(help="Folder of a CLIP text encoder (for --text-encoder clip).")
+    ] = None,
+    cond_drop: Annotated[float, typer.Option(help="Probability of dropping the condition.")] = 0.1,
+    channels: Annotated[int, typer.Option(help="Base channel count of the U-Net.")] = 64,
+    channel_mult: Annotated[str, typer.Option(help="Channel multiplier per level.")] = "1,2,2",
+    attention: Annotated[str, typer.Option(help="Resolutions with self-attention.")] = "16,8",
+    layers_per_block: Annotated[int, typer.Option(help="ResBlocks per level.")] = 2,
+    dropout: Annotated[float, typer.Option(help="Dropout in the ResBlocks.")] = 0.0,
+    layout_map: Annotated[
+        bool,
+        typer.Option(
+            help="Give a text model a map of where the prompt puts things: each place attends "
+            "to the prompt, fitted alone to the images first (with --init: added, read "
+            "through zero projections)."
+        ),
+    ] = False,
+    layout_steps: Annotated[
+        int, typer.Option(help="Steps fitting a new layout map before the denoiser's.")
+    ] = 2000,
+    precision: Annotated[
+        str, typer.Option(help="fp32, bf16 (CPU or CUDA) or fp16 (CUDA).")
+    ] = "fp32",
+    device: Device = "auto",
+    seed: Seed = 0,
+    sample_every: SampleEvery = 500,
+    checkpoint_every: CheckpointEvery = 250,
+    log_every: LogEvery = 25,
+    keep: Annotated[
+        int, typer.Option(help="Also keep the last K checkpoints, in checkpoints/step_N/.")
+    ] = 0,
+    resume: Resume = False,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="unet (a diffusion model), gan (the DCGAN baseline) or vae (a KL autoencoder)."
+        ),
+    ] = "unet",
+    latent: Annotated[
+        str | None,
+        typer.Option(help="A VAE run folder or file: train the U-Net in its latent space."),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help='Fine-tune: start from this model ("default", a run folder or a .safetensors '
+            "file), keeping its architecture, condition and objective."
+        ),
+    ] = None,
+    data_option: DataOption = None,
+    workers: Workers = 0,
+    crop: Annotated[
+        str, typer.Option(help="center or random: where the square is cut from each picture.")
+    ] = "center",
+    flip: Annotated[bool, typer.Option(help="Flip pictures left-right at random.")] = False,
+    buckets: Annotated[
+        bool,
+        typer.Option(help="Keep each picture's aspect ratio: batches of one size bucket each."),
+    ] = False,
+    compile: Annotated[
+        bool, typer.Option(help="torch.compile the U-Net (its compile time is reported).")
+    ] = False,
+) -> None:
+    """Train a diffusion model (on one process, or several under torchrun), a DCGAN or a VAE."""
+    from ..runs import given_options
+    from ..train import TrainConfig
+    from ..train import train as run_training
+
+    if steps < 1 or batch_size < 1:
+        raise UserError("--steps and --batch-size must be positive")
+    if model not in ("unet", "gan", "vae"):
+        raise UserError(f"--model must be unet, gan or vae, got {model!r}")
+    if model == "vae":  # shares --channels, --channel-mult, --layers-per-block, ...
+        from ..vae_train import train_vae, vae_config_from_cli
+
+        train_vae(vae_config_from_cli(dict(locals()), train), resume=resume)
+        return
+    if model == "gan":  # the options it shares with a diffusion run; the others must stay unset
+        from ..gan_train import gan_config_from_cli, train_gan
+
+        train_gan(gan_config_from_cli(dict(locals()), train), resume=resume)
+        return
+    if cond not in (None, "label", "text"):
+        raise UserError(f"--cond must be 'label' or 'text', got {cond!r}")
+    if crop not in ("center", "random"):
+        raise UserError(f"--crop must be center or random, got {crop!r}")
+    if text_encoder not in ("minilm", "clip", "scratch"):
+        raise UserError(f"--text-encoder must be minilm, clip or scratch, got {text_encoder!r}")
+    if not 0 <= cond_drop < 1:
+        raise UserError("--cond-drop must be in [0, 1)")
+    if prediction not in ("eps", "v", "x0"):
+        raise UserError(f"--prediction must be eps, v or x0, got {prediction!r}")
+    given = given_options(dict(locals()), train, FIXED_BY_INIT) if init is not None else []
+    if given:
+        raise UserError(f"{', '.join(given)}: --init keeps the model's own; leave them out")
+    cfg = TrainConfig(
+        data=data,
+        out=str(out),
+        size=size,
+        steps=steps,
+        minutes=minutes,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup=warmup,
+        ema_decay=ema_decay,
+        prediction=prediction,
+        schedule=schedule,
+        zero_terminal_snr=zero_terminal_snr,
+        min_snr_gamma=min_snr_gamma,
+        cond=cond,
+        cond_drop=cond_drop,
+        text_encoder=text_encoder,
+        text_encoder_path=text_encoder_path,
+        channels=channels,
+        channel_mult=_ints(channel_mult, "--channel-mult"),
+        attention_resolutions=_ints(attention, "--attention"),
+        layers_per_block=layers_per_block,
+        dropout=dropout,
+        layout_map=layout_map,
+        layout_steps=layout_steps,
+        precision=precision,
+        device=device,
+        seed=seed,
+        sample_every=sample_every,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        keep=keep,
+        latent=latent,
+        data_options=_key_values(data_option or [], "--data-option"),
+        init=init,
+        workers=workers,
+        crop=crop,
+        flip=flip,
+        buckets=buckets,
+        compile=compile,
+    )
+    run_training(cfg, resume=resume)
+
+
+# the training options that set a model's architecture, condition and objective
+FIXED_BY_INIT = (
+    "size", "prediction", "schedule", "zero_terminal_snr", "cond", "text_encoder",
+    "channels", "channel_mult", "attention", "layers_per_block", "dropout", "latent",
+)  # fmt: skip
+
+
+def distill(
+    teacher: Annotated[
+        str, typer.Argument(help='The model to distil: "default", a run folder or a model file.')
+    ],
+    out: Annotated[Path, typer.Option(help="Run folder of the student.")] = Path("runs/distill"),
+    data: Annotated[
+        str | None, typer.Option(help="Training data (default: the teacher run's; shapes).")
+    ] = None,
+    data_option: DataOption = None,
+    steps: Annotated[int, typer.Option(help="Total optimisation steps.")] = 5000,
+    minutes: Minutes = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
+    warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 100,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the target network.")] = 0.95,
+    guidance_min: Annotated[float, typer.Option(help="Smallest guidance scale learnt.")] = 1.0,
+    guidance_max: Annotated[float, typer.Option(help="Largest guidance scale learnt.")] = 4.0,
+    solver_steps: Annotated[
+        int, typer.Option(help="Teacher ODE steps across the schedule (one a distillation pair).")
+    ] = 50,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    device: Device = "auto",
+    seed: Seed = 0,
+    sample_every: SampleEvery = 500,
+    checkpoint_every: CheckpointEvery = 250,
+    log_every: LogEvery = 25,
+    workers: Workers = 0,
+    resume: Resume = False,
+) -> None:
+    """Distil a model into a few-step student (latent consistency distillation)."""
+    from ..distill import DistillConfig
+    from ..distill import distill as run_distillation
+
+    cfg = DistillConfig(
+        teacher=teacher, out=str(out), data=data,
+        data_options=_key_values(data_option or [], "--data-option"), steps=steps,
+        minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+        guidance_min=guidance_min, guidance_max=guidance_max, solver_steps=solver_steps,
+        precision=precision, device=device, seed=seed, sample_every=sample_every,
+        checkpoint_every=checkpoint_every, log_every=log_every, workers=workers,
+    )  # fmt: skip
+    run_distillation(cfg, resume=resume)
