@@ -77,22 +77,18 @@ def test_attention_layer_uses_it_for_inference_only(monkeypatch):
     with torch.inference_mode():
         ours = layer(x, ctx, mask)
         assert len(calls) == 1
-        monkeypatch.setattr(bf16_attention, "kernel", lambda: False)
-        theirs = layer(x, ctx, mask)
+        with monkeypatch.context() as m:
+            m.setattr(bf16_attention, "kernel", lambda: False)
+            theirs = layer(x, ctx, mask)
         assert len(calls) == 1
     assert (ours.float() - theirs.float()).abs().max() < 0.05
-    monkeypatch.undo()
 
-    calls.clear()
-    monkeypatch.setattr(
-        bf16_attention, "attention", lambda *a: calls.append(1) or kernel_attention(*a)
-    )
     layer(x, ctx, mask).float().square().mean().backward()  # training: PyTorch's, with autograd
-    assert not calls and layer.to_q.weight.grad is not None
+    assert len(calls) == 1 and layer.to_q.weight.grad is not None
     layer.float()
     with torch.inference_mode():
         layer(x.float(), ctx.float(), mask)  # float32: PyTorch's
-    assert not calls
+    assert len(calls) == 1
 
 
 def test_off_by_environment(monkeypatch):

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from .batches import restore_stream, stream_metadata, training_batches
 from .checkpoints import CheckpointError, atomic_save, file_sha256, read_safetensors
 from .data import collate, random_batch
+from .errors import first_line
 from .images import auto_scale, grid, to_pil
 from .loop import Stop, TrainLoop
 from .nn.vae import AutoencoderKL, VAEConfig, vae_loss
@@ -126,8 +127,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu") -> Autoencode
         vae = AutoencoderKL(config)
         vae.load_state_dict(tensors)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: the VAE does not load ({first})") from None
+        raise CheckpointError(f"{path}: the VAE does not load ({first_line(e)})") from None
     return vae.to(device).eval().requires_grad_(False)
 
 

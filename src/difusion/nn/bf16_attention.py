@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import first_line
+
 SOURCE = Path(__file__).parent / "csrc" / "bf16_attention.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 STALE_LOCK_S = 600  # a build killed midway leaves torch's lock file, which would block forever
@@ -73,9 +75,8 @@ def kernel() -> bool:
             is_python_module=False,
         )
     except Exception as e:  # no compiler, a failed build: PyTorch's attention serves instead
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(
-            f"difusion: the bf16 attention kernel could not be built ({first_line}); "
+            f"difusion: the bf16 attention kernel could not be built ({first_line(e)}); "
             "using PyTorch's attention",
             file=sys.stderr,
             flush=True,
@@ -104,14 +105,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     [B, N, H, d], so that merging the heads copies nothing."""
     B, H, N, d = q.shape
     out = torch.empty(B, N, H, d, dtype=q.dtype).transpose(1, 2)
-    torch.ops.difusion.bf16_attention(
-        q.contiguous() if q.stride(-1) != 1 else q,
-        k.contiguous() if k.stride(-1) != 1 else k,
-        v.contiguous() if v.stride(-1) != 1 else v,
-        out,
-        mask,
-        d**-0.5,
-    )
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    torch.ops.difusion.bf16_attention(q, k, v, out, mask, d**-0.5)
     return out
 
 

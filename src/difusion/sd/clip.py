@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import CheckpointError
+from ..errors import first_line
 from .assemble import layer_indices, load_strict
 
 
@@ -80,8 +81,9 @@ def tokenizer_from_folder(folder: str | Path, pad_token: str):
             str(folder), local_files_only=True, pad_token=pad_token, model_max_length=77
         )
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load a CLIP tokenizer from {folder}: {msg}") from None
+        raise CheckpointError(
+            f"cannot load a CLIP tokenizer from {folder}: {first_line(e)}"
+        ) from None
 
 
 def openclip_to_hf(o: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import CheckpointError
+from ..errors import first_line
 from ..nn.unet import UNet, UNetConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
 from ..schedule import NoiseSchedule, ScheduleConfig
@@ -52,9 +53,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: not loadable as plain tensors (torch.load weights_only=True: {first[:160]}); "
+            f"{path}: not loadable as plain tensors (torch.load weights_only=True: {first_line(e)[:160]}); "
             "it is never unpickled here: convert it to .safetensors"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
