@@ -227,7 +227,7 @@ def test_cli_trains_a_gan_and_resumes(monkeypatch, capsys, tmp_path):
         (("--cond", "label"), "--cond: not an option of --model gan"),
         (("--prediction", "v", "--dropout", "0.1"), "--prediction, --dropout: not an option"),
         (("--flip", "--crop", "random"), "--crop, --flip: not an option of --model gan"),
-        (("--model", "flow"), "--model must be unet, gan or vae"),
+        (("--model", "flow"), "--model must be unet, gan, vae"),
     ],
 )
 def test_cli_gan_errors_are_one_line(monkeypatch, capsys, tmp_path, extra, message):

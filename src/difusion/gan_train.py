@@ -284,3 +284,8 @@ def gan_config_from_cli(options: dict, command: Callable) -> GANTrainConfig:
     configuration; a diffusion-only option given a value other than its default is an error.
     `options` are the command's arguments, `command` the command (for its defaults)."""
     return GANTrainConfig(**options_for_model("gan", options, command, SHARED_OPTIONS, NOT_FOR_GAN))
+
+
+def train_from_cli(options: dict, command: Callable) -> None:
+    """`difusion train --model gan`."""
+    train_gan(gan_config_from_cli(options, command), resume=options["resume"])

@@ -335,3 +335,8 @@ def vae_config_from_cli(options: dict, command: Callable) -> VAETrainConfig:
         except ValueError:
             raise TrainingError(f"--channel-mult: bad list {options['channel_mult']!r}") from None
     return VAETrainConfig(**shared)
+
+
+def train_from_cli(options: dict, command: Callable) -> None:
+    """`difusion train --model vae`."""
+    train_vae(vae_config_from_cli(options, command), resume=options["resume"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Annotated
 
@@ -125,17 +126,10 @@ def train(
 
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch-size must be positive")
-    if model not in ("unet", "gan", "vae"):
-        raise UserError(f"--model must be unet, gan or vae, got {model!r}")
-    if model == "vae":  # shares --channels, --channel-mult, --layers-per-block, ...
-        from ..vae_train import train_vae, vae_config_from_cli
-
-        train_vae(vae_config_from_cli(dict(locals()), train), resume=resume)
-        return
-    if model == "gan":  # the options it shares with a diffusion run; the others must stay unset
-        from ..gan_train import gan_config_from_cli, train_gan
-
-        train_gan(gan_config_from_cli(dict(locals()), train), resume=resume)
+    if model != "unet":
+        if model not in TRAINERS:
+            raise UserError(f"--model must be unet, {', '.join(TRAINERS)}, got {model!r}")
+        importlib.import_module(TRAINERS[model], __package__).train_from_cli(dict(locals()), train)
         return
     if cond not in (None, "label", "text"):
         raise UserError(f"--cond must be 'label' or 'text', got {cond!r}")
@@ -194,6 +188,10 @@ def train(
     )
     run_training(cfg, resume=resume)
 
+
+# `--model` -> the module that trains it: `train_from_cli(options, command)` reads the command's
+# options (each trainer says which apply to it) and trains; "unet" is train.py's diffusion model
+TRAINERS = {"gan": "..gan_train", "vae": "..vae_train"}
 
 # the training options that set a model's architecture, condition and objective
 FIXED_BY_INIT = (
