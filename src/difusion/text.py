@@ -292,16 +292,19 @@ class ClipEncoder(_FrozenHF):
         self.layer = layer
 
     @classmethod
-    def from_folder(cls, path: str | Path, max_length: int = 77, layer: str = "last"):
+    def from_folder(cls, path: str | Path, max_length: int | None = None, layer: str = "last"):
         """A folder with config.json, model.safetensors and the tokenizer files (vocab.json +
         merges.txt or tokenizer.json), or a diffusers pipeline folder with text_encoder/ and
-        tokenizer/ beside each other."""
+        tokenizer/ beside each other; a whole CLIP model's folder (ours) works too.
+        `max_length` defaults to the model's window, at most 77."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
         model_dir, tok_dir = _clip_folders(path)
         weights = _weight_files(model_dir)
         model = _load_hf(CLIPTextModel, model_dir, "CLIP text model")
         tokenizer = _load_tokenizer(CLIPTokenizer, tok_dir, "CLIP tokenizer")
+        if max_length is None:
+            max_length = min(77, model.config.max_position_embeddings)
         enc = cls(model, tokenizer, max_length=max_length, layer=layer)
         enc._weight_paths = weights
         enc.folder = model_dir
