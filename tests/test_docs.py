@@ -28,7 +28,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)")
 IMG_SRC = re.compile(r"<img[^>]*\bsrc=\"([^\"]+)\"")
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
 SEPARATORS = {"|", "||", "&&", ";", ">", ">>", "2>", "&"}
-PREFIXES = {"time", "sudo", "exec", "nohup"}
+PREFIXES = {"$", "time", "sudo", "exec", "nohup"}  # `$` of a console prompt
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,7 @@ def test_the_checker_refuses_what_the_cli_refuses():
     ]
     assert check("difusion trian --steps 3") == ["no command 'trian'"]
     assert check("difusion --help") == [] and check("difusion --hlep") != []
+    assert check("$ difusion sample runs/a --gif") == ["--gif needs a value"]
     assert check("OMP_NUM_THREADS=1 difusion eval runs/a --alignment ...") == []
     assert check("difusion sample runs/a 36") == ["sample takes 1 arguments, got 2"]
     assert check("difusion generate --steps 4") == ["generate needs PROMPTS"]
