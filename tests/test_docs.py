@@ -22,7 +22,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # of them is checked like any other once the file is there
 ARRIVING = {"docs/guide.md", "docs/guia.md", "docs/serving.md"}
 
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
+FENCE = re.compile(r"^[ \t]*```(\w*)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)  # list items indent
 INLINE = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"!?\[[^\]]*\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)")
 IMG_SRC = re.compile(r"<img[^>]*\bsrc=\"([^\"]+)\"")
@@ -73,8 +73,11 @@ def _outside_code(markdown: str) -> str:
 
 
 def quoted_commands(path: Path) -> list[Quoted]:
-    markdown, page = path.read_text(), str(path.relative_to(ROOT))
-    found = []
+    return quoted_commands_of(path.read_text(), path)
+
+
+def quoted_commands_of(markdown: str, path: Path) -> list[Quoted]:
+    page, found = str(path.relative_to(ROOT)), []
     for lang, body in FENCE.findall(markdown):
         if lang in SHELL_BLOCKS:
             for line in body.replace("\\\n", " ").splitlines():
@@ -116,8 +119,10 @@ def problems_of(command: Quoted) -> list[str]:
             option = options.get(token.split("=", 1)[0])
             if option is None:
                 problems.append(f"{name} has no option {token.split('=', 1)[0]}")
+                if i < len(args) and not args[i].startswith("-"):
+                    i += 1  # its value, most likely
             elif not (option.is_flag or option.count) and "=" not in token:
-                i += 1  # its value
+                i += max(option.nargs, 1)  # its value(s)
                 if i > len(args):
                     problems.append(f"{token} needs a value")
         else:
@@ -150,12 +155,15 @@ def test_the_checker_refuses_what_the_cli_refuses():
 
     assert check("difusion train --data digits --out runs/a --flip --steps 10") == []
     assert check(".venv/bin/difusion sample runs/a -n 4 -o grid.png") == []
-    assert check("torchrun --nproc_per_node 4 -m difusion train --no-such --steps 3") == [
+    assert check("torchrun --nproc_per_node 4 -m difusion train --no-such 3 --steps 3") == [
         "train has no option --no-such"
     ]
     assert check("difusion trian --steps 3") == ["no command 'trian'"]
     assert check("difusion --help") == [] and check("difusion --hlep") != []
     assert check("$ difusion sample runs/a --gif") == ["--gif needs a value"]
+    indented = "- Train:\n\n  ```bash\n  difusion train --no-such\n  ```\n"
+    page = ROOT / "README.md"
+    assert [c.args for c in quoted_commands_of(indented, page)] == [("train", "--no-such")]
     assert check("OMP_NUM_THREADS=1 difusion eval runs/a --alignment ...") == []
     assert check("difusion sample runs/a 36") == ["sample takes 1 arguments, got 2"]
     assert check("difusion generate --steps 4") == ["generate needs PROMPTS"]
