@@ -26,7 +26,7 @@ FENCE = re.compile(r"^[ \t]*```(\w*)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)  # li
 INLINE = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"!?\[[^\]]*\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)")
 IMG_SRC = re.compile(r"<img[^>]*\bsrc=\"([^\"]+)\"")
-SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
+SHELL_BLOCKS = {"bash", "sh", "shell", "console", ""}  # "": a fence with no language
 SEPARATORS = {"|", "||", "&&", ";", ">", ">>", "2>", "&"}
 PREFIXES = {"$", "time", "sudo", "exec", "nohup"}  # `$` of a console prompt
 
@@ -123,7 +123,7 @@ def problems_of(command: Quoted) -> list[str]:
                     i += 1  # its value, most likely
             elif not (option.is_flag or option.count) and "=" not in token:
                 i += max(option.nargs, 1)  # its value(s)
-                if i > len(args):
+                if i > len(args) and command.whole:  # inline, `--sampler` names the option
                     problems.append(f"{token} needs a value")
         else:
             positional += 1
