@@ -29,7 +29,13 @@ from .options import (
 
 def train(
     data: Annotated[
-        str, typer.Option(help="digits, fashion, shapes, or a folder of images.")
+        str,
+        typer.Option(
+            help="A data set: digits, fashion, mnist, emoji or shapes; a folder of images "
+            "(class subfolders or same-name .txt captions); a folder with metadata.jsonl; a "
+            "datasets folder (save_to_disk); .parquet files; or WebDataset shards "
+            "('shards/{000000..000099}.tar')."
+        ),
     ] = "digits",
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, log, pictures).")] = Path(
         "runs/run"
