@@ -91,8 +91,11 @@ class Pipeline:
         """Whether the prompt is longer than the text encoder's window (its end is dropped)."""
         return self.kind == "text" and self.model.text_encoder.token_count(prompt) > self.max_tokens
 
-    def conditions(self, prompts: list[str], negative_prompt: str = "") -> tuple[Cond, Cond]:
-        """The condition of each prompt and the unconditional (or negative) branch's."""
+    def conditions(
+        self, prompts: list[str], negative_prompt: str = "", seed: int = 0
+    ) -> tuple[Cond, Cond]:
+        """The condition of each prompt and the unconditional (or negative) branch's. `seed`:
+        of the conditions' own draws (an unCLIP prior's)."""
         if self.kind == "text":
             for p in dict.fromkeys([*prompts, negative_prompt]):
                 if self.truncated(p):
@@ -203,8 +206,14 @@ class Pipeline:
             return cls(sd.model, sd.vae, set_alpha_to_one=sd.set_alpha_to_one).to(device, dtype)
         if options:
             raise TypeError(f"options {sorted(options)} are for Stable Diffusion checkpoints")
+        from .unclip import UnclipPipeline, is_unclip
+
+        if is_unclip(name_or_path):  # a folder of prior, decoder and CLIP
+            return UnclipPipeline.load(name_or_path, device, dtype)
         path = resolve_checkpoint(name_or_path)
         model = DiffusionModel.load(path, device)
+        if model.config.cond == "image":
+            raise ValueError(f"{path}: an unCLIP decoder; pack it with its prior (difusion unclip)")
         vae = None
         if model.config.latent is not None:  # a latent model of ours: its VAE decodes
             from .vae_train import vae_for
@@ -288,6 +297,7 @@ class Pipeline:
         strength: float | None = None,
         mask_image: ImageInput | None = None,
         decode: bool = True,
+        conditions: tuple[Cond, Cond] | None = None,
     ) -> torch.Tensor:
         """As __call__, but the images as a tensor in [-1, 1]; `callback` sees model-space x0.
         `steps`, `guidance` and `sampler` default to the model's own (20 steps of dpmpp_2m for
@@ -298,7 +308,9 @@ class Pipeline:
         Stable Diffusion). `image` alone: img2img, starting from the image noised to the
         `strength` fraction of the run (default 0.8). With `mask_image` (white = generate):
         inpainting, the black area kept from the image at every step (default strength 1).
-        `decode=False` returns the model-space sample (diffusers' output_type="latent")."""
+        `decode=False` returns the model-space sample (diffusers' output_type="latent").
+        `conditions`: (cond, uncond) made beforehand, in place of the prompts' (an unCLIP
+        decoder's image embeddings); the prompts then only count the images."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
@@ -317,7 +329,7 @@ class Pipeline:
         shape = (len(prompts), cfg.channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        cond, uncond = self.conditions(prompts, negative_prompt)
+        cond, uncond = conditions or self.conditions(prompts, negative_prompt, seed)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         init = mask = None
         if image is not None:
