@@ -4,14 +4,13 @@ command line and the OpenAI client; bad inputs get one line."""
 
 import base64
 import io
-import sys
 
 import pytest
 import torch
 from PIL import Image
 from serve_util import running
+from test_cli import run_cli
 
-from difusion.cli import main
 from difusion.clip import Clip, ClipConfig
 from difusion.data.shapes import ShapesDataset
 from difusion.denoiser import bind, guided
@@ -146,17 +145,6 @@ def test_variations_and_interpolation_through_pipeline(pipe):
     assert abs(float(mid.norm()) - 1) < 1e-5 and torch.allclose(mid @ a, mid @ b, atol=1e-5)
     with pytest.raises(ValueError, match="weights"):
         pipe.variations(picture(), mix=picture(), weights=[1.5])
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["difusion", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_generate_and_variations(monkeypatch, capsys, tmp, model_dir):

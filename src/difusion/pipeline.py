@@ -97,12 +97,7 @@ class Pipeline:
         """The condition of each prompt and the unconditional (or negative) branch's. `seed`:
         of the conditions' own draws (an unCLIP prior's)."""
         if self.kind == "text":
-            for p in dict.fromkeys([*prompts, negative_prompt]):
-                if self.truncated(p):
-                    warnings.warn(
-                        f"prompt cut to the text encoder's {self.max_tokens} tokens: {p[:60]!r}...",
-                        stacklevel=3,
-                    )
+            self.warn_if_truncated([*prompts, negative_prompt])
             cond = self.model.text_cond(prompts)
             uncond = self.model.text_cond([negative_prompt] * len(prompts))
             if all(
@@ -118,6 +113,14 @@ class Pipeline:
         if self.kind == "label":
             return self.model.label_cond([self.class_names.index(p) for p in prompts])
         return None, None
+
+    def warn_if_truncated(self, prompts: list[str]) -> None:
+        for p in dict.fromkeys(prompts):
+            if self.truncated(p):
+                warnings.warn(
+                    f"prompt cut to the text encoder's {self.max_tokens} tokens: {p[:60]!r}...",
+                    stacklevel=4,
+                )
 
     def check_prompt(self, prompt: str) -> None:
         """Refuse a prompt this model cannot be conditioned on: a class-conditional model takes

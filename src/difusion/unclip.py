@@ -111,9 +111,7 @@ class UnclipPipeline(Pipeline):
     def conditions(
         self, prompts: list[str], negative_prompt: str = "", seed: int = 0
     ) -> tuple[Cond, Cond]:
-        for p in dict.fromkeys([*prompts, negative_prompt]):
-            if self.truncated(p):
-                raise ValueError(f"prompt longer than CLIP's {self.max_tokens} tokens: {p[:60]!r}")
+        self.warn_if_truncated([*prompts, negative_prompt])
         return self.model.image_cond(self.prior_embeds(prompts, negative_prompt, seed))
 
     @torch.no_grad()
