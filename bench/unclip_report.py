@@ -207,6 +207,15 @@ def winner(a: float, b: float, higher: bool = True) -> str:
     return "unCLIP" if (a > b) == higher else "direct text"
 
 
+def rate_winner(a: float, b: float, n: int) -> str:
+    """The higher pass rate, or "within noise" where the two differ by less than twice the
+    standard error of their difference (binomial, n prompts each)."""
+    se = ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
+    if abs(a - b) <= 2 * se:
+        return f"within noise ({pct(a)} vs {pct(b)}, 2 s.e. = {pct(2 * se)})"
+    return f"{winner(a, b)} ({pct(a)} vs {pct(b)})"
+
+
 def write_report(path: Path, args, times: dict, results: dict, command: str) -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     lines = [
@@ -216,7 +225,10 @@ def write_report(path: Path, args, times: dict, results: dict, command: str) -> 
         f"torch {torch.__version__}. CLIP: `{args.clip}`. Data: `shapes` "
         f"({'English and Spanish captions' if data_options() else 'English captions'}).",
         "",
-        "## Training at equal CPU time",
+        "## Training at equal time",
+        "",
+        "Budgets are wall-clock minutes on this machine (each run stops when its `--minutes`"
+        " are spent); the CPU seconds each run used are measured beside them.",
         "",
         "| run | budget (min) | CPU s | wall s |",
         "| --- | --- | --- | --- |",
@@ -259,7 +271,9 @@ def write_report(path: Path, args, times: dict, results: dict, command: str) -> 
     for lang in languages():
         u, t = results[("unclip", lang)], results[("text", lang)]
         for key, what in (("single", "one object"), ("double", "two objects")):
-            verdicts.append(f"- alignment, {what} ({lang}): {winner(u[key], t[key])}")
+            verdicts.append(
+                f"- alignment, {what} ({lang}): {rate_winner(u[key], t[key], u['n_' + key])}"
+            )
         verdicts.append(f"- CLIP score ({lang}): {winner(u['clip_score'], t['clip_score'])}")
     du, dt = results[("unclip", "diversity")], results[("text", "diversity")]
     verdicts.append(

@@ -108,6 +108,10 @@ def test_prior_draws_unit_embeddings_of_clip_size(pipe):
     assert torch.allclose(drawn.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert not torch.equal(drawn[0], drawn[2])  # each draw its own noise
     assert torch.equal(drawn, pipe.prior_embeds(PROMPTS * 2, seed=3))
+    cond, uncond = text_cond(clip, PROMPTS), text_cond(clip, ["", ""])
+    for sampler in SAMPLERS:  # every sampler takes x [B, D] as it takes images
+        drawn = pipe.prior.sample(cond, uncond, sampler=sampler, steps=3, guidance=3.0)
+        assert drawn.shape == (2, 32) and torch.allclose(drawn.norm(dim=-1), torch.ones(2))
 
 
 def test_prior_guidance_one_is_the_unguided_prior(pipe):

@@ -233,6 +233,10 @@ class Pipeline:
         arguments are `sample`'s."""
         return to_pil(self.sample(prompt, *args, **kwargs))
 
+    def variations(self, image: ImageInput, n: int = 4, **kwargs) -> list[Image.Image]:
+        """New pictures of an image's content: an unCLIP model's (`unclip.UnclipPipeline`)."""
+        raise ValueError("this model makes no variations: it is not an unCLIP model")
+
     def _size(self, height: int | None, width: int | None, image) -> tuple[int, int]:
         f = self.downscale
         if image is not None and (height is None or width is None):
