@@ -151,12 +151,12 @@ def train_prior(
     on_step: Callable[[int, dict], None] | None = None,
 ) -> Path:
     """Train (or continue) the prior run in cfg.out; returns the folder."""
-    if not cfg.clip:
+    if not cfg.clip and not resume:
         raise TrainingError("--model prior needs --clip FOLDER (the CLIP it learns the map of)")
-    if not 0 <= cfg.cond_drop < 1:
-        raise TrainingError(f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
     given = dataset
     run, cfg, device, dataset = start_run(cfg, resume, stored_prior_config, ARCHITECTURE, dataset)
+    if not 0 <= cfg.cond_drop < 1:
+        raise TrainingError(f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
     if given is None and cfg.data_options:  # start_run's data set has the default options
         dataset = load_dataset(cfg.data, cfg.size, **cfg.data_options)
     captioned(dataset, "--model prior")
