@@ -450,9 +450,11 @@ def train(
         text_encoder = build_text_encoder(cfg, dataset)
     image_encoder = None
     if cfg.cond == "image":
-        from .unclip import frozen_clip
+        from .unclip import check_clip, frozen_clip
 
         image_encoder = frozen_clip(cfg.clip)
+        if resume:  # the run continues only through the CLIP it started with
+            check_clip(image_encoder, stored_model_config(run).get("clip"), "decoder run")
     vae, latent = None, None
     if cfg.latent is not None:
         from .vae_train import latent_spec
