@@ -97,9 +97,13 @@ def train(
     model: Annotated[
         str,
         typer.Option(
-            help="unet (a diffusion model), gan (the DCGAN baseline) or vae (a KL autoencoder)."
+            help="unet (a diffusion model), gan (the DCGAN baseline), vae (a KL autoencoder), "
+            "prior or decoder (unCLIP's, over a CLIP: --clip)."
         ),
     ] = "unet",
+    clip: Annotated[
+        str | None, typer.Option(help="For --model prior and decoder: the CLIP folder.")
+    ] = None,
     latent: Annotated[
         str | None,
         typer.Option(help="A VAE run folder or file: train the U-Net in its latent space."),
@@ -137,6 +141,8 @@ def train(
             raise UserError(f"--model must be unet, {', '.join(TRAINERS)}, got {model!r}")
         importlib.import_module(TRAINERS[model], __package__).train_from_cli(dict(locals()), train)
         return
+    if clip is not None:
+        raise UserError("--clip is for --model prior and decoder")
     if cond not in (None, "label", "text"):
         raise UserError(f"--cond must be 'label' or 'text', got {cond!r}")
     if crop not in ("center", "random"):
@@ -197,7 +203,10 @@ def train(
 
 # `--model` -> the module that trains it: `train_from_cli(options, command)` reads the command's
 # options (each trainer says which apply to it) and trains; "unet" is train.py's diffusion model
-TRAINERS = {"gan": "..gan_train", "vae": "..vae_train"}
+TRAINERS = {
+    "gan": "..gan_train", "vae": "..vae_train", "prior": "..prior_train",
+    "decoder": "..decoder_train",
+}  # fmt: skip
 
 # the training options that set a model's architecture, condition and objective
 FIXED_BY_INIT = (
