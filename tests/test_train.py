@@ -253,6 +253,23 @@ def test_init_adds_a_layout_map_that_starts_as_the_same_model(tmp_path, digits8)
             train(bad, dataset=digits8, progress=False)
 
 
+def test_layout_map_on_a_model_that_has_one_refits_it_on_the_new_captions(tmp_path):
+    """`--init MODEL --layout-map` where MODEL already has a map (new words, another
+    language): that map is fitted alone first, then the whole model trains as usual."""
+    shapes = dict(data="shapes", size=16, cond="text", text_encoder="minilm")
+    mapped = tiny(tmp_path, "mapped", steps=1, layout_map=True, layout_steps=2, **shapes)
+    base = train(mapped, progress=False)
+    spanish = {"language": "es"}
+    cfg = tiny(tmp_path, "es", steps=1, lr=0.0, init=str(base), layout_map=True, **shapes)
+    out = train(replace(cfg, layout_steps=30, log_every=10, data_options=spanish), progress=False)
+    fitted = [r for r in Run(out).read_log() if "layout_loss" in r]
+    assert [r["layout_step"] for r in fitted] == [10, 20, 30]
+    start, tuned = (DiffusionModel.load(p / "model.safetensors").weights() for p in (base, out))
+    assert set(start) == set(tuned)  # no second map: the model's own one was fitted
+    changed = {k for k in start if not torch.equal(start[k], tuned[k])}
+    assert changed and all(k.startswith("layout_map.") for k in changed)  # lr 0 for the rest
+
+
 def test_data_options_reach_the_data_set(tmp_path):
     cfg = tiny(tmp_path, data="shapes", size=16, steps=1, cond="text", text_encoder="scratch")
     bad = TrainConfig(**{**cfg.__dict__, "data_options": {"two_object_prob": 2.0}})

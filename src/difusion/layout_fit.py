@@ -32,8 +32,8 @@ def pretrain_layout(
     progress: bool = True,
     stop: Stop | None = None,
 ) -> None:
-    """Fit a new layout map alone to the data's images, averaged down to an 8x8 grid, from
-    their captions: the pure-noise end of denoising without the noise. Learning which object
+    """Fit a layout map alone (a new one, or a model's own on new captions) to the data's
+    images, averaged down to an 8x8 grid, from their captions: the pure-noise end of denoising without the noise. Learning which object
     a relation puts first takes a product of three things (the place, the relation and the
     word's position); inside the denoiser that product starts at zero and its gradient with
     it, while here it is the whole loss. The mean loss of each `log_every` steps goes to the

@@ -155,7 +155,8 @@ LAYOUT_MAP_NEEDS_TEXT = "--layout-map is for text-conditioned models"
 
 def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel, bool]:
     """`--init`: the model to fine-tune, `cfg` with that model's architecture, and whether
-    a layout map was added to it."""
+    its layout map is fitted alone first: with `--layout-map`, a map added to it, or its own
+    map on this data's captions (new words, another language)."""
     try:
         path = resolve_checkpoint(cfg.init)
         model = DiffusionModel.load(path, text_encoder_path=cfg.text_encoder_path)
@@ -166,10 +167,8 @@ def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel, bool]:
         if model.config.cond != "text":
             raise TrainingError(LAYOUT_MAP_NEEDS_TEXT)
         model = with_layout_map(model)
-        architecture["layout_map"] = added = True
-    else:
-        added = False
-    return replace(cfg, **architecture, init_sha256=file_sha256(path)), model, added
+        architecture["layout_map"] = True
+    return replace(cfg, **architecture, init_sha256=file_sha256(path)), model, cfg.layout_map
 
 
 def with_layout_map(model: DiffusionModel) -> DiffusionModel:
@@ -433,9 +432,9 @@ def train(
         torch.cuda.set_device(device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise TrainingError("fp16 training needs a CUDA device; use bf16 on a CPU")
-    init, new_layout = None, cfg.layout_map and not resume
+    init, fit_layout = None, cfg.layout_map and not resume
     if cfg.init is not None and not resume:
-        cfg, init, new_layout = load_init(cfg)
+        cfg, init, fit_layout = load_init(cfg)
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.size, **cfg.data_options)
     check_condition_fits(cfg, dataset)
@@ -484,7 +483,7 @@ def train(
     )
     stop = Stop(cfg.minutes)  # the budget covers the layout map's pre-fit too
     with contextlib.ExitStack() as cleanup, stop.catching_signals(), run_folder_errors(run):
-        if new_layout and cfg.layout_steps > 0 and rank == 0:
+        if fit_layout and cfg.layout_steps > 0 and rank == 0:
             run.dir.mkdir(parents=True, exist_ok=True)
             generator = torch.Generator().manual_seed(cfg.seed + 7919)
             pretrain_layout(diffusion, dataset, cfg, generator, run, progress, stop)
