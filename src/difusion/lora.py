@@ -316,16 +316,20 @@ def set_scale(model: nn.Module, name: str, scale: float) -> None:
     _forget_prompts(model)
 
 
-def unload(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Take every adapter out of `model`, in place: the base weights as they were, bit for bit;
-    or with `merge`, each active adapter added into its layer's weight at its scale."""
+def unload(model: nn.Module, merge: bool = False, names: Sequence[str] | None = None) -> nn.Module:
+    """Take the adapters `names` (default: all) out of `model`, in place: the base weights as
+    they were, bit for bit; or with `merge`, every adapter added into its layer's weight at its
+    scale first."""
     for root in adaptable_roots(model).values():
         for name, m in list(lora_layers(root)):
             if merge:
                 m.merge(adapter_names=list(m.active_adapters))
-            parent, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent), child, m.get_base_layer())
-        if "peft_config" in root.__dict__:
+            for adapter in [] if names is None or merge else [a for a in names if a in m.lora_A]:
+                m.delete_adapter(adapter)
+            if names is None or merge or not m.lora_A:
+                parent, _, child = name.rpartition(".")
+                setattr(root.get_submodule(parent), child, m.get_base_layer())
+        if "peft_config" in root.__dict__ and not any(True for _ in lora_layers(root)):
             del root.peft_config
     _forget_prompts(model)
     return model

@@ -1,0 +1,176 @@
+"""LoRA adapters: applied, merged and unloaded exactly; files of both layouts read as diffusers
+reads them (on a tiny random Stable Diffusion pipeline, as test_sd builds it); training that
+moves only the adapters; the bad inputs."""
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from difusion import Pipeline, lora
+from difusion.model import DiffusionModel
+
+diffusers = pytest.importorskip("diffusers", reason="pip install -e '.[dev]' (make install)")
+from test_sd import GUIDANCE, PROMPTS, STEPS, TOL, _latents, build, rel_err  # noqa: E402
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj")
+TEXT_TARGETS = ("q_proj", "v_proj", "out_proj")
+RANK = 4
+
+
+def random_adapters(module: torch.nn.Module, targets, seed: int) -> dict[str, tuple]:
+    """{module name: (down, up)} of random rank-RANK adapters on the `targets` layers."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and name.endswith(targets):
+            w = m.weight
+            down = 0.2 * torch.randn(RANK, *w.shape[1:], generator=g) / w[0].numel() ** 0.5
+            up = 0.2 * torch.randn(w.shape[0], RANK, *(1,) * (w.dim() - 2), generator=g)
+            out[name] = (down, up)
+    return out
+
+
+def diffusers_file(path, parts: dict[str, dict]) -> None:
+    save_file(
+        {
+            f"{root}.{name}.lora_{half}.weight": t.contiguous()
+            for root, adapters in parts.items()
+            for name, pair in adapters.items()
+            for half, t in zip("AB", pair, strict=True)
+        },
+        str(path),
+    )
+
+
+def kohya_file(path, parts: dict[str, dict], alpha: float) -> None:
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    tensors = {}
+    for root, adapters in parts.items():
+        for name, (down, up) in adapters.items():
+            stem = prefix[root] + name.replace(".", "_")
+            tensors[f"{stem}.lora_down.weight"] = down.contiguous()
+            tensors[f"{stem}.lora_up.weight"] = up.contiguous()
+            tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    pipe = build(root, v2=False)
+    parts = {
+        "unet": random_adapters(pipe.unet, UNET_TARGETS, 1),
+        "text_encoder": random_adapters(pipe.text_encoder, TEXT_TARGETS, 2),
+    }
+    assert any(d.dim() == 4 and d.shape[-1] == 3 for d, _ in parts["unet"].values())  # 3x3 convs
+    diffusers_file(root / "diffusers.safetensors", parts)
+    kohya_file(root / "kohya.safetensors", parts, alpha=2.0)
+    return root, pipe
+
+
+def _images(pipe, ours: bool, latents, **kw):
+    if ours:
+        x = pipe.sample(PROMPTS, steps=STEPS, sampler="ddim", guidance=GUIDANCE, latents=latents)
+        return (x + 1) / 2
+    args = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents)
+    return pipe(PROMPTS, output_type="pt", height=32, width=32, **args, **kw).images
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_both_layouts_match_diffusers(sd, layout):
+    root, pipe = sd
+    path = root / f"{layout}.safetensors"
+    latents = _latents((2, 4, 16, 16))
+    ours = Pipeline.from_pretrained(root / "folder", lora=[f"{path}:0.7"])
+    assert sum(1 for _ in lora.lora_layers(ours.model.text_encoder.clip.model)) > 0
+    pipe.load_lora_weights(str(path), adapter_name=layout)
+    pipe.set_adapters([layout], [0.7])
+    try:
+        ref = _images(pipe, False, latents)
+        base = _images(Pipeline.from_pretrained(root / "folder"), True, latents)
+        assert rel_err(base, ref) > 10 * TOL  # the adapter does change the images
+        assert rel_err(_images(ours, True, latents), ref) < TOL
+    finally:
+        pipe.unload_lora_weights()
+
+
+def test_scale_zero_merge_and_unload(sd, tmp_path):
+    root, _ = sd
+    latents = _latents((2, 4, 16, 16))
+    pipe = Pipeline.from_pretrained(root / "folder")
+    before = {k: v.clone() for k, v in pipe.model.unet.state_dict().items()}
+    base = _images(pipe, True, latents)
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 128, generator=g)
+    with torch.no_grad():
+        before_out = pipe.model.unet(x, 981, context=ctx)
+    names = lora.apply_loras(pipe.model, [(root / "kohya.safetensors", 0.0)])
+    assert torch.equal(_images(pipe, True, latents), base)  # scale 0: the base exactly
+    lora.set_scale(pipe.model, names[0], 0.5)
+    merged = lora.merged(pipe.model)  # merging is exact to float rounding (which 4 DDIM steps
+    assert not any(True for _ in lora.lora_layers(merged.unet))  # at guidance 7.5 amplify)
+    with torch.no_grad():
+        applied = pipe.model.unet(x, 981, context=ctx)
+        assert rel_err(applied, merged.unet(x, 981, context=ctx)) < TOL / 10
+        assert rel_err(applied, before_out) > 10 * TOL
+    encode = lambda model: model.text_encoder.encode(PROMPTS)[0]  # noqa: E731
+    assert rel_err(encode(merged), encode(pipe.model)) < TOL / 10
+    lora.unload(pipe.model)
+    after = pipe.model.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in after)
+    assert torch.equal(_images(pipe, True, latents), base)  # text embeddings re-encoded too
+
+
+def test_two_adapters_add_up(sd):
+    root, _ = sd
+    latents = _latents((2, 4, 16, 16))
+    files = [(root / "kohya.safetensors", 0.5), (root / "diffusers.safetensors", 0.25)]
+    both = Pipeline.from_pretrained(root / "folder", lora=files)
+    assert lora.unload(both.model, names=["lora0"]) is both.model  # one of them out
+    one = Pipeline.from_pretrained(root / "folder", lora=files[1:])
+    assert rel_err(_images(both, True, latents), _images(one, True, latents)) < TOL
+
+
+def test_bad_files(sd, tmp_path):
+    root, _ = sd
+    model = Pipeline.from_pretrained(root / "folder").model
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    with pytest.raises(lora.LoraError, match="not a safetensors file"):
+        lora.apply_loras(model, [(tmp_path / "text.safetensors", 1.0)])
+    save_file({"conv_in.weight": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(lora.LoraError, match="no LoRA adapters"):
+        lora.apply_loras(model, [(tmp_path / "model.safetensors", 1.0)])
+    other = {"unet": {"no_such.layer": (torch.zeros(4, 8), torch.zeros(8, 4))}}
+    diffusers_file(tmp_path / "other.safetensors", other)
+    with pytest.raises(lora.LoraError, match="none of its 1 adapters matches"):
+        lora.apply_loras(model, [(tmp_path / "other.safetensors", 1.0)])
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    wrong = {"unet": {q: (torch.zeros(4, 31), torch.zeros(32, 4))}}  # the layer takes 32
+    diffusers_file(tmp_path / "wrong.safetensors", wrong)
+    with pytest.raises(lora.LoraError, match=f"does not fit the layer {q}"):
+        lora.apply_loras(model, [(tmp_path / "wrong.safetensors", 1.0)])
+    ranks = {"unet": {q: (torch.zeros(4, 32), torch.zeros(32, 2))}}
+    diffusers_file(tmp_path / "ranks.safetensors", ranks)
+    with pytest.raises(lora.LoraError, match="down is rank 4, up rank 2"):
+        lora.apply_loras(model, [(tmp_path / "ranks.safetensors", 1.0)])
+    partly = {"unet": {q: (torch.zeros(4, 32), torch.zeros(32, 4)), **other["unet"]}}
+    diffusers_file(tmp_path / "partly.safetensors", partly)
+    with pytest.warns(UserWarning, match="1 of its 2 adapters fit no layer.*no_such"):
+        lora.apply_loras(model, [(tmp_path / "partly.safetensors", 1.0)])
+
+
+def test_spec():
+    assert lora.parse_spec("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
+    assert lora.parse_spec("a/b.safetensors") == ("a/b.safetensors", 1.0)
+    assert lora.parse_spec("C:/x/b.safetensors") == ("C:/x/b.safetensors", 1.0)
+
+
+def _sha(model: DiffusionModel) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.unet.state_dict().items()):
+        if ".lora_" not in k:
+            h.update(k.removesuffix(".base_layer.weight").encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
