@@ -9,10 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from difusion import Pipeline, lora
+from difusion.checkpoints import read_safetensors
+from difusion.data import load_dataset
 from difusion.model import DiffusionModel
+from difusion.runs import Run, TrainingError
+from difusion.train import build_text_encoder, model_config_for, train
 
 diffusers = pytest.importorskip("diffusers", reason="pip install -e '.[dev]' (make install)")
 from test_sd import GUIDANCE, PROMPTS, STEPS, TOL, _latents, build, rel_err  # noqa: E402
+from test_train import tiny  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj")
 TEXT_TARGETS = ("q_proj", "v_proj", "out_proj")
@@ -171,6 +176,95 @@ def _sha(model: DiffusionModel) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.unet.state_dict().items()):
         if ".lora_" not in k:
-            h.update(k.removesuffix(".base_layer.weight").encode())
+            h.update(k.replace(".base_layer", "").encode())
             h.update(v.detach().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A tiny random text-to-image model of ours (shapes, scratch text encoder) to adapt."""
+    path = tmp_path_factory.mktemp("base") / "model.safetensors"
+    cfg = tiny(path.parent, data="shapes", size=16, cond="text", text_encoder="scratch")
+    data = load_dataset("shapes", 16, length=64)
+    encoder = build_text_encoder(cfg, data)
+    torch.manual_seed(0)
+    DiffusionModel(model_config_for(cfg, data, encoder), text_encoder=encoder).save(path)
+    return path
+
+
+def lora_run(tmp_path, base, name="lora", **kw):
+    cfg = dict(init=str(base), lora=4, lora_alpha=8, lora_targets="all", lr=1e-2, steps=6)
+    return tiny(tmp_path, name, data="shapes", **{**cfg, **kw})
+
+
+def test_training_moves_only_the_adapter_and_lowers_the_loss(base_model):
+    model = DiffusionModel.load(base_model).train()
+    before = _sha(model)
+    lora.add_trainable(model, RANK, None, "all")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)  # adapters only
+    trainable = list(trainable.values())
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    xt = model.schedule.q_sample(x0, t, eps)
+    cond = model.text_cond(["a red circle"] * 8)
+    opt = torch.optim.AdamW(trainable, lr=3e-2)
+    losses = []
+    for _ in range(8):
+        loss = (model.unet(xt, t, **cond) - eps).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert _sha(model) == before
+
+
+def test_lora_run_folder_resume_and_diffusers(base_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = train(lora_run(tmp_path, base_model), progress=False)
+    path = out / lora.LORA_FILE
+    assert path.stat().st_size < 200_000
+    state = read_safetensors(Run(out).state_path)[0]
+    frozen = {k.removeprefix("model.").replace(".base_layer", ""): v for k, v in state.items()
+              if k.startswith("model.") and ".lora_" not in k}  # fmt: skip
+    init = read_safetensors(base_model)[0]
+    assert frozen.keys() == init.keys() and all(torch.equal(frozen[k], init[k]) for k in init)
+
+    # resumed half way, the same adapter
+    half = train(lora_run(tmp_path, base_model, "half", steps=3), progress=False)
+    train(lora_run(tmp_path, base_model, "half", steps=6), resume=True, progress=False)
+    resumed = read_safetensors(half / lora.LORA_FILE)[0]
+    written = read_safetensors(path)[0]
+    assert resumed.keys() == written.keys()
+    assert all(torch.equal(resumed[k], written[k]) for k in written)
+
+    # diffusers loads it: the same U-Net as ours with it applied, and as the run's merged model
+    ours = DiffusionModel.load(base_model)
+    lora.apply_loras(ours, [(path, 1.0)])
+    ref = UNet2DConditionModel(**ours.config.unet.to_diffusers_kwargs()).eval()
+    ref.load_state_dict({k: v for k, v in init.items() if not k.startswith("text_encoder.")})
+    ref.load_lora_adapter(str(path), prefix="unet", adapter_name="ours")
+    g = torch.Generator().manual_seed(3)
+    x, ctx = (
+        torch.randn(2, 3, 16, 16, generator=g),
+        torch.randn(2, 6, ours.text_encoder.dim, generator=g),
+    )
+    t = torch.tensor([900, 20])
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=ctx).sample
+        assert rel_err(ours.unet(x, t, context=ctx), expected) < TOL
+        merged = DiffusionModel.load(out / "model.safetensors")
+        assert rel_err(merged.unet(x, t, context=ctx), expected) < TOL
+        assert rel_err(DiffusionModel.load(base_model).unet(x, t, context=ctx), expected) > TOL
+
+
+def test_lora_training_needs_init(tmp_path):
+    with pytest.raises(TrainingError, match="--init"):
+        train(tiny(tmp_path, lora=4), progress=False)

@@ -105,6 +105,19 @@ def train(
             "file), keeping its architecture, condition and objective."
         ),
     ] = None,
+    lora: Annotated[
+        int,
+        typer.Option(
+            help="With --init: train a LoRA adapter of this rank on the frozen model (0: the "
+            "whole model); the run folder gets pytorch_lora_weights.safetensors."
+        ),
+    ] = 0,
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="The adapter's alpha (default: its rank).")
+    ] = None,
+    lora_targets: Annotated[
+        str, typer.Option(help="The layers adapted: attn, attn+ff or all (every conv, linear).")
+    ] = "attn",
     data_option: DataOption = None,
     workers: Workers = 0,
     crop: Annotated[
@@ -185,6 +198,9 @@ def train(
         flip=flip,
         buckets=buckets,
         compile=compile,
+        lora=lora,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
     )
     run_training(cfg, resume=resume)
 
