@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from difusion import Pipeline, lora
 from difusion.checkpoints import read_safetensors
 from difusion.data import load_dataset
-from difusion.model import DiffusionModel
+from difusion.model import DiffusionModel, resolve_checkpoint
 from difusion.runs import Run, TrainingError
 from difusion.train import build_text_encoder, model_config_for, train
 
@@ -268,3 +268,66 @@ def test_lora_run_folder_resume_and_diffusers(base_model, tmp_path):
 def test_lora_training_needs_init(tmp_path):
     with pytest.raises(TrainingError, match="--init"):
         train(tiny(tmp_path, lora=4), progress=False)
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def test_server_lora_tags(tmp_path):
+    import httpx
+    from serve_util import running
+    from test_serve import decode, same
+
+    from difusion.serve import ServeSettings, create_app
+    from difusion.serve.models import load_models
+
+    model = DiffusionModel.load(resolve_checkpoint("default"))
+    lora.add_trainable(model, RANK, None, "attn")
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model.unet):
+            layer.lora_B[lora.TRAIN].weight.normal_(
+                0, 0.05, generator=torch.Generator().manual_seed(0)
+            )
+    lora.save_lora(model, tmp_path / "dots.safetensors", trigger="dots")
+    models = load_models(["default"])
+    body = {"prompt": "a red circle", "seed": 3, "steps": 4, "width": 32, "height": 32}
+    with running(create_app(ServeSettings(lora_dir=str(tmp_path)), models)) as base:
+        listed = httpx.get(f"{base}/sdapi/v1/loras").json()
+        assert listed == [{"name": "dots", "alias": "dots", "path": str(tmp_path / "dots.safetensors"),
+                           "metadata": {"format": "pt", "trigger": "dots"}}]  # fmt: skip
+
+        def image(prompt: str):
+            r = httpx.post(f"{base}/sdapi/v1/txt2img", json={**body, "prompt": prompt}, timeout=120)
+            assert r.status_code == 200, r.text
+            return decode(r.json()["images"][0])
+
+        plain = image("a red circle")
+        adapted = image("<lora:dots:0.8> a red circle")
+        expected = Pipeline.from_pretrained(
+            "default", lora=[f"{tmp_path / 'dots.safetensors'}:0.8"]
+        )
+        assert same(adapted, expected("a red circle", seed=3, steps=4)[0])
+        assert not same(adapted, plain)
+        assert same(image("a red circle"), plain)  # the next request: the base, bit for bit
+        r = httpx.post(f"{base}/sdapi/v1/txt2img", json={**body, "prompt": "<lora:nope:1> a"})
+        assert r.status_code == 422 and "no LoRA named 'nope'" in r.text and "prompt" in r.text
+
+
+def test_lora_alone_waits_for_shared_holders():
+    import threading
+
+    from difusion.serve.loras import SharedOrAlone
+
+    lock, order = SharedOrAlone(), []
+    with lock.hold(alone=False):
+        t = threading.Thread(
+            target=lambda: [lock.hold(alone=True).__enter__(), order.append("alone")]
+        )
+        t.start()
+        with lock.hold(alone=False):  # shared holders share
+            pass
+        t.join(timeout=0.2)
+        assert t.is_alive() and not order  # the alone one waits for the shared ones
+        order.append("shared done")
+    t.join()
+    assert order == ["shared done", "alone"]

@@ -274,38 +274,47 @@ def apply_loras(
     """Add each LoRA (a file or a `LoraFile`) at its scale to `model`, in place; returns the
     adapters' names. Adapters that match no layer of the model are reported (a warning), a file
     none of whose adapters match is refused."""
-    names = []
-    for spec, scale in loras:
-        lora = spec if isinstance(spec, LoraFile) else read_lora(spec)
-        matched, unmatched = match(model, lora)
-        if not matched:
-            raise LoraError(
-                f"{lora.path}: none of its {len(lora.down)} adapters matches a layer of this "
-                f"model (e.g. {unmatched[0]})"
-            )
-        if unmatched or lora.ignored:
-            left = [*unmatched, *lora.ignored]
-            warnings.warn(
-                f"{lora.path}: {len(left)} of its {len(lora.down) + len(lora.ignored)} adapters "
-                f"fit no layer of this model and are ignored (e.g. {left[0]})",
-                stacklevel=2,
-            )
-        taken = {a for root in adaptable_roots(model).values() for _, m in lora_layers(root)
-                 for a in m.lora_A}  # fmt: skip
-        name = next(f"lora{i}" for i in range(len(taken) + 1) if f"lora{i}" not in taken)
-        for root_name, layers in matched.items():
-            root = adaptable_roots(model)[root_name]
-            _inject(root, {m: (d.shape[0], a) for m, (d, _, a) in layers.items()}, name)
-            for module, (down, up, _) in layers.items():
-                layer = root.get_submodule(module)
-                with torch.no_grad():
-                    layer.lora_A[name].weight.copy_(down)
-                    layer.lora_B[name].weight.copy_(up)
-                layer.set_scale(name, scale)
-            _activate(root)
-        names.append(name)
+    names: list[str] = []
+    try:
+        for spec, scale in loras:
+            names.append(_apply(model, spec, scale))
+    except LoraError:
+        unload(model, names=names)  # all of them or none
+        raise
     _forget_prompts(model)
     return names
+
+
+def _apply(model: nn.Module, spec: str | Path | LoraFile, scale: float) -> str:
+    """One LoRA into `model`; returns its adapter's name."""
+    lora = spec if isinstance(spec, LoraFile) else read_lora(spec)
+    matched, unmatched = match(model, lora)
+    if not matched:
+        raise LoraError(
+            f"{lora.path}: none of its {len(lora.down)} adapters matches a layer of this "
+            f"model (e.g. {unmatched[0]})"
+        )
+    if unmatched or lora.ignored:
+        left = [*unmatched, *lora.ignored]
+        warnings.warn(
+            f"{lora.path}: {len(left)} of its {len(lora.down) + len(lora.ignored)} adapters "
+            f"fit no layer of this model and are ignored (e.g. {left[0]})",
+            stacklevel=2,
+        )
+    taken = {a for root in adaptable_roots(model).values() for _, m in lora_layers(root)
+             for a in m.lora_A}  # fmt: skip
+    name = next(f"lora{i}" for i in range(len(taken) + 1) if f"lora{i}" not in taken)
+    for root_name, layers in matched.items():
+        root = adaptable_roots(model)[root_name]
+        _inject(root, {m: (d.shape[0], a) for m, (d, _, a) in layers.items()}, name)
+        for module, (down, up, _) in layers.items():
+            layer = root.get_submodule(module)
+            with torch.no_grad():
+                layer.lora_A[name].weight.copy_(down)
+                layer.lora_B[name].weight.copy_(up)
+            layer.set_scale(name, scale)
+        _activate(root)
+    return name
 
 
 def set_scale(model: nn.Module, name: str, scale: float) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..model import SHIPPED, resolve_checkpoint, steps_kept
 from ..pipeline import Pipeline, dtype_named, img2img_strength
 from ..samplers import SAMPLERS
 from .errors import APIError
+from .loras import applied
 
 MAX_N = 8
 MAX_STEPS = 1000
@@ -50,6 +51,7 @@ class Generation:
     mask: Image.Image | None = None  # white = redraw
     strength: float | None = None
     names: dict[str, str] | None = None
+    loras: list[tuple[Path, float]] = field(default_factory=list)  # <lora:...> of the prompt
 
     def field(self, name: str) -> str:
         return (self.names or {}).get(name, name)
@@ -248,21 +250,22 @@ class ServedModel:
         """The checked request's images; `on_step(i, total, x0)` sees each step's x0 estimate
         (model space) and may raise to stop the run."""
         steps = self.steps_run(g)
-        x = self.pipe.sample(
-            g.prompt,
-            negative_prompt=g.negative_prompt,
-            steps=g.steps,
-            guidance=g.guidance,
-            sampler=g.sampler,
-            seed=g.seed,
-            n=g.n,
-            callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
-            height=g.height,
-            width=g.width,
-            image=g.image.convert("RGB") if g.image is not None else None,
-            mask_image=g.mask,
-            strength=g.strength,
-        )
+        with applied(self.pipe, g.loras):  # the request's LoRAs, if any, for this job only
+            x = self.pipe.sample(
+                g.prompt,
+                negative_prompt=g.negative_prompt,
+                steps=g.steps,
+                guidance=g.guidance,
+                sampler=g.sampler,
+                seed=g.seed,
+                n=g.n,
+                callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
+                height=g.height,
+                width=g.width,
+                image=g.image.convert("RGB") if g.image is not None else None,
+                mask_image=g.mask,
+                strength=g.strength,
+            )
         return to_pil(x)
 
     def preview(self, x0: torch.Tensor) -> Image.Image:
