@@ -331,3 +331,30 @@ def test_lora_alone_waits_for_shared_holders():
         order.append("shared done")
     t.join()
     assert order == ["shared done", "alone"]
+
+
+def test_distill_into_a_lora(base_model, tmp_path):
+    from difusion.distill import DistillConfig, distill
+
+    cfg = DistillConfig(teacher=str(base_model), out=str(tmp_path / "lcm"), data="shapes",
+                        data_options={"length": 64}, batch_size=4, steps=3, lr=1e-2, warmup=1,
+                        lora=RANK, sample_every=10**6, checkpoint_every=10**6)  # fmt: skip
+    run = distill(cfg, progress=False)
+    adapter = read_safetensors(run / lora.LORA_FILE)[0]
+    assert adapter and all(k.startswith("unet.") and ".lora_" in k for k in adapter)
+    student = DiffusionModel.load(run / "model.safetensors")  # the adapter merged in
+    assert student.config.consistency["lora"] == RANK and student.config.sampler == "lcm"
+    assert student.guidance_range == (1.0, 1.0) and student.config.unet.time_cond_proj_dim is None
+    teacher, with_lora = DiffusionModel.load(base_model), DiffusionModel.load(base_model)
+    assert lora.apply_loras(with_lora, [(run / lora.LORA_FILE, 1.0)]) == ["lora0"]
+    g = torch.Generator().manual_seed(3)
+    x, ctx = (
+        torch.randn(2, 3, 16, 16, generator=g),
+        torch.randn(2, 6, teacher.text_encoder.dim, generator=g),
+    )
+    with torch.no_grad():
+        out = with_lora.unet(x, 500, context=ctx)
+        assert rel_err(student.unet(x, 500, context=ctx), out) < TOL
+        assert rel_err(teacher.unet(x, 500, context=ctx), out) > TOL  # it learnt something
+    images = student.sample(2, cond=student.text_cond(["a red circle"] * 2))  # 4 lcm steps
+    assert images.shape == (2, 3, 16, 16) and images.isfinite().all()

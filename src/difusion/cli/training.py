@@ -244,6 +244,13 @@ def distill(
     log_every: LogEvery = 25,
     workers: Workers = 0,
     resume: Resume = False,
+    lora: Annotated[
+        int,
+        typer.Option(
+            help="Distil into a LoRA adapter of this rank on the frozen teacher (an LCM-LoRA: "
+            "applied to the teacher, 4 lcm steps at guidance 1); 0: a whole student."
+        ),
+    ] = 0,
 ) -> None:
     """Distil a model into a few-step student (latent consistency distillation)."""
     from ..distill import DistillConfig
@@ -255,6 +262,6 @@ def distill(
         minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         guidance_min=guidance_min, guidance_max=guidance_max, solver_steps=solver_steps,
         precision=precision, device=device, seed=seed, sample_every=sample_every,
-        checkpoint_every=checkpoint_every, log_every=log_every, workers=workers,
+        checkpoint_every=checkpoint_every, log_every=log_every, workers=workers, lora=lora,
     )  # fmt: skip
     run_distillation(cfg, resume=resume)
