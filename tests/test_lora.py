@@ -358,3 +358,76 @@ def test_distill_into_a_lora(base_model, tmp_path):
         assert rel_err(teacher.unet(x, 500, context=ctx), out) > TOL  # it learnt something
     images = student.sample(2, cond=student.text_cond(["a red circle"] * 2))  # 4 lcm steps
     assert images.shape == (2, 3, 16, 16) and images.isfinite().all()
+
+
+def test_cli_merge_and_bad_lora(base_model, tmp_path, monkeypatch, capsys):
+    from test_cli import run_cli
+
+    model = DiffusionModel.load(base_model)
+    lora.add_trainable(model, RANK, None, "attn")
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model.unet):
+            layer.lora_B[lora.TRAIN].weight.normal_(
+                0, 0.05, generator=torch.Generator().manual_seed(1)
+            )
+    lora.save_lora(model, tmp_path / "a.safetensors")
+    out = tmp_path / "merged.safetensors"
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "lora",
+        "merge",
+        base_model,
+        f"{tmp_path / 'a.safetensors'}:0.5",
+        "--out",
+        out,
+    )
+    assert code in (0, None), err
+    lora.set_scale(model, lora.TRAIN, 0.5)
+    expected = lora.merged(model).unet.state_dict()
+    written = DiffusionModel.load(out).unet.state_dict()
+    assert written.keys() == expected.keys()
+    assert all(rel_err(written[k], expected[k]) < 1e-6 for k in expected)
+    (tmp_path / "bad.safetensors").write_text("nope")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "generate",
+        "a red circle",
+        "--model",
+        base_model,
+        "-n",
+        "1",
+        "--steps",
+        "1",
+        "--lora",
+        tmp_path / "bad.safetensors",
+        "-o",
+        tmp_path / "g.png",
+    )
+    assert code == 1 and err.count("\n") == 1 and "not a safetensors file" in err
+
+
+def test_alphas_from_diffusers_metadata(base_model, tmp_path):
+    """diffusers' `lora_adapter_metadata` (alpha 8 on rank 4) doubles the adapter, as scale 2."""
+    model = DiffusionModel.load(base_model)
+    adapters = {"unet": random_adapters(model.unet, ("to_q", "to_v"), 4)}
+    diffusers_file(tmp_path / "plain.safetensors", adapters)
+    tensors = read_safetensors(tmp_path / "plain.safetensors")[0]
+    meta = {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": 8}'}
+    save_file(tensors, str(tmp_path / "alpha.safetensors"), meta)
+    g = torch.Generator().manual_seed(3)
+    x, ctx = (
+        torch.randn(2, 3, 16, 16, generator=g),
+        torch.randn(2, 6, model.text_encoder.dim, generator=g),
+    )
+
+    def output(spec):
+        m = DiffusionModel.load(base_model)
+        lora.apply_loras(m, [spec])
+        with torch.no_grad():
+            return m.unet(x, 500, context=ctx)
+
+    doubled = output((tmp_path / "plain.safetensors", 2.0))
+    assert rel_err(output((tmp_path / "alpha.safetensors", 1.0)), doubled) < TOL / 10
+    assert rel_err(output((tmp_path / "plain.safetensors", 1.0)), doubled) > TOL
