@@ -12,7 +12,8 @@
 4. The same grids and alignment from the run's model (the base with the adapter merged,
    `difusion eval RUN --alignment`), and how many of the new prompts' pictures are orange.
 
-Everything lands in `--out`; `report.json` holds the numbers.
+Everything lands in `--out`; `report.json` holds the numbers. Run again with the same `--out`,
+the training continues where it stopped (for `--minutes` more).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/lora_demo"))
     p.add_argument("--minutes", type=float, default=15.0, help="training budget")
     p.add_argument("--images", type=int, default=48, help="captioned pictures (at most 50)")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=4, help="rank 4 on attn+ff: about 0.6 MB")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--prompts", type=int, default=200, help="alignment prompts of each kind")
