@@ -40,6 +40,7 @@ from .checkpoints import file_sha256, read_safetensors
 from .data import load_dataset
 from .denoiser import Denoiser, bind, clamped, consistency, guided
 from .loop import Stop, TrainLoop
+from .lora import add_trainable, save_run_model
 from .model import DiffusionModel, resolve_checkpoint
 from .nn.unet import UNet
 from .previews import alignment_probe, preview
@@ -88,6 +89,7 @@ class DistillConfig:
     keep: int = 0
     workers: int = 0  # DataLoader worker processes decoding the data (0: in the training one)
     model: str = "distill"  # marks the run folder's train_config.json
+    lora: int = 0  # > 0: distil into a LoRA adapter of this rank on the frozen teacher (LCM-LoRA)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +111,11 @@ def teacher_data(teacher: str) -> str:
 
 def student_of(teacher: DiffusionModel, cfg: DistillConfig, source: str) -> DiffusionModel:
     """The teacher's network with a guidance input whose projection is zero: at the start,
-    exactly the teacher."""
+    exactly the teacher. With `cfg.lora`: the teacher's network as it is, frozen, with a LoRA
+    adapter on every layer (zero at first) and no guidance input (an LCM-LoRA: the guidance
+    range is learnt into the adapter, which is sampled at guidance 1)."""
+    if cfg.lora:
+        return lora_student(teacher, cfg, source)
     conditional = teacher.config.cond is not None
     unet_config = replace(
         teacher.config.unet, time_cond_proj_dim=GUIDANCE_EMBED_DIM if conditional else None
@@ -119,24 +125,39 @@ def student_of(teacher: DiffusionModel, cfg: DistillConfig, source: str) -> Diff
     assert not unexpected and all(k.endswith("cond_proj.weight") for k in missing), missing
     if conditional:
         torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
-    sigma_min = teacher.schedule.sigma_min
     config = replace(
         teacher.config,
         unet=unet_config,
         sampler="lcm",
         steps=4,
-        consistency={
-            "sigma_min": sigma_min,
-            "guidance": [cfg.guidance_min, cfg.guidance_max] if conditional else [1.0, 1.0],
-            "teacher": {"source": source, "sha256": file_sha256(resolve_checkpoint(source))},
-            "solver_steps": cfg.solver_steps,
-        },
+        consistency=consistency_spec(teacher, cfg, source, conditional),
     )
     if conditional:
         config.guidance = min(max(config.guidance, cfg.guidance_min), cfg.guidance_max)
     return DiffusionModel(config, unet, teacher.text_encoder).to(
         teacher.device, memory_format=torch.channels_last
     )
+
+
+def consistency_spec(teacher: DiffusionModel, cfg: DistillConfig, source: str, guided: bool):
+    """What a distilled model records: its boundary sigma, the guidance scales it takes, its
+    teacher and solver."""
+    return {
+        "sigma_min": teacher.schedule.sigma_min,
+        "guidance": [cfg.guidance_min, cfg.guidance_max] if guided else [1.0, 1.0],
+        "teacher": {"source": source, "sha256": file_sha256(resolve_checkpoint(source))},
+        "solver_steps": cfg.solver_steps,
+    }
+
+
+def lora_student(teacher: DiffusionModel, cfg: DistillConfig, source: str) -> DiffusionModel:
+    config = replace(
+        teacher.config, sampler="lcm", steps=4, guidance=1.0,
+        consistency={**consistency_spec(teacher, cfg, source, False), "lora": cfg.lora},
+    )  # fmt: skip
+    student = DiffusionModel(config, copy.deepcopy(teacher.unet), teacher.text_encoder)
+    add_trainable(student, cfg.lora, None, "all")
+    return student.to(teacher.device, memory_format=torch.channels_last)
 
 
 def skipping_sigmas(model: DiffusionModel, solver_steps: int) -> torch.Tensor:
@@ -187,8 +208,11 @@ def distill_loss(
             fn = clamped(fn)
         x0_teacher = fn(x_a, sigma_a)
         x_b = x0_teacher + (sigma_b / sigma_a).view(per) * (x_a - x0_teacher)  # DDIM
-        want = consistency_fn(target, target.unet, cond, w)(x_b, sigma_b)
-    got = consistency_fn(student, net, cond, w)(x_a, sigma_a)
+        w_in = (
+            w if student.config.unet.time_cond_proj_dim is not None else None
+        )  # only a student with a guidance input sees w
+        want = consistency_fn(target, target.unet, cond, w_in)(x_b, sigma_b)
+    got = consistency_fn(student, net, cond, w_in)(x_a, sigma_a)
     diff = (got.float() - want.float()).flatten(1)
     c = cfg.huber_c
     return ((diff.pow(2).mean(1) + c * c).sqrt() - c).mean()
@@ -203,6 +227,8 @@ def save_distill_state(
                     model_config=json.dumps(student.config.to_dict()),
                     **stream_metadata(batches))  # fmt: skip
     write_target = lambda path: target.save(path, {"step": str(step)})  # noqa: E731
+    if cfg.lora:  # the target merged into the teacher, and the adapter alone beside it
+        write_target = lambda path: save_run_model(target, path, step)  # noqa: E731
     save_checkpoint(run, step, write_target, tensors, metadata, cfg.keep)
 
 
@@ -253,7 +279,8 @@ def distill(
     torch.manual_seed(cfg.seed)
     student = student_of(teacher, cfg, cfg.teacher)
     target = copy.deepcopy(student).requires_grad_(False)
-    opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    trainable = [p for p in student.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     generators = seeded_generators(cfg.seed)
     batches = training_batches(
         dataset, cfg.batch_size, cfg.seed, generators["data"], device, workers=cfg.workers
@@ -303,7 +330,7 @@ def distill(
                 )  # fmt: skip
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.unet.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             update_ema(target, student, loop.step, cfg.ema_decay)
             loop.advance({"loss": loss}, lr)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -198,15 +198,18 @@ class Pipeline:
         name_or_path: str | Path = "default",
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        lora: Sequence[str | tuple[str, float]] = (),
         **options,
     ) -> Pipeline:
         """ "default" (the model shipped with the package), a run folder or a model file, or a
         Stable Diffusion checkpoint: a diffusers folder (model_index.json) or a single original
         .safetensors / .ckpt (see `difusion.sd.load_checkpoint` for its `options`). `dtype`
-        (torch.bfloat16) converts the U-Net's and the VAE's weights once, as `to` does."""
+        (torch.bfloat16) converts the U-Net's and the VAE's weights once, as `to` does. `lora`:
+        LoRA files applied to it, each "FILE[:SCALE]" or (FILE, SCALE) (see `difusion.lora`)."""
         if str(name_or_path) not in SHIPPED and is_sd_checkpoint(name_or_path):
             sd = load_checkpoint(name_or_path, **options)
-            return cls(sd.model, sd.vae, set_alpha_to_one=sd.set_alpha_to_one).to(device, dtype)
+            pipe = cls(sd.model, sd.vae, set_alpha_to_one=sd.set_alpha_to_one)
+            return pipe.with_loras(lora).to(device, dtype)
         if options:
             raise TypeError(f"options {sorted(options)} are for Stable Diffusion checkpoints")
         from .unclip import UnclipPipeline, is_unclip
@@ -222,7 +225,15 @@ class Pipeline:
             from .vae_train import vae_for
 
             vae = vae_for(model.config.latent, device)
-        return cls(model, vae).to(dtype=dtype)
+        return cls(model, vae).with_loras(lora).to(dtype=dtype)
+
+    def with_loras(self, loras: Sequence[str | tuple[str, float]]) -> Pipeline:
+        """The pipeline with these LoRA files ("FILE[:SCALE]" or (FILE, SCALE)) applied."""
+        if loras:
+            from .lora import apply_loras, parse_spec
+
+            apply_loras(self.model, [parse_spec(x) if isinstance(x, str) else x for x in loras])
+        return self
 
     @property
     def default_guidance(self) -> float:

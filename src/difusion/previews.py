@@ -39,16 +39,21 @@ def preview(ema: DiffusionModel, path: Path, seed: int = 0, vae=None) -> None:
     """A fixed-noise sample grid, so grids from successive steps compare (decoded by `vae`
     for a latent model)."""
     ema.eval()
+    lo, hi = ema.guidance_range  # a distilled model takes only those it learnt
     if ema.config.cond == "text":
         prompts = PREVIEW_PROMPTS
         cond, uncond = ema.text_cond(prompts * 3), ema.text_cond([""] * len(prompts) * 3)
-        x = ema.sample(len(prompts) * 3, seed=seed, cond=cond, uncond=uncond, guidance=4.0)
+        x = ema.sample(
+            len(prompts) * 3, seed=seed, cond=cond, uncond=uncond, guidance=min(max(4.0, lo), hi)
+        )
         cols = len(prompts)
     elif ema.config.cond == "label":
         k = len(ema.config.class_names or [])
         labels = torch.arange(k).repeat_interleave(max(1, 40 // k))[:40]
         cond, uncond = ema.label_cond(labels)
-        x = ema.sample(len(labels), seed=seed, cond=cond, uncond=uncond, guidance=3.0)
+        x = ema.sample(
+            len(labels), seed=seed, cond=cond, uncond=uncond, guidance=min(max(3.0, lo), hi)
+        )
         cols = max(1, 40 // k)
     elif ema.config.cond == "image":  # an unCLIP decoder, unconditional (zero embeddings)
         cond, _ = ema.image_cond(torch.zeros(36, ema.config.unet.image_embed_dim))

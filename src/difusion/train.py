@@ -35,6 +35,7 @@ from .checkpoints import CheckpointError, file_sha256, read_metadata, read_safet
 from .data import load_dataset
 from .layout_fit import pretrain_layout
 from .loop import Stop, TrainLoop
+from .lora import adapter_state, add_trainable, save_run_model
 from .model import DiffusionModel, ModelConfig, resolve_checkpoint
 from .nn.unet import UNetConfig
 from .objective import Draws, batch_cond, diffusion_loss
@@ -108,6 +109,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the U-Net
     init: str | None = None  # fine-tune: start from this model's weights (and architecture)
     init_sha256: str | None = None  # the file `init` named, when the run started
+    lora: int = 0  # > 0: train a LoRA adapter of this rank on the frozen `init` (see lora.py)
+    lora_alpha: float | None = None  # its alpha (default: the rank)
+    lora_targets: str = "attn"  # attn, attn+ff or all: the layers it adapts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -328,16 +332,21 @@ def save_state(
     generators: dict[str, torch.Generator],
     batches: Batches,
 ) -> None:
-    tensors, metadata = training_state({"model": model.weights()}, {"model": opt}, generators)
+    modules = {"model": model.weights()}
+    if cfg.lora:  # the adapter's EMA (the model file holds it merged into the base)
+        modules["ema_lora"] = adapter_state(ema)
+    tensors, metadata = training_state(modules, {"model": opt}, generators)
     metadata.update(
         step=str(step),
         train_config=json.dumps(cfg.to_dict()),
         model_config=json.dumps(model.config.to_dict()),
         **stream_metadata(batches),
     )
-    save_checkpoint(
-        run, step, lambda path: ema.save(path, {"step": str(step)}), tensors, metadata, cfg.keep
-    )
+    if cfg.lora:
+        write_model = lambda path: save_run_model(ema, path, step)  # noqa: E731
+    else:
+        write_model = lambda path: ema.save(path, {"step": str(step)})  # noqa: E731
+    save_checkpoint(run, step, write_model, tensors, metadata, cfg.keep)
 
 
 def load_state(
@@ -354,6 +363,15 @@ def load_state(
     restore_training_state(tensors, metadata, {"model": opt}, generators)
     restore_stream(batches, metadata)
     return int(metadata["step"])
+
+
+def ema_weights(run: Run, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The EMA weights a run resumes with: its model file's, or a LoRA run's base (from the
+    training state) with the adapter's EMA."""
+    if not cfg.lora:
+        return read_safetensors(run.model_path)[0]
+    tensors = read_safetensors(run.state_path)[0]
+    return {**module_state(tensors, "model"), **module_state(tensors, "ema_lora")}
 
 
 def stored_train_config(out: str | Path) -> TrainConfig:
@@ -424,6 +442,8 @@ def train(
         raise TrainingError(f"--keep must be 0 or more, not {cfg.keep}")
     if cfg.grad_accum < 1:
         raise TrainingError(f"--grad-accum must be 1 or more, not {cfg.grad_accum}")
+    if cfg.lora and cfg.init is None:
+        raise TrainingError("--lora trains an adapter for a model: name it with --init MODEL")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16")
     device = pick_device(cfg.device)
@@ -474,6 +494,8 @@ def train(
         diffusion = DiffusionModel(
             model_config, text_encoder=text_encoder, image_encoder=image_encoder
         )
+    if cfg.lora:  # the base frozen, an adapter to train (its weights come back on resume)
+        add_trainable(diffusion, cfg.lora, cfg.lora_alpha, cfg.lora_targets)
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
     diffusion = diffusion.to(device, memory_format=torch.channels_last)
     trainable = [p for p in diffusion.parameters() if p.requires_grad]
@@ -500,7 +522,7 @@ def train(
         step = 0
         if resume:
             step = load_state(run, diffusion, opt, generators, batches)
-            ema.load_weights(read_safetensors(run.model_path)[0])
+            ema.load_weights(ema_weights(run, cfg))
             if rank == 0:
                 run.truncate_log(step)
         run.dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import warnings
 
 import typer
 
+from .adapters import lora_app
 from .images import generate, noise, sample
 from .options import UserError
 from .serving import serve
@@ -25,6 +26,7 @@ for command in (noise, train, sample, generate):
 app.command(name="eval")(eval_)
 for command in (compare, distill, unclip, variations, serve):
     app.command()(command)
+app.add_typer(lora_app, name="lora")
 
 __all__ = ["UserError", "app", "main"]
 

@@ -10,6 +10,7 @@ import typer
 
 from .options import (
     Device,
+    LoraFiles,
     UserError,
     WeightsDtype,
     _check_output,
@@ -84,6 +85,7 @@ def sample(
     ),
     gif: Annotated[Path | None, typer.Option(help="Also write the trajectory as a GIF.")] = None,
     device: Device = "auto",
+    lora: LoraFiles = None,
 ) -> None:
     """Draw images from a trained model, optionally as an animation from noise."""
     from ..compare import load_generator_or_diffusion
@@ -99,13 +101,19 @@ def sample(
     steps = steps or (1000 if sampler == "ddpm" else None)
     model = load_generator_or_diffusion(checkpoint, pick_device(device))
     if isinstance(model, GAN):  # one pass of the generator: no sampler, condition or trajectory
-        if label is not None or guidance != 1.0 or gif is not None:
-            raise UserError("--label, --guidance and --gif need a diffusion model; this is a GAN")
+        if label is not None or guidance != 1.0 or gif is not None or lora:
+            raise UserError(
+                "--label, --guidance, --gif and --lora need a diffusion model; this is a GAN"
+            )
         grid(to_pil(model.sample(n, seed=seed)), scale=auto_scale(model.config.image_size)).save(
             output
         )
         typer.echo(f"wrote {output} (GAN, one pass)")
         return
+    if lora:
+        from ..lora import apply_loras, parse_spec
+
+        apply_loras(model, [parse_spec(spec) for spec in lora])
     cond = uncond = None
     if label is not None:
         cond, uncond = model.label_cond([label] * n)
@@ -191,6 +199,7 @@ def generate(
     ] = None,
     device: Device = "auto",
     dtype: WeightsDtype = "fp32",
+    lora: LoraFiles = None,
     compile: Annotated[
         bool,
         typer.Option(
@@ -231,7 +240,7 @@ def generate(
             raise UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
 
     init, mask_image = open_image(image), open_image(mask)
-    pipe = Pipeline.from_pretrained(model, pick_device(device), weights_dtype)
+    pipe = Pipeline.from_pretrained(model, pick_device(device), weights_dtype, lora=lora or ())
     if compile:
         pipe.compile()
     scale = auto_scale(height or width or pipe.image_size)

@@ -30,6 +30,12 @@ DataOption = Annotated[
         help="KEY=VALUE for the data set, repeatable (e.g. two_object_prob=0.75 for shapes)."
     ),
 ]
+LoraFiles = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora", help="A LoRA file to apply, FILE[:SCALE] (scale 1 if left out); repeatable."
+    ),
+]
 
 WeightsDtype = Annotated[
     str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -43,6 +44,13 @@ def serve(
     ] = 300.0,
     device: Device = "auto",
     dtype: WeightsDtype = "fp32",
+    lora_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder of LoRA files: listed at /sdapi/v1/loras, applied to one request by "
+            "<lora:NAME:SCALE> in its prompt."
+        ),
+    ] = None,
 ) -> None:
     """Serve models over HTTP: OpenAI's images API, AUTOMATIC1111's, and a page at /."""
     import logging
@@ -59,6 +67,8 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty")
     _weights_dtype(dtype)
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise UserError(f"--lora-dir {lora_dir}: not a folder")
     _check_can_listen(host, port)  # before the minutes a large model may take to load
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -66,6 +76,7 @@ def serve(
     settings = ServeSettings(
         models=tuple(model or ["default"]), api_key=api_key, concurrency=concurrency,
         queue_size=queue_size, timeout=timeout, device=str(pick_device(device)), dtype=dtype,
+        lora_dir=str(lora_dir) if lora_dir else None,
     )  # fmt: skip
     application = create_app(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host

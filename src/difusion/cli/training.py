@@ -115,6 +115,19 @@ def train(
             "file), keeping its architecture, condition and objective."
         ),
     ] = None,
+    lora: Annotated[
+        int,
+        typer.Option(
+            help="With --init: train a LoRA adapter of this rank on the frozen model (0: the "
+            "whole model); the run folder gets pytorch_lora_weights.safetensors."
+        ),
+    ] = 0,
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="The adapter's alpha (default: its rank).")
+    ] = None,
+    lora_targets: Annotated[
+        str, typer.Option(help="The layers adapted: attn, attn+ff or all (every conv, linear).")
+    ] = "attn",
     data_option: DataOption = None,
     workers: Workers = 0,
     crop: Annotated[
@@ -197,6 +210,9 @@ def train(
         flip=flip,
         buckets=buckets,
         compile=compile,
+        lora=lora,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
     )
     run_training(cfg, resume=resume)
 
@@ -243,6 +259,13 @@ def distill(
     log_every: LogEvery = 25,
     workers: Workers = 0,
     resume: Resume = False,
+    lora: Annotated[
+        int,
+        typer.Option(
+            help="Distil into a LoRA adapter of this rank on the frozen teacher (an LCM-LoRA: "
+            "applied to the teacher, 4 lcm steps at guidance 1); 0: a whole student."
+        ),
+    ] = 0,
 ) -> None:
     """Distil a model into a few-step student (latent consistency distillation)."""
     from ..distill import DistillConfig
@@ -254,6 +277,6 @@ def distill(
         minutes=minutes, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         guidance_min=guidance_min, guidance_max=guidance_max, solver_steps=solver_steps,
         precision=precision, device=device, seed=seed, sample_every=sample_every,
-        checkpoint_every=checkpoint_every, log_every=log_every, workers=workers,
+        checkpoint_every=checkpoint_every, log_every=log_every, workers=workers, lora=lora,
     )  # fmt: skip
     run_distillation(cfg, resume=resume)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..model import SHIPPED, resolve_checkpoint, steps_kept
 from ..pipeline import Pipeline, dtype_named, img2img_strength
 from ..samplers import SAMPLERS
 from .errors import APIError
+from .loras import applied
 
 MAX_N = 8
 MAX_STEPS = 1000
@@ -51,6 +52,7 @@ class Generation:
     strength: float | None = None
     vary: Image.Image | None = None  # an unCLIP model's variations of this picture
     names: dict[str, str] | None = None
+    loras: list[tuple[Path, float]] = field(default_factory=list)  # <lora:...> of the prompt
 
     def field(self, name: str) -> str:
         return (self.names or {}).get(name, name)
@@ -249,26 +251,28 @@ class ServedModel:
         """The checked request's images; `on_step(i, total, x0)` sees each step's x0 estimate
         (model space) and may raise to stop the run."""
         steps = self.steps_run(g)
-        if g.vary is not None:
-            return self.pipe.variations(
-                g.vary.convert("RGB"), n=g.n, seed=g.seed, steps=g.steps, guidance=g.guidance,
-                sampler=g.sampler, callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
-            )  # fmt: skip
-        x = self.pipe.sample(
-            g.prompt,
-            negative_prompt=g.negative_prompt,
-            steps=g.steps,
-            guidance=g.guidance,
-            sampler=g.sampler,
-            seed=g.seed,
-            n=g.n,
-            callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
-            height=g.height,
-            width=g.width,
-            image=g.image.convert("RGB") if g.image is not None else None,
-            mask_image=g.mask,
-            strength=g.strength,
-        )
+        with applied(self.pipe, g.loras):  # the request's LoRAs, if any, for this job only
+            if g.vary is not None:
+                return self.pipe.variations(
+                    g.vary.convert("RGB"), n=g.n, seed=g.seed, steps=g.steps,
+                    guidance=g.guidance, sampler=g.sampler,
+                    callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
+                )  # fmt: skip
+            x = self.pipe.sample(
+                g.prompt,
+                negative_prompt=g.negative_prompt,
+                steps=g.steps,
+                guidance=g.guidance,
+                sampler=g.sampler,
+                seed=g.seed,
+                n=g.n,
+                callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
+                height=g.height,
+                width=g.width,
+                image=g.image.convert("RGB") if g.image is not None else None,
+                mask_image=g.mask,
+                strength=g.strength,
+            )
         return to_pil(x)
 
     def preview(self, x0: torch.Tensor) -> Image.Image:

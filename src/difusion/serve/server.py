@@ -15,6 +15,7 @@ from PIL import Image
 
 from .errors import APIError
 from .jobs import Job, Worker, wait_for
+from .loras import take_lora_tags
 from .models import Generation, ServedModel
 
 
@@ -27,6 +28,7 @@ class ServeSettings:
     timeout: float = 300.0  # seconds a generation may run
     device: str = "cpu"
     dtype: str = "fp32"  # the U-Nets' weights: "fp32" or "bf16"
+    lora_dir: str | None = None  # LoRA files a prompt's <lora:NAME:SCALE> may apply
 
 
 class ImageStore:
@@ -92,7 +94,7 @@ async def run_generation(
 ) -> tuple[list[Image.Image], Generation, Job]:
     """Check the request against the model, queue it, wait for its images (the job stops if
     the client leaves), and note its timings for the log line."""
-    g = model.check(g)
+    g = model.check(take_lora_tags(g, server(request).settings.lora_dir))
     worker = server(request).workers[model.name]
     job = Job(g)
     future = worker.submit(job)
