@@ -305,12 +305,14 @@ def pipeline_table(args) -> tuple[str, list[dict]]:
     return markdown_table(headers, rows), records
 
 
-# what each kernel is, in both profiles: torch's op names and OpenVINO's node types
+# what each kernel is, in both profiles: torch's op names and OpenVINO's node types. OpenVINO
+# fuses each attention (MatMul, Softmax, MatMul) into one "Subgraph" node (its snippets; 32 in
+# SD 1.5: 16 transformer blocks, self and cross), GroupNorm and LayerNorm into MVN nodes.
 PROFILE_KINDS = {
     "convolution": ("convolution", "Convolution"),
-    "group norm": ("group_norm", "GroupNorm", "MVN"),
+    "norms": ("group_norm", "layer_norm", "GroupNorm", "MVN"),
     "attention": ("scaled_dot_product", "flash_attention", "bf16_attention", "softmax", "bmm",
-                  "ScaledDotProductAttention", "Softmax"),
+                  "ScaledDotProductAttention", "Softmax", "Subgraph"),
     "matmul": ("addmm", "aten::mm", "aten::linear", "aten::matmul", "MatMul", "FullyConnected"),
     "reorders and copies": ("copy_", "_to_copy", "contiguous", "clone", "Reorder", "Transpose",
                             "Reshape", "Concat", "Interpolate", "Gather"),
@@ -361,6 +363,7 @@ def profile(args) -> None:
         f"\nf32, batch {args.batch}, 4x{args.size}x{args.size}, {torch.get_num_threads()} threads"
     )
     print(markdown_table(["kernels (own time, s)", "ours", "OpenVINO f32"], rows))
+    print("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     top = sorted(by_type.items(), key=lambda kv: -kv[1][0])[:15]
     print("\n" + markdown_table(["OpenVINO node type (kernel)", "s", "nodes"],
                                 [[k, f"{s:.3f}", n] for k, (s, n) in top]))  # fmt: skip
