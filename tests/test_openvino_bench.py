@@ -29,16 +29,23 @@ def case():
     return unet, x, t, context, ref
 
 
-def openvino_output(unet, x, t, context, conversion, precision="f32") -> torch.Tensor:
-    model = peer.convert(unet, x, t, context, conversion, peer.TINY_UNET)
+@pytest.fixture(scope="module")
+def converted(case):
+    unet, x, t, context, _ = case
+    return {
+        c: peer.convert(unet, x, t, context, c, peer.TINY_UNET) for c in ("timestep", "sinusoid")
+    }
+
+
+def run(model, conversion, x, t, context, precision="f32") -> torch.Tensor:
     compiled = peer.compile_cpu(model, precision)
     return peer.openvino_step(compiled, conversion, peer.TINY_UNET, x, t, context)()
 
 
 @pytest.mark.parametrize("conversion", ["timestep", "sinusoid"])
-def test_f32_conversion_equals_diffusers_and_passes_the_check(case, conversion):
+def test_f32_conversion_equals_diffusers_and_passes_the_check(case, converted, conversion):
     unet, x, t, context, ref = case
-    y = openvino_output(unet, x, t, context, conversion)
+    y = run(converted[conversion], conversion, x, t, context)
     assert y.shape == ref.shape
     assert peer.relative_error(y, ref) < TOLERANCE
     assert peer.check(y, ref, conversion) < TOLERANCE
@@ -49,29 +56,29 @@ def test_f32_conversion_equals_diffusers_and_passes_the_check(case, conversion):
 
 
 def test_check_refuses_wrong_weights(case):
-    unet, x, t, context, ref = case
+    _, x, t, context, ref = case
     other = build("diffusers", peer.TINY_UNET)
     with torch.no_grad():
         other.conv_in.weight.mul_(1.1)
-    y = openvino_output(other, x, t, context, "timestep")
+    model = peer.convert(other, x, t, context, "timestep", peer.TINY_UNET)
     with pytest.raises(ValueError, match="conversion is wrong, not timing it"):
-        peer.check(y, ref, "OpenVINO")
+        peer.check(run(model, "timestep", x, t, context), ref, "OpenVINO")
 
 
-def test_check_refuses_wrong_inputs(case):
-    unet, x, t, context, ref = case
-    y = openvino_output(unet, x, t, context.flip(0), "timestep")  # contexts swapped
+def test_check_refuses_wrong_inputs(case, converted):
+    _, x, t, context, ref = case
+    y = run(converted["timestep"], "timestep", x, t, context.flip(0))  # contexts swapped
     with pytest.raises(ValueError, match="conversion is wrong"):
         peer.check(y, ref, "OpenVINO")
     with pytest.raises(ValueError, match="output shape"):
         peer.check(y[:1], ref, "OpenVINO")
 
 
-def test_bf16_sinusoid_fed_in_keeps_the_timestep(case):
+def test_bf16_sinusoid_fed_in_keeps_the_timestep(case, converted):
     """OpenVINO's bf16 rounds the timestep inside the graph (981 -> 980); the sinusoid made in
     float32 outside it keeps bf16's error at bf16's rounding of the activations."""
-    unet, x, t, context, ref = case
-    err = {c: peer.relative_error(openvino_output(unet, x, t, context, c, "bf16"), ref)
-           for c in ("timestep", "sinusoid")}  # fmt: skip
+    _, x, t, context, ref = case
+    err = {c: peer.relative_error(run(m, c, x, t, context, "bf16"), ref)
+           for c, m in converted.items()}  # fmt: skip
     assert err["sinusoid"] < 5e-2
     assert err["sinusoid"] < err["timestep"]
