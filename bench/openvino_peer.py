@@ -397,7 +397,7 @@ def unet_table(args, out: Path) -> tuple[list[str], list[list], list[dict], list
         f"median of {args.reps} steps after one warm-up, each implementation in its own "
         "process, the processes of a precision interleaved step by step; peak RSS: getrusage's "
         "maxrss of that process (OpenVINO's read the converted model from disk: conversion "
-        f"not included); {flops / 1e9:.0f} GFLOP a step",
+        f"not included); {flops / 1e9:.1f} GFLOP a step",
     ]
     headers = ["", "s/step", "error vs diffusers fp32", "RSS loaded", "peak RSS"]
     return headers, rows, records, notes
