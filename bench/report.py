@@ -40,6 +40,7 @@ SCRIPTS = [  # (script, arguments)
     ("sd_unet.py", ["--precision", "bf16-weights"]),
     ("train_loop.py", []),
     ("pipeline.py", []),
+    ("openvino_peer.py", []),
     ("sampler_overhead.py", []),
 ]
 OPTIONAL = [("loader.py", []), ("generation.py", [])]  # run when present
@@ -128,19 +129,28 @@ def rates_line(results: list[dict]) -> str:
     return ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
 
 
-def versus(r: dict) -> tuple[str, str] | None:
-    """The summary's name and output difference for an ours-vs-diffusers record, or None
-    for a kind the summary does not track."""
+def versus(r: dict) -> tuple[str, str, float] | None:
+    """The summary's name, output difference and the other side's seconds for an ours-vs-peer
+    record (diffusers or OpenVINO), or None for a kind the summary does not track."""
     kind = r.get("kind")
     if kind == "unet_train_step":
         name = f"training step, ours / diffusers' {r['model']} (batch {r['batch']})"
-        return name, f"{r['rel_err']:.0e} (max rel.)"
+        return name, f"{r['rel_err']:.0e} (max rel.)", r["diffusers_s"]
     if kind == "pipeline":
         name = f"Pipeline / diffusers ({r['batch']} images, {r['steps']} steps)"
-        return name, f"{r['max_abs_diff']:.0e} max, {r['mean_abs_diff']:.0e} mean (abs.)"
+        diff = f"{r['max_abs_diff']:.0e} max, {r['mean_abs_diff']:.0e} mean (abs.)"
+        return name, diff, r["diffusers_s"]
     if kind == "sd15_unet_step":
         name = f"SD 1.5 U-Net step, ours / diffusers (4x{r['size']}x{r['size']})"
-        return name, f"{r['rel_err']:.0e} (rel. norm)"
+        return name, f"{r['rel_err']:.0e} (rel. norm)", r["diffusers_s"]
+    if kind == "openvino_unet_step":
+        name = f"SD 1.5 U-Net step, ours / OpenVINO (4x{r['size']}x{r['size']})"
+        diff = f"{r['ours_rel_err']:.0e} / {r['openvino_rel_err']:.0e} (rel. to diffusers fp32)"
+        return name, diff, r["openvino_s"]
+    if kind == "openvino_pipeline":
+        name = f"Pipeline / its U-Net in OpenVINO ({r['batch']} images, {r['steps']} steps)"
+        diff = f"{r['ours_from_fp32']:.0e} / {r['openvino_from_fp32']:.0e} mean (abs., to fp32)"
+        return name, diff, r["openvino_s"]
     return None
 
 
@@ -156,7 +166,7 @@ def summary(results: list[dict]) -> str:
     rows = []
     for r in records(results):
         kind, prec = r.get("kind"), r.get("precision", "")
-        weights = kind == "pipeline" or r.get("weights") == "bf16"
+        weights = kind in ("pipeline", "openvino_pipeline") or r.get("weights") == "bf16"
         shown = {"bf16": "bf16 weights" if weights else "bf16 autocast"}.get(prec, prec)
         if kind == "train_loop":
             flops = r["flops"] / r["batch"]  # per image
@@ -165,8 +175,8 @@ def summary(results: list[dict]) -> str:
             rows.append([name, shown, f"{loop / bare:.2f}", pct(flops * loop, prec),
                          pct(flops * bare, prec), ""])  # fmt: skip
         elif (named := versus(r)) is not None:
-            name, diff = named
-            ours, theirs = r["ours_s"], r["diffusers_s"]
+            name, diff, theirs = named
+            ours = r["ours_s"]
             rows.append([name, shown, f"{theirs / ours:.2f}", pct(r["flops"] / ours, prec),
                          pct(r["flops"] / theirs, prec), diff])  # fmt: skip
     headers = ["ratio", "precision", "value", "ours: % of matmul rate",

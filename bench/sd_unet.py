@@ -152,24 +152,38 @@ def fill(model: torch.nn.Module) -> None:
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def child(impl: str, reps: int, out: Path, size: int, precision: str) -> None:
+def build(impl: str, config: dict = SD15_UNET) -> torch.nn.Module:
+    """Our U-Net ("ours") or diffusers' UNet2DConditionModel ("diffusers") of a diffusers
+    config, holding `fill`'s weights, for inference."""
     from difusion.nn.unet import UNet
 
-    torch.manual_seed(0)
     with torch.device("meta"):
         if impl == "ours":
-            model = UNet(UNetConfig.from_diffusers_config(SD15_UNET))
+            model = UNet(UNetConfig.from_diffusers_config(config))
         else:
             from diffusers import UNet2DConditionModel
 
-            model = UNet2DConditionModel(**SD15_UNET)
+            model = UNet2DConditionModel(**config)
     fill(model)
     if impl == "ours":  # as the library loads it (sd/assemble.py, DiffusionModel.load)
         model = model.to(memory_format=torch.channels_last)
-    model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def step_inputs(
+    size: int, config: dict = SD15_UNET, batch: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A denoising step's latents [batch, C, size, size] and text context [batch, 77, D]
+    (batch 2: a guided image's two branches), the same in every run."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, size, size, generator=g)
-    ctx = torch.randn(2, 77, 768, generator=g)
+    x = torch.randn(batch, config["in_channels"], size, size, generator=g)
+    return x, torch.randn(batch, 77, config["cross_attention_dim"], generator=g)
+
+
+def child(impl: str, reps: int, out: Path, size: int, precision: str) -> None:
+    torch.manual_seed(0)
+    model = build(impl)
+    x, ctx = step_inputs(size)
     if precision == "bf16-weights":
         model.to(torch.bfloat16)
         x, ctx = x.bfloat16(), ctx.bfloat16()
