@@ -91,7 +91,8 @@ def train(
     model: Annotated[
         str,
         typer.Option(
-            help="unet (a diffusion model), gan (the DCGAN baseline) or vae (a KL autoencoder)."
+            help="unet (a diffusion model), gan (the DCGAN baseline), vae (a KL autoencoder) "
+            "or clip (a contrastive text and image encoder)."
         ),
     ] = "unet",
     latent: Annotated[
@@ -191,7 +192,7 @@ def train(
 
 # `--model` -> the module that trains it: `train_from_cli(options, command)` reads the command's
 # options (each trainer says which apply to it) and trains; "unet" is train.py's diffusion model
-TRAINERS = {"gan": "..gan_train", "vae": "..vae_train"}
+TRAINERS = {"gan": "..gan_train", "vae": "..vae_train", "clip": "..clip_train"}
 
 # the training options that set a model's architecture, condition and objective
 FIXED_BY_INIT = (
