@@ -315,14 +315,18 @@ def test_prompt_set_covers_everything_evenly():
 
 
 def test_fast_enough():
+    """Scoring costs about as much as drawing the same scenes (5x here, with both in pure
+    Python and numpy): bound it relative to that, not in seconds, so load cannot flip it."""
+    start = time.perf_counter()
     _, images, captions = dataset(500, 32, seed=11)
+    rendering = time.perf_counter() - start
     score_batch(images[:10], captions[:10])  # warm caches
-    t = time.perf_counter()
+    start = time.perf_counter()
     r = score_batch(images, captions)
-    rate = len(captions) / (time.perf_counter() - t)
-    print(f"scoring speed: {rate:.0f} images/s at 32 px")
+    scoring = time.perf_counter() - start
+    print(f"scoring: {len(captions) / scoring:.0f} images/s, {scoring / rendering:.1f}x drawing")
     assert r["pass_rate"] >= 0.99
-    assert rate >= 500
+    assert scoring < 20 * rendering
 
 
 def test_unseen_wordings_are_unseen_and_keep_the_meaning():
@@ -339,3 +343,9 @@ def test_unseen_wordings_are_unseen_and_keep_the_meaning():
     assert parse_prompt(reword(prompt, "colour")) is None  # outside the training language
     with pytest.raises(ValueError, match="unknown wording"):
         reword(prompt, "texture")
+
+
+def test_spanish_prompt_set_is_the_english_one_translated():
+    en, es = prompt_set(36, 36, seed=2), prompt_set(36, 36, seed=2, language="es")
+    assert [parse_prompt(p) for p in es] == [parse_prompt(p) for p in en]
+    assert es[0].startswith("un ") and all(" of " not in p for p in es)

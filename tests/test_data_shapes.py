@@ -259,3 +259,104 @@ def test_labels_and_dataloader():
     assert len(batch["attributes"]) == 8
     assert load_dataset("shapes", size=64)[0]["image"].shape == (3, 64, 64)
     assert len(list(ds)) == 16
+
+
+# ----------------------------------------------------------------------------- Spanish
+
+ES_COLOURS = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo"}
+ES_COLOURS |= {"magenta": "magenta", "cyan": "cian"}
+ES_SHAPES = {"circle": "círculo", "square": "cuadrado", "triangle": "triángulo"}
+ES_RELATIONS = {"to the left of": "a la izquierda de", "to the right of": "a la derecha de"}
+ES_RELATIONS |= {"above": "encima de", "below": "debajo de"}
+FEMININE = {"rojo": "roja", "amarillo": "amarilla"}  # the others do not change
+
+
+def scenes():
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    for c, s in pairs:
+        yield {"objects": [{"color": c, "shape": s}], "relation": None}
+    for (c1, s1), (c2, s2) in ((a, b) for a in pairs for b in pairs if a != b):
+        for r in RELATIONS:
+            objs = [{"color": c1, "shape": s1}, {"color": c2, "shape": s2}]
+            yield {"objects": objs, "relation": r}
+
+
+def test_spanish_canonical_captions_for_every_scene():
+    for scene in scenes():
+        o = scene["objects"]
+        words = [f"un {ES_SHAPES[x['shape']]} {ES_COLOURS[x['color']]}" for x in o]
+        expected = (
+            words[0] if len(o) == 1 else f"{words[0]} {ES_RELATIONS[scene['relation']]} {words[1]}"
+        )
+        assert canonical_caption(scene, "es") == expected
+        assert parse_prompt(expected) == scene
+    assert canonical_caption(
+        {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}],
+         "relation": "above"}, "es",
+    ) == "un círculo rojo encima de un cuadrado azul"  # fmt: skip
+
+
+def test_spanish_variants_agree_in_gender_and_mean_the_same():
+    from difusion.data.shapes import _variants_es
+
+    feminine_forms = set(FEMININE.values())
+    for scene in scenes():
+        for caption in _variants_es(scene):
+            spec = parse_prompt(caption)
+            assert spec is not None, caption
+            if spec != scene:  # said the other way round
+                assert spec["objects"] == scene["objects"][::-1], caption
+                assert spec["relation"] == INVERSE[scene["relation"]], caption
+            words = caption.split()
+            for i, w in enumerate(words):
+                if w in feminine_forms:  # a feminine adjective follows "figura", nothing else
+                    assert words[i - 1] == "figura", caption
+                if w in FEMININE:  # a masculine one never follows "figura"
+                    assert words[i - 1] != "figura", caption
+            assert "de el" not in caption and "una círculo" not in caption, caption
+            assert not any(w in ("the", "of", "circle", "is", "with") for w in words), caption
+    assert parse_prompt("el círculo rojo está encima del cuadrado azul") == parse_prompt(
+        "un círculo rojo encima de un cuadrado azul"
+    )
+    assert parse_prompt("una figura amarilla con forma de triángulo") == parse_prompt(
+        "a yellow triangle"
+    )
+    assert parse_prompt("Un circulo rojo sobre un cuadrado azul.") == parse_prompt(
+        "a red circle above a blue square"
+    )  # without accents, as people type
+
+
+def test_language_option_keeps_scenes_and_the_english_stream():
+    en, es, both = (ShapesDataset(seed=3, language=x) for x in ("en", "es", "both"))
+    plain = ShapesDataset(seed=3)
+    seen = Counter()
+    for i in range(200):
+        a, b, c, d = en[i], es[i], both[i], plain[i]
+        assert a["caption"] == d["caption"]  # "en" is today's data, bit for bit
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image"], c["image"])
+        assert parse_prompt(b["caption"]) is not None
+        spanish = any(w in c["caption"].split() for w in ("un", "una", "el", "hay", "con"))
+        spanish |= c["caption"].split()[0] in ES_SHAPES.values()
+        seen[spanish] += 1
+    assert 60 < seen[True] < 140  # about half of "both" is Spanish
+    with pytest.raises(ValueError, match="language must be one of"):
+        ShapesDataset(language="fr")
+    loaded = load_dataset("shapes", language="es")
+    assert loaded[0]["caption"] == ShapesDataset(language="es", length=len(loaded))[0]["caption"]
+
+
+def test_rendered_batches_take_the_language_and_keep_their_scenes():
+    from difusion.data.shapes_batch import render_batch
+
+    def batch(language):
+        return render_batch(64, torch.Generator().manual_seed(1), language=language)
+
+    en, es = batch("en"), batch("es")
+    assert torch.equal(en["image"], es["image"])
+    assert en["caption"] == render_batch(64, torch.Generator().manual_seed(1))["caption"]
+    for a, b in zip(en["caption"], es["caption"], strict=True):
+        sa, sb = parse_prompt(a), parse_prompt(b)
+        assert sa is not None and sb is not None
+        assert sorted(map(str, sa["objects"])) == sorted(map(str, sb["objects"]))
+    mixed = batch("both")["caption"]
+    assert set(mixed) & set(es["caption"]) and set(mixed) & set(en["caption"])

@@ -544,8 +544,11 @@ def score_batch(
 # ----------------------------------------------------------------------------- prompts
 
 
-def prompt_set(n_single: int = 200, n_double: int = 200, seed: int = 0) -> list[str]:
-    """Canonical evaluation prompts: `n_single` one-object then `n_double` two-object ones.
+def prompt_set(
+    n_single: int = 200, n_double: int = 200, seed: int = 0, language: str = "en"
+) -> list[str]:
+    """Canonical evaluation prompts: `n_single` one-object then `n_double` two-object ones,
+    in English or Spanish (`language` "es": the same scenes' canonical Spanish captions).
 
     Every colour x shape pair appears equally often (up to the remainder of n / 18) as the
     one object and as the subject of two-object prompts, every relation equally often (up
@@ -564,12 +567,13 @@ def prompt_set(n_single: int = 200, n_double: int = 200, seed: int = 0) -> list[
         return {"color": color, "shape": shape}
 
     n_cls = len(CLASS_NAMES)
-    prompts = [canonical_caption({"objects": [obj(c)]}) for c in cycle(n_single, n_cls)]
+    prompts = [canonical_caption({"objects": [obj(c)]}, language) for c in cycle(n_single, n_cls)]
     subjects, offsets = cycle(n_double, n_cls), cycle(n_double, n_cls - 1)
     relations = cycle(n_double, len(RELATIONS))
     for a, off, r in zip(subjects, offsets, relations, strict=True):
         b = (a + 1 + off) % n_cls
-        prompts.append(canonical_caption({"objects": [obj(a), obj(b)], "relation": RELATIONS[r]}))
+        scene = {"objects": [obj(a), obj(b)], "relation": RELATIONS[r]}
+        prompts.append(canonical_caption(scene, language))
     return prompts
 
 

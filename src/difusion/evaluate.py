@@ -121,8 +121,11 @@ def evaluate_alignment(
     guidance: float | None = None,
     batch_size: int = 200,
     wording: str | None = None,
+    language: str = "en",
 ) -> dict:
     """Fraction of canonical shapes prompts the model satisfies, by the strict scorer.
+
+    `language` "es": the same prompts in Spanish ("un círculo rojo encima de ...").
 
     `wording` ("colour", "shape" or "relation", see `alignment.UNSEEN_WORDINGS`): the model is
     prompted with that part of each prompt in words no training caption holds, and scored
@@ -131,6 +134,10 @@ def evaluate_alignment(
 
     wording = wording or "canonical"
     check_wording(wording)  # before any sampling
+    if language not in ("en", "es"):
+        raise ValueError(f"language must be en or es, got {language!r}")
+    if language == "es" and wording != "canonical":
+        raise ValueError("the unseen wordings are English: use them with language en")
 
     if model.config.cond != "text":
         raise ValueError("--alignment needs a text-conditioned model")
@@ -140,7 +147,7 @@ def evaluate_alignment(
     sampling = 0.0
     failures: Counter[str] = Counter()
     for seed in seeds:
-        prompts = prompt_set(n_single, n_double, seed=seed)
+        prompts = prompt_set(n_single, n_double, seed=seed, language=language)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             asked = [reword(p, wording) for p in chunk]
@@ -168,6 +175,7 @@ def evaluate_alignment(
         "steps": steps,
         "guidance": guidance,
         "wording": wording,
+        "language": language,
         "images_per_s": (single[1] + double[1]) / max(sampling, 1e-9),
         "failures": dict(failures.most_common()),  # reasons by category; an image may give several
     }

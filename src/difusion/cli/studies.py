@@ -42,6 +42,9 @@ def eval_(
             "relation words unseen in training."
         ),
     ] = None,
+    language: Annotated[
+        str, typer.Option(help="With --alignment: the prompts' language, en or es.")
+    ] = "en",
     sampler: Annotated[str | None, typer.Option(help="Sampler (default: the model's).")] = None,
     steps: Annotated[
         int | None, typer.Option(help="Sampling steps (default: the model's).")
@@ -74,6 +77,7 @@ def eval_(
             steps=steps,
             guidance=guidance,
             wording=wording,
+            language=language,
         )
     else:
         if data is None:

@@ -36,7 +36,9 @@ Choices within the spec (documented so the scorer can rely on them too):
 from __future__ import annotations
 
 import re
-from typing import Any
+import unicodedata
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -258,13 +260,73 @@ def render(spec: dict, size: int | None = None) -> Image.Image:
 # ----------------------------------------------------------------------------- captions
 
 
+LANGUAGES = ("en", "es", "both")  # the captions' language; "both": either, at random
+# Spanish: adjectives agree with their noun (every shape's noun is masculine, "figura" is not)
+COLORS_ES: dict[str, dict[str, str]] = {
+    "red": {"m": "rojo", "f": "roja"},
+    "green": {"m": "verde", "f": "verde"},
+    "blue": {"m": "azul", "f": "azul"},
+    "yellow": {"m": "amarillo", "f": "amarilla"},
+    "magenta": {"m": "magenta", "f": "magenta"},
+    "cyan": {"m": "cian", "f": "cian"},
+}
+SHAPES_ES: dict[str, tuple[str, str]] = {  # noun, gender
+    "circle": ("círculo", "m"),
+    "square": ("cuadrado", "m"),
+    "triangle": ("triángulo", "m"),
+}
+INDEFINITE_ES = {"m": "un", "f": "una"}
+# the canonical Spanish relation first, then the variants training captions also use
+RELATIONS_ES: dict[str, tuple[str, ...]] = {
+    "to the left of": ("a la izquierda de", "al lado izquierdo de"),
+    "to the right of": ("a la derecha de", "al lado derecho de"),
+    "above": ("encima de", "sobre", "arriba de"),
+    "below": ("debajo de", "bajo", "abajo de"),
+}
+_ITS_ES = {
+    "to the left of": "a su izquierda",
+    "to the right of": "a su derecha",
+    "above": "encima",
+    "below": "debajo",
+}
+
+
+def check_language(language: str) -> None:
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
+
+
 def _obj(o: dict, article: bool = True) -> str:
     return f"{'a ' if article else ''}{o['color']} {o['shape']}"
 
 
-def canonical_caption(attributes: dict) -> str:
-    """ "a red circle" or "a red circle to the left of a blue square"."""
+def _obj_es(o: dict, article: str | None = "un") -> str:
+    """ "un círculo rojo" (article "un"), "el círculo rojo" ("el"), "círculo rojo" (None)."""
+    noun, gender = SHAPES_ES[o["shape"]]
+    words = [noun, COLORS_ES[o["color"]][gender]]
+    if article == "un":
+        words.insert(0, INDEFINITE_ES[gender])
+    elif article == "el":
+        words.insert(0, "el" if gender == "m" else "la")
+    return " ".join(words)
+
+
+def _before_definite(relation: str, phrase: str) -> str:
+    """ "encima de" + "el cuadrado ..." -> "encima del cuadrado ..." (de + el contracts)."""
+    if relation.endswith(" de") and phrase.startswith("el "):
+        return f"{relation[:-3]} del {phrase[3:]}"
+    return f"{relation} {phrase}"
+
+
+def canonical_caption(attributes: dict, language: str = "en") -> str:
+    """ "a red circle" or "a red circle to the left of a blue square"; in Spanish (language
+    "es") "un círculo rojo", "un círculo rojo a la izquierda de un cuadrado azul"."""
     objs = attributes["objects"]
+    if language == "es":
+        if len(objs) == 1:
+            return _obj_es(objs[0])
+        relation = RELATIONS_ES[attributes["relation"]][0]
+        return f"{_obj_es(objs[0])} {relation} {_obj_es(objs[1])}"
     if len(objs) == 1:
         return _obj(objs[0])
     return f"{_obj(objs[0])} {attributes['relation']} {_obj(objs[1])}"
@@ -278,71 +340,149 @@ _ITS = {
 }
 
 
-def paraphrase(attributes: dict, rng: _Rng) -> str:
-    """A caption of varied wording: the canonical one half the time, else a variant."""
+def _variants_en(attributes: dict) -> list[str]:
     objs = attributes["objects"]
-    if rng.random() < 0.5:
-        return canonical_caption(attributes)
     if len(objs) == 1:
         c, s = objs[0]["color"], objs[0]["shape"]
-        return rng.choice(
-            [
-                f"{c} {s}",
-                f"a {s} that is {c}",
-                f"one {c} {s}",
-                f"an image of a {c} {s}",
-                f"a picture of a {c} {s}",
-                f"a {c} {s} on a black background",
-                f"a single {c} {s}",
-            ]
-        )
-    a, b, rel = objs[0], objs[1], attributes["relation"]
-    return rng.choice(
-        [
-            f"{_obj(a, False)} {rel} {_obj(b, False)}",
-            f"{_obj(b)} {INVERSE[rel]} {_obj(a)}",
-            f"{_obj(b)} with {_obj(a)} {_ITS[rel]}",
-            f"{_obj(a)} is {rel} {_obj(b)}",
-            f"there is {_obj(a)} {rel} {_obj(b)}",
-            f"an image of {_obj(a)} {rel} {_obj(b)}",
+        return [
+            f"{c} {s}",
+            f"a {s} that is {c}",
+            f"one {c} {s}",
+            f"an image of a {c} {s}",
+            f"a picture of a {c} {s}",
+            f"a {c} {s} on a black background",
+            f"a single {c} {s}",
         ]
-    )
+    a, b, rel = objs[0], objs[1], attributes["relation"]
+    return [
+        f"{_obj(a, False)} {rel} {_obj(b, False)}",
+        f"{_obj(b)} {INVERSE[rel]} {_obj(a)}",
+        f"{_obj(b)} with {_obj(a)} {_ITS[rel]}",
+        f"{_obj(a)} is {rel} {_obj(b)}",
+        f"there is {_obj(a)} {rel} {_obj(b)}",
+        f"an image of {_obj(a)} {rel} {_obj(b)}",
+    ]
 
 
-_C = "|".join(COLORS)
-_S = "|".join(SHAPES)
-_R = "|".join(RELATIONS)
-_ITS_R = "|".join(_ITS.values())
+def _variants_es(attributes: dict) -> list[str]:
+    objs = attributes["objects"]
+    if len(objs) == 1:
+        o = objs[0]
+        noun, gender = SHAPES_ES[o["shape"]]
+        colour = COLORS_ES[o["color"]]
+        return [
+            _obj_es(o, None),
+            f"{INDEFINITE_ES[gender]} {noun} de color {colour['m']}",
+            f"{INDEFINITE_ES[gender]} {noun} que es {colour[gender]}",
+            f"una imagen de {_obj_es(o)}",
+            f"una figura {colour['f']} con forma de {noun}",
+            f"{_obj_es(o)} sobre fondo negro",
+            f"{'un solo' if gender == 'm' else 'una sola'} {noun} {colour[gender]}",
+            f"hay {_obj_es(o)}",
+        ]
+    a, b, rel = objs[0], objs[1], attributes["relation"]
+    out = []
+    for r in RELATIONS_ES[rel]:
+        out += [
+            f"{_obj_es(a)} {r} {_obj_es(b)}",
+            f"{_obj_es(a, None)} {r} {_obj_es(b, None)}",
+            f"{_obj_es(a)} está {r} {_obj_es(b)}",
+            f"{_obj_es(a, 'el')} está {_before_definite(r, _obj_es(b, 'el'))}",
+            f"hay {_obj_es(a)} {r} {_obj_es(b)}",
+        ]
+    for r in RELATIONS_ES[INVERSE[rel]]:
+        out.append(f"{_obj_es(b)} {r} {_obj_es(a)}")
+    out.append(f"{_obj_es(b)} con {_obj_es(a)} {_ITS_ES[rel]}")
+    return out
+
+
+def paraphrase(attributes: dict, rng: _Rng, language: str = "en") -> str:
+    """A caption of varied wording: the canonical one half the time, else a variant; in
+    English or Spanish (language "en" or "es")."""
+    if rng.random() < 0.5:
+        return canonical_caption(attributes, language)
+    return rng.choice(_variants_es(attributes) if language == "es" else _variants_en(attributes))
+
+
+def _unaccented(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+
+
+def _alternatives(words: dict[str, Iterable[str]]) -> tuple[str, dict[str, str]]:
+    """A regex alternation of every word (longest first) and the key each word names."""
+    key = {_unaccented(w): k for k, ws in words.items() for w in ws}
+    return "|".join(sorted(map(re.escape, key), key=len, reverse=True)), key
+
+
+class _Grammar(NamedTuple):
+    """A language's caption patterns and its words' canonical (English) names."""
+
+    patterns: list[tuple[re.Pattern, str]]  # (pattern, "one" | "ab" | "its")
+    colour: dict[str, str]
+    shape: dict[str, str]
+    relation: dict[str, str]
+    its: dict[str, str]
+
+
+_C, _COLOR_OF = _alternatives({c: [c] for c in COLORS})
+_S, _SHAPE_OF = _alternatives({s: [s] for s in SHAPES})
+_R, _RELATION_OF = _alternatives({r: [r] for r in RELATIONS})
+_I, _ITS_OF = _alternatives({r: [w] for r, w in _ITS.items()})
 _OBJ_A = rf"(?:an? )?(?P<c1>{_C}) (?P<s1>{_S})"
 _OBJ_B = rf"(?:an? )?(?P<c2>{_C}) (?P<s2>{_S})"
 _PREFIX = r"(?:(?:there is|an image of|a picture of|one|a single) )?"
-_PATTERNS = [
-    # single object
-    (re.compile(rf"^{_PREFIX}{_OBJ_A}(?: on a black background)?$"), "one"),
-    (re.compile(rf"^(?:an? )?(?P<s1>{_S}) that is (?P<c1>{_C})$"), "one"),
-    # two objects: A rel B (canonical), B with A to its left, ...
-    (re.compile(rf"^{_PREFIX}{_OBJ_A}(?: is)? (?P<rel>{_R}) {_OBJ_B}$"), "ab"),
-    (re.compile(rf"^{_OBJ_B} with {_OBJ_A} (?P<its>{_ITS_R})$"), "its"),
-]
+_ENGLISH = _Grammar(
+    [
+        (re.compile(rf"^{_PREFIX}{_OBJ_A}(?: on a black background)?$"), "one"),
+        (re.compile(rf"^(?:an? )?(?P<s1>{_S}) that is (?P<c1>{_C})$"), "one"),
+        # two objects: A rel B (canonical), B with A to its left, ...
+        (re.compile(rf"^{_PREFIX}{_OBJ_A}(?: is)? (?P<rel>{_R}) {_OBJ_B}$"), "ab"),
+        (re.compile(rf"^{_OBJ_B} with {_OBJ_A} (?P<its>{_I})$"), "its"),
+    ],
+    _COLOR_OF, _SHAPE_OF, _RELATION_OF, _ITS_OF,
+)  # fmt: skip
+
+_C, _COLOR_OF = _alternatives({c: set(f.values()) for c, f in COLORS_ES.items()})
+_S, _SHAPE_OF = _alternatives({s: [n] for s, (n, _) in SHAPES_ES.items()})
+_R, _RELATION_OF = _alternatives(RELATIONS_ES)
+_I, _ITS_OF = _alternatives({r: [w] for r, w in _ITS_ES.items()})
+_ART = r"(?:(?:un|una|el|la) )?"
+_OBJ_A = rf"{_ART}(?P<s1>{_S}) (?P<c1>{_C})"  # the adjective follows the noun
+_OBJ_B = rf"{_ART}(?P<s2>{_S}) (?P<c2>{_C})"
+_PREFIX = r"(?:(?:hay|una imagen de|un solo|una sola) )?"
+_SPANISH = _Grammar(
+    [
+        (re.compile(rf"^{_PREFIX}{_OBJ_A}(?: sobre fondo negro)?$"), "one"),
+        (re.compile(rf"^{_ART}(?P<s1>{_S}) (?:de color|que es) (?P<c1>{_C})$"), "one"),
+        (re.compile(rf"^una figura (?P<c1>{_C}) con forma de (?P<s1>{_S})$"), "one"),
+        (re.compile(rf"^{_PREFIX}{_OBJ_A}(?: esta)? (?P<rel>{_R}) {_OBJ_B}$"), "ab"),
+        (re.compile(rf"^{_OBJ_B} con {_OBJ_A} (?P<its>{_I})$"), "its"),
+    ],
+    _COLOR_OF, _SHAPE_OF, _RELATION_OF, _ITS_OF,
+)  # fmt: skip
 
 
 def parse_prompt(text: str) -> dict | None:
     """Parse a canonical prompt (and the paraphrases used in training) into a spec.
 
     Returns {"objects": [{"color", "shape"}, ...], "relation": str | None} in canonical
-    order (objects[0] <relation> objects[1]), or None when the text is not understood.
+    order (objects[0] <relation> objects[1]), with English names, or None when the text is
+    not understood. Spanish prompts (canonical and training variants, with or without
+    accents) parse too.
     """
     t = " ".join(text.lower().replace(",", " ").split()).rstrip(".").strip()
-    for pattern, kind in _PATTERNS:
-        m = pattern.match(t)
-        if m is None:
-            continue
-        objs = [{"color": m["c1"], "shape": m["s1"]}]
-        if kind == "one":
-            return {"objects": objs, "relation": None}
-        objs.append({"color": m["c2"], "shape": m["s2"]})
-        rel = m["rel"] if kind == "ab" else next(r for r, i in _ITS.items() if i == m["its"])
-        return {"objects": objs, "relation": rel}
+    t = _unaccented(t).replace(" del ", " de el ")  # "encima del cuadrado"
+    for grammar in (_ENGLISH, _SPANISH):
+        for pattern, kind in grammar.patterns:
+            m = pattern.match(t)
+            if m is None:
+                continue
+            objs = [{"color": grammar.colour[m["c1"]], "shape": grammar.shape[m["s1"]]}]
+            if kind == "one":
+                return {"objects": objs, "relation": None}
+            objs.append({"color": grammar.colour[m["c2"]], "shape": grammar.shape[m["s2"]]})
+            rel = grammar.relation[m["rel"]] if kind == "ab" else grammar.its[m["its"]]
+            return {"objects": objs, "relation": rel}
     return None
 
 
@@ -372,6 +512,9 @@ def check_options(size: int, two_object_prob: float) -> None:
 class ShapesDataset(Dataset):
     """Seeded, infinite stream of captioned shapes; `len` is the epoch length only.
 
+    `language`: captions in English ("en"), Spanish ("es") or either at random ("both"),
+    of the same scenes.
+
     Items: {"image": FloatTensor [3, size, size] in [-1, 1], "caption": str,
     "attributes": dict} (+ "label": int with `label=True`). Any index >= 0 works; item i
     depends on (seed, i) only. The nested "attributes" need `difusion.data.collate` in a
@@ -388,10 +531,13 @@ class ShapesDataset(Dataset):
         two_object_prob: float = 0.5,
         paraphrase: bool = True,
         label: bool = False,
+        language: str = "en",
     ):
         check_options(size, two_object_prob)
+        check_language(language)
         self.size, self.length, self.seed = size, length, seed
         self.two_object_prob, self.paraphrase, self.label = two_object_prob, paraphrase, label
+        self.language = language
         self.num_classes = len(CLASS_NAMES) if label else None
         self.class_names = list(CLASS_NAMES) if label else None
 
@@ -412,7 +558,13 @@ class ShapesDataset(Dataset):
                 raise IndexError(i)
         rng = _Rng(self.seed, i)
         attrs = _generate(rng, self.size, self.two_object_prob)
-        caption = paraphrase(attrs, rng) if self.paraphrase else canonical_caption(attrs)
+        language = self.language
+        if language == "both":  # drawn after the scene, so "en" keeps its stream
+            language = "es" if rng.random() < 0.5 else "en"
+        if self.paraphrase:
+            caption = paraphrase(attrs, rng, language)
+        else:
+            caption = canonical_caption(attrs, language)
         image = torch.from_numpy(render_array(attrs)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         item = {"image": image, "caption": caption, "attributes": attrs}
         if self.label:

@@ -39,6 +39,7 @@ from .shapes import (
     SHAPES,
     ShapesDataset,
     canonical_caption,
+    check_language,
     check_options,
     make_object,
     min_gap,
@@ -209,14 +210,16 @@ def render_batch(
     paraphrase: bool = True,
     label: bool = False,
     attributes: bool = False,
+    language: str = "en",
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """A batch of `n` items as `collate` makes of `ShapesDataset(size, two_object_prob=,
-    paraphrase=, label=)` items: {"image": FloatTensor [n, 3, size, size] in [-1, 1],
+    paraphrase=, label=, language=)` items: {"image": FloatTensor [n, 3, size, size] in [-1, 1],
     "caption": list[str]} (+ "label": LongTensor [n], + "attributes": list[dict]).
 
     Drawn by `generator` on its device; tensors end on `device` (default: that device).
     """
+    check_language(language)
     layout = sample_layout(n, generator, size, two_object_prob)
     coin = torch.randint(0, _UNIT, (n, 1), generator=generator, device=generator.device)
     pick = torch.randint(0, _WIDE, (n, 1), generator=generator, device=generator.device)
@@ -224,10 +227,20 @@ def render_batch(
     if attributes:
         host += [layout.sizes, layout.corners.flatten(1)]
     rows = torch.cat(host, 1).tolist()  # the one transfer to the host
-    if paraphrase:
-        captions = [paraphrase_caption(_scene(r), _Drawn(r[4], r[5])) for r in rows]
+    if language == "both":  # drawn last, so "en" and "es" keep their streams
+        spanish = torch.rand(n, generator=generator, device=generator.device) < 0.5
+        languages = ["es" if s else "en" for s in spanish.tolist()]
     else:
-        captions = [canonical_caption(_scene(r)) for r in rows]
+        languages = [language] * n
+    if paraphrase:
+        captions = [
+            paraphrase_caption(_scene(r), _Drawn(r[4], r[5]), lang)
+            for r, lang in zip(rows, languages, strict=True)
+        ]
+    else:
+        captions = [
+            canonical_caption(_scene(r), lang) for r, lang in zip(rows, languages, strict=True)
+        ]
     layout = layout.to(device or generator.device)
     batch: dict[str, Any] = {"image": rasterise(layout, size), "caption": captions}
     if attributes:
@@ -239,7 +252,7 @@ def render_batch(
 
 class ShapesBatches:
     """Training batches of a `ShapesDataset`'s distribution (its size, two_object_prob,
-    paraphrase and label options), drawn by `generator` and rendered on its device.
+    paraphrase, label and language options), drawn by `generator` and rendered on its device.
 
     The data set's seed and length do not apply: the stream is the generator's.
     """
@@ -263,5 +276,6 @@ class ShapesBatches:
             two_object_prob=d.two_object_prob,
             paraphrase=d.paraphrase,
             label=d.label,
+            language=d.language,
             device=self.device,
         )
