@@ -59,7 +59,7 @@ def heldout_set(name: str, language: str, n: int, size: int = 32) -> dict:
     {"image": [n, 3, size, size], "caption": [...], "key": LongTensor [n]}."""
     if name == "shapes":
         dataset = load_dataset(
-            "shapes", size, seed=HELDOUT_SEED, paraphrase=False, length=n, **_lang(language)
+            "shapes", size, seed=HELDOUT_SEED, paraphrase=False, length=n, language=language
         )
     else:
         dataset = load_dataset(name, size, split=HELDOUT_SPLITS[name][1], language=language)
@@ -73,10 +73,6 @@ def heldout_set(name: str, language: str, n: int, size: int = 32) -> dict:
         "caption": batch["caption"],
         "key": key_ids(item_keys(batch)),
     }
-
-
-def _lang(language: str) -> dict:
-    return {} if language == "en" else {"language": language}
 
 
 @torch.no_grad()
@@ -121,7 +117,7 @@ def zero_shot_set(clip: Clip, name: str, language: str, n: int, size: int = 32) 
             "shapes", size, seed=HELDOUT_SEED, two_object_prob=0.0, label=True, length=n
         )
         prompts = [
-            [canonical_caption({"objects": [{"color": c, "shape": s}]}, **_lang(language))]
+            [canonical_caption({"objects": [{"color": c, "shape": s}]}, language)]
             for c in COLORS
             for s in SHAPES
         ]
@@ -180,6 +176,24 @@ def roc_auc(scores: Tensor, positive: Tensor) -> float | None:
         return None
     above = (pos[:, None] > neg[None, :]).float() + 0.5 * (pos[:, None] == neg[None, :]).float()
     return above.mean().item()
+
+
+def clip_score_summary(rows: list[tuple[Tensor, list[bool]]]) -> dict:
+    """Batches of (CLIP scores, exact verdicts) -> the scores' means over passed and failed
+    images, the ROC AUC of the score separating them (None without both), and every image's
+    score and verdict, in order."""
+    scores = torch.cat([s for s, _ in rows])
+    passed = torch.tensor([bool(p) for _, ps in rows for p in ps])
+    mean = lambda m: scores[m].mean().item() if m.any() else None  # noqa: E731
+    return {
+        "clip_score_passed": mean(passed),
+        "clip_score_failed": mean(~passed),
+        "clip_auc": roc_auc(scores, passed),
+        "clip_n_passed": int(passed.sum()),
+        "clip_n_failed": int((~passed).sum()),
+        "clip_scores": [round(v, 4) for v in scores.tolist()],
+        "exact_passed": passed.tolist(),
+    }
 
 
 def load_clip(folder: str | Path, device: str | torch.device = "cpu") -> Clip:

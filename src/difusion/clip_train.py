@@ -162,7 +162,7 @@ class RenderedScenes:
         d = self.dataset
         return render_batch(
             self.batch_size, self.generator, size=d.size, two_object_prob=d.two_object_prob,
-            paraphrase=d.paraphrase, attributes=True,
+            paraphrase=d.paraphrase, attributes=True, language=d.language,
         )  # fmt: skip
 
     def state_dict(self) -> dict:
@@ -233,9 +233,7 @@ def probe_sets(cfg: ClipTrainConfig) -> dict[str, dict]:
     return {
         f"{name}_{lang}": heldout_set(name, lang, cfg.probe_size, cfg.size or 32)
         for name in names
-        for lang in (
-            caption_languages(language, name) if "language" in option_names(name) else ["en"]
-        )
+        for lang in caption_languages(language, name)
     }
 
 

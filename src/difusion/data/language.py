@@ -1,15 +1,17 @@
-"""The languages a captioned data set can speak: its `language=` option."""
+"""The languages a captioned data set can speak: its `language=` option (as `shapes`')."""
 
 from __future__ import annotations
 
-LANGUAGES = ("en", "es", "both")
+from .shapes import LANGUAGES, check_language
+
+__all__ = ["LANGUAGES", "caption_languages"]
 
 
 def caption_languages(language: str, data: str) -> tuple[str, ...]:
     """The caption languages of `language=` ("both": English and Spanish, in that order);
     anything else is a ValueError naming the data set."""
-    if language not in LANGUAGES:
-        raise ValueError(
-            f"{data}: language must be one of {', '.join(LANGUAGES)}, got {language!r}"
-        )
+    try:
+        check_language(language)
+    except ValueError as e:
+        raise ValueError(f"{data}: {e}") from None
     return ("en", "es") if language == "both" else (language,)
