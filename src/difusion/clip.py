@@ -189,12 +189,13 @@ class Clip(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> Clip:
-        """A CLIP folder; a missing file or a config that is not CLIP's is one ValueError line."""
+        """A CLIP folder, or "default": the one shipped in the package (`shipped_folder`); a
+        missing file or a config that is not CLIP's is one ValueError line."""
         from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
         from .text import _load_hf, _load_tokenizer
 
-        folder = Path(folder)
+        folder = shipped_folder() if str(folder) == "default" else Path(folder)
         if not folder.is_dir():
             raise ValueError(f"CLIP folder not found: {folder}")
         missing = [f for f in FOLDER_FILES if not (folder / f).is_file()]
@@ -221,3 +222,11 @@ class Clip(nn.Module):
 
     def describe(self) -> str:
         return json.dumps(asdict(self.config))
+
+
+def shipped_folder() -> Path:
+    """The CLIP folder that ships in the package, trained by `difusion train --model clip` on
+    shapes, emoji and fashion in English and Spanish (docs/clip/report.md)."""
+    from importlib import resources
+
+    return Path(str(resources.files("difusion") / "weights" / "clip"))
