@@ -214,3 +214,28 @@ def test_a_broken_folder_is_one_line(monkeypatch, capsys, saved, tmp_path, damag
         Clip.load(folder)
     code, out, err = cli(monkeypatch, capsys, "eval", "--clip", folder)
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_the_shipped_clip_sees_shapes_in_both_languages():
+    from difusion.clip_eval import zero_shot_set
+
+    clip = Clip.load("default").eval()
+    assert clip.config.vocab_size == 8192
+    for language in ("en", "es"):
+        result = zero_shot_set(clip, "shapes", language, 90)
+        assert result["n"] == 90 and result["accuracy"] > 4 * result["chance"], language
+
+
+def test_eval_alignment_adds_the_clip_score(monkeypatch, capsys):
+    code, out, err = cli(
+        monkeypatch, capsys, "eval", "default", "--alignment", "--clip", "default",
+        "--prompts", "3", "--steps", "4", "--language", "es", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["language"] == "es" and len(result["clip_scores"]) == 6
+    assert len(result["exact_passed"]) == 6
+    assert result["clip_n_passed"] + result["clip_n_failed"] == 6
+    assert all(-1 <= s <= 1 for s in result["clip_scores"])
+    code, _, err = cli(monkeypatch, capsys, "eval", "default", "--clip", "default")
+    assert code == 1 and "--clip goes alone" in err
