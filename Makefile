@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch takes one thread per physical core unless OMP_NUM_THREADS says otherwise
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,13 @@ test: lint
 # a smoke run: make bench BENCH_ARGS="--quick --out /tmp/results.md"
 bench: install
 	$(PY) bench/report.py $(BENCH_ARGS)
+
+# every figure the guides and the README show that the shipped models make (a few minutes);
+# the ones that need hours of training are listed in docs/figures.md with their commands
+figures: install
+	@start=$$(date +%s); \
+	$(PY) bench/figures.py && $(PY) bench/tour_figures.py && \
+	echo "make figures: $$(( $$(date +%s) - start )) s"
 
 clean:
 	rm -rf $(VENV) out

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/distill_alignment.py default-fast --teacher default
 
-The README's 200 + 200 prompts per seed (`difusion eval --alignment --prompts 200`), the
-teacher at 20 steps of its own sampler and guidance, the student at 1, 2, 4 and 8 steps of
-`lcm` at the same guidance; images/s of the sampling alone, batches of 200 on this machine.
+The 200 + 200 prompts per seed of docs/text-to-image.md (`difusion eval --alignment
+--prompts 200`), the teacher at 20 steps of its own sampler and guidance, the student at 1,
+2, 4 and 8 steps of `lcm` at the same guidance; images/s of the sampling alone, batches of
+200 on this machine.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Figures of the shipped text-to-image model for the README (docs/).
+"""Figures of the shipped text-to-image model for the README and the pages under docs/.
 
     .venv/bin/python bench/figures.py
 

@@ -3,7 +3,8 @@
     .venv/bin/python bench/tour_figures.py          # or: make figures
 
 escena.png: one `shapes` scene at 64 px ("un círculo rojo encima de un cuadrado azul");
-noise_linear.png, noise_cosine.png: that scene through the forward process (`difusion noise`);
+../noise_linear.png, ../noise_cosine.png: that scene through the forward process
+(`difusion noise`);
 steps.png + steps.json: one prompt, four seeds, by DDPM in 1000 steps, DPM-Solver++ in 20 and
 the distilled model's consistency sampler in 4, each labelled with its measured seconds;
 prompts_es.png, trajectory_es.gif: Spanish prompts and a Spanish prompt's x0 estimate at each
@@ -45,7 +46,7 @@ def noise_strips() -> None:
 
     render(layout(SCENE, size=64, seed=1)).save(TOUR / "escena.png")
     for schedule in ("linear", "cosine"):
-        out = TOUR / f"noise_{schedule}.png"
+        out = TOUR.parent / f"noise_{schedule}.png"
         noise(TOUR / "escena.png", schedule=schedule, output=out)
 
 

@@ -7,7 +7,7 @@ Measured when it was committed (2,663 steps of batch 256 on an H100, 11,712 step
 one-object and 21 of 24 two-object prompts, whose images held 1.96 whole palette shapes on
 average (the model before the layout map: 35 of 36, 8 of 24 and 1.92). A change that breaks
 sampling, conditioning or loading drops all three to about 0. On 200 + 200 prompts and two
-seeds: 96.8% and 88.3% (README, "Text to image").
+seeds: 96.8% and 88.3% (docs/text-to-image.md, "The shipped model").
 """
 
 import pytest
@@ -49,8 +49,7 @@ def test_default_resolves_to_the_shipped_file():
 def test_the_shipped_student_follows_prompts_in_four_steps():
     """The distilled "default-fast" at its default 4 lcm steps, on the same fixed prompts:
     33 of 36 one-object and 21 of 24 two-object prompts when it was shipped (2.04 whole shapes
-    a two-object image); on 200 + 200 prompts and two seeds, 98.0% and 88.8% (README, "Few
-    steps"). The floors sit well below, where a broken student (about 0) cannot reach."""
+    a two-object image); on 200 + 200 prompts and two seeds, 98.0% and 88.8% (docs/few-steps.md). The floors sit well below, where a broken student (about 0) cannot reach."""
     pipe = Pipeline.from_pretrained("default-fast")
     assert pipe.model.config.sampler == "lcm" and pipe.model.config.steps == 4
     prompts = prompt_set(36, 24, seed=123)

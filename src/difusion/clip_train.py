@@ -417,7 +417,7 @@ NOT_FOR_CLIP = (
     "grad_accum", "ema_decay", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma",
     "cond", "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
     "dropout", "layout_map", "layout_steps", "precision", "latent", "init", "crop", "flip",
-    "buckets", "compile",
+    "buckets", "compile", "clip",
 )  # fmt: skip
 
 

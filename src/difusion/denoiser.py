@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .nn.unet import UNet
 from .schedule import NoiseSchedule
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -57,12 +56,10 @@ class Denoiser(nn.Module):
         return out
 
     def prepare(self, cond: Cond | None) -> Cond | None:
-        """`cond` with a U-Net's prompt-only work (keys, values, layout maps) done once, for
-        all the calls of a sampling run; the same result as the raw `cond`."""
-        if not isinstance(self.model, UNet) or cond is None or cond.get("context") is None:
-            return cond
-        context = self.model.prepare_context(cond["context"], cond.get("context_mask"))
-        return {**cond, "context": context, "context_mask": None}
+        """`cond` with the network's condition-only work (a U-Net's keys, values, layout maps)
+        done once, for all the calls of a sampling run; the same result as the raw `cond`."""
+        prepare_cond = getattr(self.model, "prepare_cond", None)
+        return cond if prepare_cond is None or cond is None else prepare_cond(cond)
 
 
 def prepared(denoiser: Callable, cond: Cond | None) -> Cond | None:

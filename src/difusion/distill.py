@@ -100,7 +100,7 @@ class DistillConfig:
 def teacher_data(teacher: str) -> str:
     """The data a teacher was trained on, from its run folder (the shipped model: shapes)."""
     if teacher == "default":
-        return "shapes"  # with more two-object scenes than the default: see the README
+        return "shapes"  # with more two-object scenes than the default: see docs/few-steps.md
     config = Path(teacher) / "train_config.json"
     if Path(teacher).is_dir() and config.is_file():
         return json.loads(config.read_text())["data"]

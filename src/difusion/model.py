@@ -32,7 +32,7 @@ from .schedule import NoiseSchedule, ScheduleConfig
 from .text import check_identity, load_text_encoder
 
 FORMAT = "difusion/1"
-CONDITIONS = (None, "label", "text")
+CONDITIONS = (None, "label", "text", "image")  # "image": a CLIP image embedding (unCLIP)
 
 
 @dataclass
@@ -55,6 +55,7 @@ class ModelConfig:
     # consistency-distilled students: {"sigma_min", "guidance": [lo, hi], "teacher": {...}};
     # guidance is then an input of the network, not a second branch
     consistency: dict | None = None
+    clip: dict | None = None  # for cond="image": the CLIP (embed_dim, sha256) it was trained on
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,8 +81,14 @@ class DiffusionModel(nn.Module):
     TEXT_CACHE = 20_000  # prompts whose (frozen) embeddings are kept: training captions repeat
 
     def __init__(
-        self, config: ModelConfig, unet: UNet | None = None, text_encoder: nn.Module | None = None
+        self,
+        config: ModelConfig,
+        unet: UNet | None = None,
+        text_encoder: nn.Module | None = None,
+        image_encoder: nn.Module | None = None,
     ) -> None:
+        """`image_encoder`: for cond="image" in training, the CLIP whose image embeddings
+        condition the model (frozen, not saved; sampling takes embeddings, not images)."""
         super().__init__()
         if config.cond not in CONDITIONS:
             raise ValueError(f"unknown condition {config.cond!r}; choose label or text")
@@ -90,6 +97,7 @@ class DiffusionModel(nn.Module):
         self.config = config
         self.unet = unet if unet is not None else UNet(config.unet)
         self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
         self.schedule = NoiseSchedule(config.schedule)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -133,8 +141,25 @@ class DiffusionModel(nn.Module):
             mask = torch.stack([self._text_cache[p][1] for p in prompts])
         return {"context": tokens.to(self.device), "context_mask": mask.to(self.device)}
 
+    def image_cond(self, embeds: torch.Tensor) -> tuple[Cond, Cond]:
+        """Condition and unconditional (zero embedding, as dropped in training) condition of
+        CLIP image embeddings [B, D]."""
+        if self.config.cond != "image":
+            raise ValueError("this model is not conditioned on image embeddings")
+        embeds = embeds.to(self.device, torch.float32)
+        return {"image_embed": embeds}, {"image_embed": torch.zeros_like(embeds)}
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The training images' CLIP embeddings [B, D] (images in [-1, 1])."""
+        if self.image_encoder is None:
+            raise ValueError("this model has no image encoder (a CLIP) to embed images with")
+        return self.image_encoder.encode_image(images).to(self.device)
+
     def train(self, mode: bool = True) -> DiffusionModel:
         super().train(mode)
+        if self.image_encoder is not None:
+            self.image_encoder.eval()
         if self.text_encoder is not None:
             if self.text_encoder.trainable:
                 self._text_cache.clear()  # its embeddings change as it trains

@@ -85,14 +85,17 @@ def batch_cond(
     device: torch.device,
     dropped: torch.Tensor | None = None,
 ) -> Cond | None:
-    """The batch's condition, dropped (to the null label / empty prompt) where `dropped`
-    says, or else with probability `drop`."""
+    """The batch's condition, dropped (to the null label, the empty prompt or a zero image
+    embedding) where `dropped` says, or else with probability `drop`."""
     kind = diffusion.config.cond
     if kind is None:
         return None
     n = len(batch["image"])
     if dropped is None:
         dropped = (torch.rand(n, generator=generator, device=generator.device) < drop).cpu()
+    if kind == "image":  # unCLIP's decoder: the image's own CLIP embedding, zero when dropped
+        embeds = diffusion.embed_images(batch["image"].to(device))
+        return {"image_embed": embeds.masked_fill(dropped.to(device)[:, None], 0.0)}
     if kind == "text":
         captions = ["" if d else c for c, d in zip(batch["caption"], dropped.tolist(), strict=True)]
         return diffusion.text_cond(captions)

@@ -91,15 +91,13 @@ class Pipeline:
         """Whether the prompt is longer than the text encoder's window (its end is dropped)."""
         return self.kind == "text" and self.model.text_encoder.token_count(prompt) > self.max_tokens
 
-    def conditions(self, prompts: list[str], negative_prompt: str = "") -> tuple[Cond, Cond]:
-        """The condition of each prompt and the unconditional (or negative) branch's."""
+    def conditions(
+        self, prompts: list[str], negative_prompt: str = "", seed: int = 0
+    ) -> tuple[Cond, Cond]:
+        """The condition of each prompt and the unconditional (or negative) branch's. `seed`:
+        of the conditions' own draws (an unCLIP prior's)."""
         if self.kind == "text":
-            for p in dict.fromkeys([*prompts, negative_prompt]):
-                if self.truncated(p):
-                    warnings.warn(
-                        f"prompt cut to the text encoder's {self.max_tokens} tokens: {p[:60]!r}...",
-                        stacklevel=3,
-                    )
+            self.warn_if_truncated([*prompts, negative_prompt])
             cond = self.model.text_cond(prompts)
             uncond = self.model.text_cond([negative_prompt] * len(prompts))
             if all(
@@ -115,6 +113,14 @@ class Pipeline:
         if self.kind == "label":
             return self.model.label_cond([self.class_names.index(p) for p in prompts])
         return None, None
+
+    def warn_if_truncated(self, prompts: list[str]) -> None:
+        for p in dict.fromkeys(prompts):
+            if self.truncated(p):
+                warnings.warn(
+                    f"prompt cut to the text encoder's {self.max_tokens} tokens: {p[:60]!r}...",
+                    stacklevel=4,
+                )
 
     def check_prompt(self, prompt: str) -> None:
         """Refuse a prompt this model cannot be conditioned on: a class-conditional model takes
@@ -203,8 +209,14 @@ class Pipeline:
             return cls(sd.model, sd.vae, set_alpha_to_one=sd.set_alpha_to_one).to(device, dtype)
         if options:
             raise TypeError(f"options {sorted(options)} are for Stable Diffusion checkpoints")
+        from .unclip import UnclipPipeline, is_unclip
+
+        if is_unclip(name_or_path):  # a folder of prior, decoder and CLIP
+            return UnclipPipeline.load(name_or_path, device, dtype)
         path = resolve_checkpoint(name_or_path)
         model = DiffusionModel.load(path, device)
+        if model.config.cond == "image":
+            raise ValueError(f"{path}: an unCLIP decoder; pack it with its prior (difusion unclip)")
         vae = None
         if model.config.latent is not None:  # a latent model of ours: its VAE decodes
             from .vae_train import vae_for
@@ -220,6 +232,10 @@ class Pipeline:
         """n images for each prompt (prompt-major order), deterministic for a seed; the
         arguments are `sample`'s."""
         return to_pil(self.sample(prompt, *args, **kwargs))
+
+    def variations(self, image: ImageInput, n: int = 4, **kwargs) -> list[Image.Image]:
+        """New pictures of an image's content: an unCLIP model's (`unclip.UnclipPipeline`)."""
+        raise ValueError("this model makes no variations: it is not an unCLIP model")
 
     def _size(self, height: int | None, width: int | None, image) -> tuple[int, int]:
         f = self.downscale
@@ -288,6 +304,7 @@ class Pipeline:
         strength: float | None = None,
         mask_image: ImageInput | None = None,
         decode: bool = True,
+        conditions: tuple[Cond, Cond] | None = None,
     ) -> torch.Tensor:
         """As __call__, but the images as a tensor in [-1, 1]; `callback` sees model-space x0.
         `steps`, `guidance` and `sampler` default to the model's own (20 steps of dpmpp_2m for
@@ -298,7 +315,9 @@ class Pipeline:
         Stable Diffusion). `image` alone: img2img, starting from the image noised to the
         `strength` fraction of the run (default 0.8). With `mask_image` (white = generate):
         inpainting, the black area kept from the image at every step (default strength 1).
-        `decode=False` returns the model-space sample (diffusers' output_type="latent")."""
+        `decode=False` returns the model-space sample (diffusers' output_type="latent").
+        `conditions`: (cond, uncond) made beforehand, in place of the prompts' (an unCLIP
+        decoder's image embeddings); the prompts then only count the images."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
@@ -317,7 +336,7 @@ class Pipeline:
         shape = (len(prompts), cfg.channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        cond, uncond = self.conditions(prompts, negative_prompt)
+        cond, uncond = conditions or self.conditions(prompts, negative_prompt, seed)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         init = mask = None
         if image is not None:

@@ -50,6 +50,9 @@ def preview(ema: DiffusionModel, path: Path, seed: int = 0, vae=None) -> None:
         cond, uncond = ema.label_cond(labels)
         x = ema.sample(len(labels), seed=seed, cond=cond, uncond=uncond, guidance=3.0)
         cols = max(1, 40 // k)
+    elif ema.config.cond == "image":  # an unCLIP decoder, unconditional (zero embeddings)
+        cond, _ = ema.image_cond(torch.zeros(36, ema.config.unet.image_embed_dim))
+        x, cols = ema.sample(36, seed=seed, cond=cond), 6
     else:
         x, cols = ema.sample(36, seed=seed), 6
     size = ema.config.image_size

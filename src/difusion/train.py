@@ -82,6 +82,7 @@ class TrainConfig:
         "minilm"  # for cond="text": minilm, clip (with text_encoder_path) or scratch
     )
     text_encoder_path: str | None = None
+    clip: str | None = None  # for cond="image" (unCLIP's decoder): the CLIP folder it sees through
     channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
     attention_resolutions: tuple[int, ...] = (16, 8)
@@ -238,8 +239,10 @@ def model_config_for(
     dataset: Dataset,
     text_encoder: torch.nn.Module | None = None,
     latent: dict | None = None,
+    image_encoder: torch.nn.Module | None = None,
 ) -> ModelConfig:
-    """`latent` (from `vae_train.latent_spec`): the U-Net works on the VAE's latents."""
+    """`latent` (from `vae_train.latent_spec`): the U-Net works on the VAE's latents.
+    `image_encoder`: for cond="image", the CLIP whose image embeddings condition it."""
     if cfg.layout_map and latent is not None:
         raise TrainingError("--layout-map is fitted to pixels; it does not take --latent")
     size, channels = dataset.size, dataset.channels
@@ -267,6 +270,7 @@ def model_config_for(
         num_classes = len(class_names) + 1  # the last one is "no label", for guidance
     if cfg.cond == "text" and text_encoder is None:
         raise TrainingError("--cond text needs a text encoder")
+    embed_dim = image_encoder.embed_dim if cfg.cond == "image" else None
     unet = UNetConfig(
         in_channels=channels,
         out_channels=channels,
@@ -278,8 +282,9 @@ def model_config_for(
         dropout=cfg.dropout,
         norm_groups=min(32, cfg.channels),
         num_classes=num_classes,
-        context_dim=text_encoder.dim if cfg.cond == "text" else None,
+        context_dim=text_encoder.dim if cfg.cond == "text" else embed_dim,
         layout_map=cfg.layout_map,
+        image_embed_dim=embed_dim,
     )
     return ModelConfig(
         unet=unet,
@@ -292,13 +297,16 @@ def model_config_for(
         text_encoder=text_encoder_spec(text_encoder, cfg) if cfg.cond == "text" else None,
         clip_x0=latent is None,
         latent=latent,
+        clip=image_encoder.spec if cfg.cond == "image" else None,
     )
 
 
 def check_condition_fits(cfg: TrainConfig, dataset: Dataset) -> None:
     """The condition asked for is one the data has: labels, or captions."""
-    if cfg.cond not in (None, "label", "text"):
+    if cfg.cond not in (None, "label", "text", "image"):
         raise TrainingError(f"unknown condition {cfg.cond!r}; choose label or text")
+    if cfg.cond == "image" and cfg.clip is None:
+        raise TrainingError("an unCLIP decoder needs the CLIP folder it is conditioned through")
     if cfg.cond == "label" and not getattr(dataset, "num_classes", None):
         raise TrainingError(f"--cond label needs labelled data; {cfg.data!r} has no labels")
     if cfg.layout_map and cfg.cond != "text":
@@ -440,6 +448,13 @@ def train(
         text_encoder = stored_scratch_encoder(run)
     elif cfg.cond == "text":
         text_encoder = build_text_encoder(cfg, dataset)
+    image_encoder = None
+    if cfg.cond == "image":
+        from .unclip import check_clip, frozen_clip
+
+        image_encoder = frozen_clip(cfg.clip)
+        if resume:  # the run continues only through the CLIP it started with
+            check_clip(image_encoder, stored_model_config(run).get("clip"), "decoder run")
     vae, latent = None, None
     if cfg.latent is not None:
         from .vae_train import latent_spec
@@ -452,12 +467,14 @@ def train(
                 raise TrainingError(
                     f"{cfg.latent}: not the VAE this run was trained with (sha256 differs)"
                 )
-    model_config = model_config_for(cfg, dataset, text_encoder, latent)
+    model_config = model_config_for(cfg, dataset, text_encoder, latent, image_encoder)
     if init is not None:
         check_init_fits(init, model_config, cfg)
         diffusion = init.train()
     else:
-        diffusion = DiffusionModel(model_config, text_encoder=text_encoder)
+        diffusion = DiffusionModel(
+            model_config, text_encoder=text_encoder, image_encoder=image_encoder
+        )
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
     diffusion = diffusion.to(device, memory_format=torch.channels_last)
     trainable = [p for p in diffusion.parameters() if p.requires_grad]

@@ -12,6 +12,7 @@ from .options import UserError
 from .serving import serve
 from .studies import compare, eval_
 from .training import distill, train
+from .unclip import unclip, variations
 
 app = typer.Typer(
     help="Diffusion models from the noise schedule to text-to-image.",
@@ -22,7 +23,7 @@ app = typer.Typer(
 for command in (noise, train, sample, generate):
     app.command()(command)
 app.command(name="eval")(eval_)
-for command in (compare, distill, serve):
+for command in (compare, distill, unclip, variations, serve):
     app.command()(command)
 
 __all__ = ["UserError", "app", "main"]

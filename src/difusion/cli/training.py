@@ -29,7 +29,13 @@ from .options import (
 
 def train(
     data: Annotated[
-        str, typer.Option(help="digits, fashion, shapes, or a folder of images.")
+        str,
+        typer.Option(
+            help="A data set: digits, fashion, mnist, emoji or shapes; a folder of images "
+            "(class subfolders or same-name .txt captions); a folder with metadata.jsonl; a "
+            "datasets folder (save_to_disk); .parquet files; or WebDataset shards "
+            "('shards/{000000..000099}.tar')."
+        ),
     ] = "digits",
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, log, pictures).")] = Path(
         "runs/run"
@@ -91,10 +97,14 @@ def train(
     model: Annotated[
         str,
         typer.Option(
-            help="unet (a diffusion model), gan (the DCGAN baseline), vae (a KL autoencoder) "
-            "or clip (a contrastive text and image encoder)."
+            help="unet (a diffusion model), gan (the DCGAN baseline), vae (a KL autoencoder), "
+            "clip (a contrastive text and image encoder), prior or decoder (unCLIP's, over a "
+            "CLIP: --clip)."
         ),
     ] = "unet",
+    clip: Annotated[
+        str | None, typer.Option(help="For --model prior and decoder: the CLIP folder.")
+    ] = None,
     latent: Annotated[
         str | None,
         typer.Option(help="A VAE run folder or file: train the U-Net in its latent space."),
@@ -132,6 +142,8 @@ def train(
             raise UserError(f"--model must be unet, {', '.join(TRAINERS)}, got {model!r}")
         importlib.import_module(TRAINERS[model], __package__).train_from_cli(dict(locals()), train)
         return
+    if clip is not None:
+        raise UserError("--clip is for --model prior and decoder")
     if cond not in (None, "label", "text"):
         raise UserError(f"--cond must be 'label' or 'text', got {cond!r}")
     if crop not in ("center", "random"):
@@ -192,7 +204,10 @@ def train(
 
 # `--model` -> the module that trains it: `train_from_cli(options, command)` reads the command's
 # options (each trainer says which apply to it) and trains; "unet" is train.py's diffusion model
-TRAINERS = {"gan": "..gan_train", "vae": "..vae_train", "clip": "..clip_train"}
+TRAINERS = {
+    "gan": "..gan_train", "vae": "..vae_train", "clip": "..clip_train",
+    "prior": "..prior_train", "decoder": "..decoder_train",
+}  # fmt: skip
 
 # the training options that set a model's architecture, condition and objective
 FIXED_BY_INIT = (

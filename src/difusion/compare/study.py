@@ -16,7 +16,7 @@ afterwards every copy is measured, giving the metric along training time. Then:
 - quality against the number of sampling steps, per sampler (the first seed's model).
 
 The diffusion objective is eps-prediction on the cosine schedule unless `prediction`,
-`zero_terminal_snr` or `min_snr_gamma` say otherwise (the README's fashion recipe: v,
+`zero_terminal_snr` or `min_snr_gamma` say otherwise (the fashion recipe of docs/training.md: v,
 zero terminal SNR, min-SNR 5). Diffusion samples of the headline numbers use
 DPM-Solver++(2M) with 20 steps. The feature
 network is the data set's shipped classifier, else one trained here in a minute or two

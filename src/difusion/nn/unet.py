@@ -77,6 +77,10 @@ class UNetConfig:
     time_cond_proj_dim: int | None = None
     # ours, not diffusers': a text-conditioned map of the image, added before the attention
     layout_map: bool = False
+    # unCLIP's decoder: a [B, image_embed_dim] embedding, projected, joins the timestep's, and
+    # is projected to `image_tokens` context tokens of width context_dim
+    image_embed_dim: int | None = None
+    image_tokens: int = 4
 
     def __post_init__(self) -> None:
         # JSON brings lists back: keep tuples so that configs compare equal
@@ -88,6 +92,8 @@ class UNetConfig:
             raise ValueError("layout_map is for the text-conditioned (context_dim) layout")
         if self.time_cond_proj_dim is not None and self.time_cond_proj_dim < 2:
             raise ValueError("time_cond_proj_dim must be at least 2")
+        if self.image_embed_dim is not None and self.context_dim is None:
+            raise ValueError("image_embed_dim needs context_dim (the width of its tokens)")
 
     @property
     def layout_dim(self) -> int:
@@ -119,6 +125,8 @@ class UNetConfig:
         is set, else `UNet2DModel`."""
         if self.layout_map:
             raise ValueError("diffusers' U-Nets have no layout map")
+        if self.image_embed_dim is not None:
+            raise ValueError("this U-Net's image embedding input is not expressed in diffusers")
         levels = range(len(self.block_out_channels))
         kw: dict[str, Any] = dict(
             sample_size=self.sample_size,
@@ -496,6 +504,9 @@ class UNet(nn.Module):
         )
         if cfg.num_classes is not None:
             self.class_embedding = nn.Embedding(cfg.num_classes, cfg.time_embed_dim)
+        if cfg.image_embed_dim is not None:
+            self.image_embedding = nn.Linear(cfg.image_embed_dim, cfg.time_embed_dim)
+            self.image_context = nn.Linear(cfg.image_embed_dim, cfg.image_tokens * cfg.context_dim)
         self.down_blocks = nn.ModuleList(
             [DownBlock(chans[max(i - 1, 0)], chans[i], attn[i], i < n - 1, cfg) for i in range(n)]
         )
@@ -545,6 +556,22 @@ class UNet(nn.Module):
         layout = LayoutMaps(self.layout_map, context, mask) if self.config.layout_map else None
         return PreparedContext(len(context), keys_values, mask, layout, self)
 
+    def prepare_cond(self, cond: dict) -> dict:
+        """`cond` with its context (given, or made of the image embedding) prepared once for a
+        sampling run (`prepare_context`); the same result as `cond` itself."""
+        context = cond.get("context")
+        if context is None and cond.get("image_embed") is not None:
+            context = self.image_embed_context(cond["image_embed"])
+        if context is None or isinstance(context, PreparedContext):
+            return cond
+        return {**cond, "context": self.prepare_context(context, cond.get("context_mask")),
+                "context_mask": None}  # fmt: skip
+
+    def image_embed_context(self, image_embed: Tensor) -> Tensor:
+        """unCLIP's context: an image embedding [B, D] as `image_tokens` tokens [B, k, W]."""
+        tokens = self.image_context(image_embed.to(self.image_context.weight.dtype))
+        return tokens.view(len(image_embed), self.config.image_tokens, self.config.context_dim)
+
     def forward(
         self,
         x: Tensor,
@@ -553,12 +580,19 @@ class UNet(nn.Module):
         context_mask: Tensor | None = None,
         class_labels: Tensor | None = None,
         guidance: Tensor | None = None,
+        image_embed: Tensor | None = None,
     ) -> Tensor:
         """Predict from x [B, C, H, W] at timesteps t ([B] or scalar, on the 0..T-1 scale).
         context [B, L, context_dim], or what `prepare_context` made of it (and of its mask);
         context_mask [B, L] bool, True = real token; class_labels [B] long; guidance [B], the
-        scale w of a distilled student. Returns a tensor shaped like x."""
+        scale w of a distilled student; image_embed [B, image_embed_dim], an unCLIP decoder's
+        condition (its tokens are the context unless a prepared one is given). Returns a
+        tensor shaped like x."""
         cfg = self.config
+        if (image_embed is None) != (cfg.image_embed_dim is None):
+            raise ValueError("image_embed is required exactly when config.image_embed_dim is set")
+        if image_embed is not None and context is None:
+            context = self.image_embed_context(image_embed)
         if (context is None) != (cfg.context_dim is None):
             raise ValueError("context is required exactly when config.context_dim is set")
         if isinstance(context, PreparedContext):
@@ -588,6 +622,8 @@ class UNet(nn.Module):
         emb = self.time_embedding(emb.to(x.dtype), w_emb)
         if class_labels is not None:
             emb = emb + self.class_embedding(class_labels)
+        if image_embed is not None:
+            emb = emb + self.image_embedding(image_embed.to(emb.dtype))
         emb = F.silu(emb)  # every ResnetBlock's time projection starts with a SiLU
 
         pixels, min_pixels = B * H * W, self.channels_last_min_pixels

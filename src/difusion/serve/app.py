@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from . import a1111, errors, native, openai
+from . import a1111, errors, native, openai, variations
 from .errors import APIError
 from .models import ServedModel, load_models
 from .server import Server, ServeSettings, server
@@ -103,6 +103,7 @@ def create_app(settings: ServeSettings, models: dict[str, ServedModel] | None = 
     app.add_middleware(RequestLog)
     auth = [Depends(require_key)]
     app.include_router(openai.router, dependencies=auth)
+    app.include_router(variations.router, dependencies=auth)
     app.include_router(a1111.router, dependencies=auth)
     app.include_router(native.router, dependencies=auth)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -49,6 +49,7 @@ class Generation:
     image: Image.Image | None = None
     mask: Image.Image | None = None  # white = redraw
     strength: float | None = None
+    vary: Image.Image | None = None  # an unCLIP model's variations of this picture
     names: dict[str, str] | None = None
 
     def field(self, name: str) -> str:
@@ -181,7 +182,7 @@ class ServedModel:
         if len(g.negative_prompt) > MAX_PROMPT_CHARS:
             refuse("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
         prompt = g.prompt.strip() if kind != "unconditional" else ""  # nothing to condition on
-        if kind == "text" and not prompt:
+        if kind == "text" and not prompt and g.vary is None:
             refuse("prompt", "must not be empty")
         if kind == "label":
             try:
@@ -248,6 +249,11 @@ class ServedModel:
         """The checked request's images; `on_step(i, total, x0)` sees each step's x0 estimate
         (model space) and may raise to stop the run."""
         steps = self.steps_run(g)
+        if g.vary is not None:
+            return self.pipe.variations(
+                g.vary.convert("RGB"), n=g.n, seed=g.seed, steps=g.steps, guidance=g.guidance,
+                sampler=g.sampler, callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
+            )  # fmt: skip
         x = self.pipe.sample(
             g.prompt,
             negative_prompt=g.negative_prompt,
