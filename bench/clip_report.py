@@ -68,9 +68,7 @@ def training_section(run: Path, out_dir: Path) -> list[str]:
         "",
         f"`difusion train --model clip {options} --layers-per-block {cfg['layers']}"
         + "".join(f" --data-option {k}={v}" for k, v in cfg["data_options"].items())
-        + f" --steps {cfg['steps']}"
-        + (f" --minutes {cfg['minutes']:g}" if cfg.get("minutes") else "")
-        + "`",
+        + f" --steps {cfg['steps']}`",
         "",
         f"{last} steps of {cfg['batch_size']} pairs in about {seconds / 60:.0f} minutes; last "
         f"logged loss {steps[-1]['loss']:.3f}, in-batch image-to-text accuracy "
