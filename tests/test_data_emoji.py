@@ -22,6 +22,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full(cache):
+    emoji._MEMORY.clear()  # rendered here, so the disk cache under test is written
     return EmojiDataset(cache_dir=cache)
 
 
