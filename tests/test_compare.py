@@ -1,12 +1,11 @@
 import json
 import re
-import sys
 
 import pytest
 import torch
+from cli_util import cli
 from data_util import NaNImages
 
-from difusion.cli import main
 from difusion.compare import (
     COLLAPSE_RULE,
     CompareConfig,
@@ -123,17 +122,6 @@ def test_rows_helpers():
     entry["runs"]["gan"][0]["diverged"] = True
     rows = comparison_rows(entry, synthetic_results()["config"])
     assert ("runs diverged (non-finite loss)", "1 of 2", "0 of 2") in rows
-
-
-def cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["difusion", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize(

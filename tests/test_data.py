@@ -152,6 +152,69 @@ def test_fashion_split_and_size(fashion):
         FashionMNIST(split="valid")
 
 
+# the gender and number of every Spanish noun a fashion caption may use, and English plurals
+SPANISH_NOUNS = {
+    "camiseta": "fs", "top": "ms", "pantalones": "mp", "pantalón": "ms", "jersey": "ms",
+    "suéter": "ms", "vestido": "ms", "abrigo": "ms", "chaquetón": "ms", "sandalia": "fs",
+    "sandalias": "fp", "camisa": "fs", "zapatilla": "fs", "zapatillas": "fp", "bolso": "ms",
+    "bolsa": "fs", "botín": "ms", "bota": "fs", "botines": "mp",
+}  # fmt: skip
+ARTICLES = {"un": "ms", "una": "fs", "unos": "mp", "unas": "fp"}
+ADJECTIVES = {"deportiva": "fs", "deportivas": "fp", "largo": "ms", "largos": "mp", "corta": "fs"}
+
+
+def spanish_agreement(caption):
+    """(article, noun, adjective) agreement of a caption "[una foto de ]ART NOUN [ADJ][ de ...]"."""
+    for frame in ("una foto de ", "una imagen de "):
+        caption = caption.removeprefix(frame)
+    article, noun, *rest = caption.split()
+    adjective = rest[0] if rest and rest[0] != "de" else None
+    expected = SPANISH_NOUNS[noun]
+    return ARTICLES[article] == expected and (
+        adjective is None or ADJECTIVES[adjective] == expected
+    )
+
+
+def test_fashion_captions_in_both_languages_are_grammatical():
+    from difusion.data.fashion import fashion_caption, fashion_variants
+
+    assert fashion_caption(0, "en") == "a t-shirt" and fashion_caption(0, "es") == "una camiseta"
+    assert (
+        fashion_caption(9, "en") == "an ankle boot"
+        and fashion_caption(1, "es") == "unos pantalones"
+    )
+    for label in range(10):
+        spanish, english = fashion_variants(label, "es"), fashion_variants(label, "en")
+        assert len(set(spanish)) == len(spanish) >= 6 and len(set(english)) >= 6
+        assert all(spanish_agreement(c) for c in spanish), spanish
+        for caption in english:
+            words = caption.removeprefix("a photo of ").removeprefix("a picture of ").split()
+            if words[0] in ("a", "an"):
+                assert (words[0] == "an") == (words[1][0] in "aeiou"), caption
+            else:  # no article: a plural
+                assert words[-1].endswith("s"), caption
+
+
+def test_fashion_language_option(fashion):
+    assert "caption" in fashion[0] and fashion[0]["caption"] in fashion_variants_of(fashion[0])
+    both = FashionMNIST(split="test", language="both")
+    n = 10_000
+    assert len(both) == 2 * n
+    english, spanish = both[7], both[n + 7]
+    assert torch.equal(english["image"], spanish["image"]) and english["label"] == spanish["label"]
+    assert spanish["caption"] in fashion_variants_of(spanish, "es")
+    captions = {both[i]["caption"] for i in range(n, n + 300)}
+    assert {"una camiseta", "una foto de una camiseta"} & captions  # the variants all turn up
+    with pytest.raises(ValueError, match="fashion: language must be one of en, es, both"):
+        FashionMNIST(language="de")
+
+
+def fashion_variants_of(item, language="en"):
+    from difusion.data.fashion import fashion_variants
+
+    return fashion_variants(item["label"], language)
+
+
 def test_fashion_missing_package_message(tmp_path):
     with pytest.raises(ValueError, match=r"apt-get install dataset-fashion-mnist"):
         load_dataset("fashion", root=tmp_path / "nowhere")

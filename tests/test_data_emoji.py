@@ -22,6 +22,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full(cache):
+    emoji._MEMORY.clear()  # rendered here, so the disk cache under test is written
     return EmojiDataset(cache_dir=cache)
 
 
@@ -108,3 +109,30 @@ def test_heldout_is_stable():
     assert held == [cp for cp in range(0x1F300, 0x1F400) if emoji.is_heldout(cp, 0, 0.1)]
     assert 5 < len(held) < 50
     assert np.mean([emoji.is_heldout(cp, 3, 0.5) for cp in range(0x1F300, 0x1F700)]) > 0.4
+
+
+def test_spanish_names_from_cldr(full, cache):
+    spanish = EmojiDataset(cache_dir=cache, language="es")
+    assert spanish.codepoints == full.codepoints and len(spanish) == len(full)
+    assert all(c and "_" not in c and ":" not in c for c in spanish.captions)
+    named = dict(zip(spanish.codepoints, spanish.captions, strict=True))
+    assert named[0x1F34E] == "manzana roja" and named[0x1F600] == "cara sonriendo"
+    assert named[0x2600] == "sol"  # keyed with its variation selector in the emoji package
+    assert len(set(spanish.captions)) / len(spanish) > 0.99
+    assert torch.equal(spanish[5]["image"], full[5]["image"])
+
+
+def test_both_languages_give_every_emoji_twice(full, cache):
+    both = EmojiDataset(cache_dir=cache, language="both", split="heldout")
+    held = EmojiDataset(cache_dir=cache, split="heldout")
+    n = len(held)
+    assert len(both) == 2 * n and both.captions[:n] == held.captions
+    assert (
+        both.captions[n:] == EmojiDataset(cache_dir=cache, language="es", split="heldout").captions
+    )
+    assert torch.equal(both[n + 3]["image"], held[3]["image"])
+    assert both[-1]["caption"] == both.captions[-1]
+    with pytest.raises(IndexError):
+        both[2 * n]
+    with pytest.raises(ValueError, match="emoji: language must be one of en, es, both"):
+        load_dataset("emoji", language="fr", cache_dir=cache)

@@ -1,13 +1,12 @@
 import json
-import sys
 
 import pytest
 import torch
+from cli_util import cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from difusion.checkpoints import CheckpointError
-from difusion.cli import main
 from difusion.compare import load_generator_or_diffusion
 from difusion.data import DigitsDataset
 from difusion.evaluate import draw, evaluate
@@ -190,17 +189,6 @@ def _diffusion_file(tmp_path):
 
 
 # ---- command line ----
-
-
-def cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["difusion", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 TINY_CLI = ("--model", "gan", "--size", "16", "--steps", "4", "--batch-size", "8",

@@ -1,15 +1,14 @@
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_util import cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from difusion.checkpoints import CheckpointError
-from difusion.cli import main
 from difusion.data import DigitsDataset
 from difusion.images import auto_scale, grid, to_pil
 from difusion.model import DiffusionModel
@@ -116,17 +115,6 @@ def test_layout_map_refuses_latents(tmp_path, vae_run):
     with pytest.raises(TrainingError, match="--layout-map is fitted to pixels"):
         train(cfg, progress=False)
     assert not (tmp_path / "ldm").exists()
-
-
-def cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["difusion", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_latent_diffusion_trains_and_samples(monkeypatch, capsys, tmp_path, vae_run):

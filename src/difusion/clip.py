@@ -10,6 +10,7 @@ project's convention) and prompts in any language the BPE spells.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BOS, EOS = 49406, 49407  # CLIP's <|startoftext|>, <|endoftext|> (also the padding)
-VOCAB_SIZE = 49408
+VOCAB_SIZE = 49408  # CLIP's whole BPE vocabulary
+BOS, EOS = VOCAB_SIZE - 2, VOCAB_SIZE - 1  # its <|startoftext|>, <|endoftext|> (also the padding)
 FOLDER_FILES = ("config.json", "model.safetensors")
 
 
@@ -34,20 +35,21 @@ class ClipConfig:
     text_heads: int = 4
     context_length: int = 32
     embed_dim: int = 128
+    vocab_size: int = VOCAB_SIZE  # fewer: CLIP's BPE with its first merges only (clip_tokenizer)
 
     def to_hf(self):
         from transformers import CLIPConfig
 
         text = dict(
-            vocab_size=VOCAB_SIZE,
+            vocab_size=self.vocab_size,
             hidden_size=self.text_width,
             intermediate_size=4 * self.text_width,
             num_hidden_layers=self.text_layers,
             num_attention_heads=self.text_heads,
             max_position_embeddings=self.context_length,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-            pad_token_id=EOS,
+            bos_token_id=self.vocab_size - 2,
+            eos_token_id=self.vocab_size - 1,
+            pad_token_id=self.vocab_size - 1,
             projection_dim=self.embed_dim,
         )
         vision = dict(
@@ -76,7 +78,24 @@ class ClipConfig:
             text_heads=t.num_attention_heads,
             context_length=t.max_position_embeddings,
             embed_dim=config.projection_dim,
+            vocab_size=t.vocab_size,
         )
+
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature at 1/100
+
+
+def contrastive_loss(logits: Tensor, keys: Tensor | None = None) -> Tensor:
+    """CLIP's symmetric cross-entropy over `logits` [B, B] (image i, text j): each image
+    should pick its own text and each text its own image. With `keys` [B], every pair of
+    items of equal keys is a match (two pictures of one class, one emoji in two languages),
+    the target spread evenly over them."""
+    if keys is None:
+        target = torch.eye(len(logits), device=logits.device)
+    else:
+        target = (keys[:, None] == keys[None, :]).float()
+    target = target / target.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
 
 
 class Clip(nn.Module):
@@ -90,7 +109,9 @@ class Clip(nn.Module):
 
         self.config = config
         self.model = model if model is not None else CLIPModel(config.to_hf())
-        self.tokenizer = tokenizer or clip_tokenizer(max_length=config.context_length)
+        self.tokenizer = tokenizer or clip_tokenizer(
+            max_length=config.context_length, vocab_size=config.vocab_size
+        )
 
     @property
     def device(self) -> torch.device:
@@ -142,9 +163,12 @@ class Clip(nn.Module):
     def save(self, folder: str | Path) -> None:
         """A standard CLIP folder: transformers' config and weights, the BPE tokenizer, and an
         image processor whose normalisation maps [0, 255] to the [-1, 1] we train on."""
+        from .text import _quiet_transformers
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(folder), safe_serialization=True)
+        with _quiet_transformers():
+            self.model.save_pretrained(str(folder), safe_serialization=True)
         self.tokenizer.save_pretrained(str(folder))
         size = self.config.image_size
         processor = {
@@ -165,12 +189,13 @@ class Clip(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> Clip:
-        """A CLIP folder; a missing file or a config that is not CLIP's is one ValueError line."""
+        """A CLIP folder, or "default": the one shipped in the package (`shipped_folder`); a
+        missing file or a config that is not CLIP's is one ValueError line."""
         from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
         from .text import _load_hf, _load_tokenizer
 
-        folder = Path(folder)
+        folder = shipped_folder() if str(folder) == "default" else Path(folder)
         if not folder.is_dir():
             raise ValueError(f"CLIP folder not found: {folder}")
         missing = [f for f in FOLDER_FILES if not (folder / f).is_file()]
@@ -197,3 +222,11 @@ class Clip(nn.Module):
 
     def describe(self) -> str:
         return json.dumps(asdict(self.config))
+
+
+def shipped_folder() -> Path:
+    """The CLIP folder that ships in the package, trained by `difusion train --model clip` on
+    shapes, emoji and fashion in English and Spanish (docs/clip/report.md)."""
+    from importlib import resources
+
+    return Path(str(resources.files("difusion") / "weights" / "clip"))

@@ -122,8 +122,12 @@ def evaluate_alignment(
     batch_size: int = 200,
     wording: str | None = None,
     language: str = "en",
+    clip=None,
 ) -> dict:
     """Fraction of canonical shapes prompts the model satisfies, by the strict scorer.
+
+    `clip` (a `Clip`): also each image's CLIP score (cosine of prompt and image embeddings)
+    beside the scorer's verdict, and how well the score separates passes from failures.
 
     `language` "es": the same prompts in Spanish ("un círculo rojo encima de ...").
 
@@ -131,6 +135,7 @@ def evaluate_alignment(
     prompted with that part of each prompt in words no training caption holds, and scored
     against the canonical prompt; None or "canonical" prompts with the canonical words."""
     from .alignment import check_wording, prompt_set, reword, score_batch
+    from .clip_eval import clip_score_summary, clip_scores
 
     wording = wording or "canonical"
     check_wording(wording)  # before any sampling
@@ -146,6 +151,7 @@ def evaluate_alignment(
     totals = {"single": [0, 0], "double": [0, 0]}
     sampling = 0.0
     failures: Counter[str] = Counter()
+    clip_rows: list[tuple[torch.Tensor, list[bool]]] = []
     for seed in seeds:
         prompts = prompt_set(n_single, n_double, seed=seed, language=language)
         for start in range(0, len(prompts), batch_size):
@@ -164,8 +170,11 @@ def evaluate_alignment(
             totals["double"][0] += scores["passed_double"]
             totals["double"][1] += scores["n_double"]
             failures.update(scores["reasons"])
+            if clip is not None:
+                passed = [v.passed for v in scores["verdicts"]]
+                clip_rows.append((clip_scores(clip, x, asked), passed))
     single, double = totals["single"], totals["double"]
-    return {
+    result = {
         "alignment_single": single[0] / max(1, single[1]),
         "alignment_double": double[0] / max(1, double[1]),
         "n_single": single[1],
@@ -179,6 +188,9 @@ def evaluate_alignment(
         "images_per_s": (single[1] + double[1]) / max(sampling, 1e-9),
         "failures": dict(failures.most_common()),  # reasons by category; an image may give several
     }
+    if clip is not None:
+        result.update(clip_score_summary(clip_rows))
+    return result
 
 
 def format_table(result: dict) -> str:

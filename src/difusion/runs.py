@@ -400,23 +400,31 @@ def check_budget(cfg) -> None:
             raise TrainingError(f"{flag} must be 1 or more, got {getattr(cfg, name)}")
 
 
-def start_run(
-    cfg, resume: bool, stored_config: Callable[[Path], Any], architecture: tuple[str, ...],
-    dataset: Dataset | None,
-) -> tuple[Run, Any, torch.device, Dataset]:  # fmt: skip
-    """The start the GAN and VAE trainers share: the run folder checked; on resume the stored
-    `architecture` fields win over `cfg`'s; budget, EMA decay and --keep validated; device
-    and data."""
+def open_run(
+    cfg, resume: bool, stored_config: Callable[[Path], Any], architecture: tuple[str, ...]
+) -> tuple[Run, Any]:
+    """The run folder checked; on resume the stored `architecture` fields win over `cfg`'s;
+    budget and --keep validated."""
     run = Run(cfg.out)
     check_run_folder(run, resume)
     if resume:
         stored = stored_config(run.dir)
         cfg = replace(cfg, **{k: getattr(stored, k) for k in architecture})
     check_budget(cfg)
-    if not 0 <= cfg.ema_decay < 1:
-        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.keep < 0:
         raise TrainingError(f"--keep must be 0 or more, not {cfg.keep}")
+    return run, cfg
+
+
+def start_run(
+    cfg, resume: bool, stored_config: Callable[[Path], Any], architecture: tuple[str, ...],
+    dataset: Dataset | None,
+) -> tuple[Run, Any, torch.device, Dataset]:  # fmt: skip
+    """The start the GAN and VAE trainers share: `open_run`, the EMA decay validated; device
+    and data."""
+    run, cfg = open_run(cfg, resume, stored_config, architecture)
+    if not 0 <= cfg.ema_decay < 1:
+        raise TrainingError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     device = pick_device(cfg.device)
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.size)

@@ -19,7 +19,10 @@ from .options import (
 
 
 def eval_(
-    checkpoint: Annotated[Path, typer.Argument(help="A run folder or a model .safetensors file.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(help="A run folder or a model .safetensors file (none with --clip alone)."),
+    ] = None,
     data: Annotated[
         str | None, typer.Option(help="Real data to compare with (default: the run's).")
     ] = None,
@@ -45,6 +48,13 @@ def eval_(
     language: Annotated[
         str, typer.Option(help="With --alignment: the prompts' language, en or es.")
     ] = "en",
+    clip: Annotated[
+        Path | None,
+        typer.Option(
+            help="A CLIP folder: alone, its zero-shot and retrieval on held-out data in each "
+            "language; with --alignment, each image's CLIP score and its ROC AUC."
+        ),
+    ] = None,
     sampler: Annotated[str | None, typer.Option(help="Sampler (default: the model's).")] = None,
     steps: Annotated[
         int | None, typer.Option(help="Sampling steps (default: the model's).")
@@ -58,6 +68,7 @@ def eval_(
 ) -> None:
     """Measure a model: FID/KID, precision/recall, mode coverage; or prompt alignment."""
 
+    from ..clip_eval import evaluate_clip, format_rows, load_clip
     from ..compare import load_generator_or_diffusion
     from ..evaluate import evaluate, evaluate_alignment, format_table
     from ..model import resolve_checkpoint
@@ -65,6 +76,16 @@ def eval_(
 
     if n < 2:
         raise UserError(f"-n must be at least 2, got {n}")
+    if checkpoint is None and clip is None:
+        raise UserError("give a model (a run folder or file), or --clip FOLDER")
+    if clip is not None and (checkpoint is None) == alignment:
+        raise UserError(
+            "--clip goes alone (the CLIP's own measures) or with a model and --alignment"
+        )
+    if checkpoint is None:
+        rows = evaluate_clip(load_clip(clip, pick_device(device)), n=n)
+        typer.echo(json.dumps(rows, indent=2) if json_out else format_rows(rows))
+        return
     path = resolve_checkpoint(checkpoint)
     model = load_generator_or_diffusion(path, pick_device(device))
     if alignment:
@@ -78,6 +99,7 @@ def eval_(
             guidance=guidance,
             wording=wording,
             language=language,
+            clip=None if clip is None else load_clip(clip, model.device),
         )
     else:
         if data is None:

@@ -98,7 +98,8 @@ def train(
         str,
         typer.Option(
             help="unet (a diffusion model), gan (the DCGAN baseline), vae (a KL autoencoder), "
-            "prior or decoder (unCLIP's, over a CLIP: --clip)."
+            "clip (a contrastive text and image encoder), prior or decoder (unCLIP's, over a "
+            "CLIP: --clip)."
         ),
     ] = "unet",
     clip: Annotated[
@@ -220,8 +221,8 @@ def train(
 # `--model` -> the module that trains it: `train_from_cli(options, command)` reads the command's
 # options (each trainer says which apply to it) and trains; "unet" is train.py's diffusion model
 TRAINERS = {
-    "gan": "..gan_train", "vae": "..vae_train", "prior": "..prior_train",
-    "decoder": "..decoder_train",
+    "gan": "..gan_train", "vae": "..vae_train", "clip": "..clip_train",
+    "prior": "..prior_train", "decoder": "..decoder_train",
 }  # fmt: skip
 
 # the training options that set a model's architecture, condition and objective

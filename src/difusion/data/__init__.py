@@ -162,6 +162,18 @@ def load_dataset(name_or_path: str | Path, size: int | None = None, **kw: Any) -
     )
 
 
+def option_names(name_or_path: str | Path) -> set[str]:
+    """The options (constructor keywords) of the data set `load_dataset` would make of it."""
+    name = str(name_or_path)
+    factory = DATASETS.get(name.lower())
+    if factory is None:
+        found = _format_of(Path(name).expanduser())
+        factory = found[0] if found else (WebDataset if is_shard_pattern(name) else None)
+    if factory is None:
+        return set()
+    return set(inspect.signature(factory).parameters) - {"self"}
+
+
 def _format_of(path: Path) -> tuple[Callable[..., Dataset], str] | None:
     """The data set class that reads `path`, and the name of its path argument."""
     if path.is_file():

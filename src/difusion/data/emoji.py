@@ -10,9 +10,13 @@ Needs the font of `fonts-noto-color-emoji` (`FONT_PATH`). Choices:
   (`embedded_color=True`, a 136x128 glyph box), alpha-composited on a **black**
   background (like `shapes` and Fashion-MNIST), padded to a centred square and resized
   (Lanczos, antialiased) to `size` x `size` (default 32, 64 works too). RGB, [-1, 1].
-- Caption: the lowercased Unicode name, as is: U+1F34E -> "red apple", U+1F63B ->
-  "smiling cat face with heart-shaped eyes" (no article: names such as "cherries" or
-  "two hearts" would read badly with one).
+- Caption: in English (`language="en"`, the default) the lowercased Unicode name, as is:
+  U+1F34E -> "red apple", U+1F63B -> "smiling cat face with heart-shaped eyes" (no article:
+  names such as "cherries" or "two hearts" would read badly with one). In Spanish
+  (`language="es"`) the emoji's short name in the Unicode CLDR annotations, as the `emoji`
+  package ships them (`emoji.EMOJI_DATA[ch]["es"]`, underscores as spaces): U+1F34E ->
+  "manzana roja", U+1F600 -> "cara sonriendo". `language="both"`: every emoji twice, first
+  all of them in English, then all in Spanish (the data set is twice as long).
 - Splits: "heldout" is the emoji whose seeded hash of (seed, code point) falls below
   `heldout_fraction` (default 0.1, seed 0); "train" the rest; "all" both. The split of
   an emoji depends on its code point only, so it stays put across font versions.
@@ -21,7 +25,7 @@ Needs the font of `fonts-noto-color-emoji` (`FONT_PATH`). Choices:
   ~/.cache/difusion; None: memory only), so later processes load in well under a second.
 
 Items: {"image": FloatTensor [3, size, size] in [-1, 1], "caption": str}; unlabelled
-(`num_classes` / `class_names` None). `codepoints` and `captions` list the emoji in order.
+(`num_classes` / `class_names` None). `codepoints` and `captions` list the items in order.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
+
+from .language import caption_languages
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 FONT_SIZE = 109  # the only bitmap strike of Noto Color Emoji
@@ -86,8 +92,24 @@ def candidates() -> list[int]:
     return out
 
 
-def caption_of(cp: int) -> str:
-    return unicodedata.name(chr(cp)).lower()
+def caption_of(cp: int, language: str = "en") -> str:
+    """The emoji's English Unicode name, lowercased, or its Spanish CLDR short name."""
+    if language == "en":
+        return unicodedata.name(chr(cp)).lower()
+    return spanish_name(cp)
+
+
+def spanish_name(cp: int) -> str:
+    """CLDR's Spanish short name of emoji `cp`, from the `emoji` package ("cara sonriendo")."""
+    import emoji
+
+    if "es" not in emoji.EMOJI_DATA.get("\N{GRINNING FACE}", {}):
+        emoji.config.load_language("es")
+    ch = chr(cp)
+    data = emoji.EMOJI_DATA.get(ch) or emoji.EMOJI_DATA.get(ch + "\N{VARIATION SELECTOR-16}")
+    if not data or "es" not in data:
+        raise ValueError(f"emoji: no Spanish CLDR name for U+{cp:04X} in the emoji package")
+    return data["es"].strip(":").replace("_", " ")
 
 
 def _font_hash(path: Path) -> str:
@@ -166,7 +188,7 @@ def is_heldout(cp: int, seed: int = 0, fraction: float = 0.1) -> bool:
 
 
 class EmojiDataset(Dataset):
-    """Noto Color Emoji, captioned by their lowercased Unicode names (see module doc).
+    """Noto Color Emoji, captioned by their Unicode names or CLDR's Spanish ones (module doc).
 
     Items: {"image": FloatTensor [3, size, size] in [-1, 1], "caption": str}.
     """
@@ -183,26 +205,29 @@ class EmojiDataset(Dataset):
         heldout_fraction: float = 0.1,
         font_path: str | Path = FONT_PATH,
         cache_dir: str | Path | None = "~/.cache/difusion",
+        language: str = "en",
     ):
+        languages = caption_languages(language, "emoji")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
         if size < 8:
             raise ValueError(f"emoji: size must be at least 8, got {size}")
         if not 0.0 <= heldout_fraction <= 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
-        self.size, self.split, self.seed = size, split, seed
+        self.size, self.split, self.seed, self.language = size, split, seed, language
         cps, images = load_emoji(size, font_path, cache_dir)
         if split != "all":
             held = np.array([is_heldout(int(c), seed, heldout_fraction) for c in cps], bool)
             keep = held if split == "heldout" else ~held
             cps, images = cps[keep], images[keep]
-        self.codepoints: list[int] = [int(c) for c in cps]
-        self.captions: list[str] = [caption_of(c) for c in self.codepoints]
+        self.codepoints: list[int] = [int(c) for _ in languages for c in cps]
+        self.captions: list[str] = [caption_of(int(c), lang) for lang in languages for c in cps]
         self._images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 [N, H, W, 3]
 
     def __len__(self) -> int:
         return len(self.codepoints)
 
     def __getitem__(self, i: int) -> dict:
-        img = self._images[int(i)].permute(2, 0, 1).float().div(127.5).sub(1.0)
-        return {"image": img, "caption": self.captions[int(i)]}
+        i = range(len(self))[int(i)]  # negative indices as a list's; IndexError past the end
+        img = self._images[i % len(self._images)].permute(2, 0, 1).float().div(127.5).sub(1.0)
+        return {"image": img, "caption": self.captions[i]}

@@ -4,6 +4,13 @@ A folder holds `train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]` an
 same with `t10k` (or `test`) for the test split; `train-images.idx3-ubyte` spellings work
 too. The 28x28 images are padded with `pad` black pixels on each side (default 2, giving
 the customary 32x32) and then resized to `size` when that differs (default 32).
+
+Fashion-MNIST is also captioned, in English or Spanish (`language=`): each class has a few
+names (`FASHION_NAMES`; the first is its canonical one), each with its article, or none for
+a plural ("trousers"), and in Spanish the article and adjectives agreeing with the noun's
+gender and number ("una zapatilla deportiva", "unos pantalones"); image i reads one name, in
+one of a few frames ("a photo of ...", "una foto de ..."), both picked by a hash of i.
+`language="both"`: every image twice, first all with English captions, then all with Spanish.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .idx import read_idx
+from .language import caption_languages
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
@@ -30,8 +38,69 @@ FASHION_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
+# per class: (name, gender, number); English "gender" is the article ("a", "an", "" for none)
+FASHION_NAMES: dict[str, list[list[tuple[str, str, str]]]] = {
+    "en": [
+        [("t-shirt", "a", "s"), ("top", "a", "s"), ("tee", "a", "s")],
+        [("pair of trousers", "a", "s"), ("trousers", "", "p"), ("pair of pants", "a", "s")],
+        [("pullover", "a", "s"), ("sweater", "a", "s"), ("jumper", "a", "s")],
+        [("dress", "a", "s"), ("long dress", "a", "s")],
+        [("coat", "a", "s"), ("overcoat", "an", "s"), ("winter coat", "a", "s")],
+        [("sandal", "a", "s"), ("sandals", "", "p"), ("summer sandal", "a", "s")],
+        [("shirt", "a", "s"), ("button-up shirt", "a", "s"), ("long-sleeved shirt", "a", "s")],
+        [("sneaker", "a", "s"), ("trainer", "a", "s"), ("sneakers", "", "p")],
+        [("bag", "a", "s"), ("handbag", "a", "s")],
+        [("ankle boot", "an", "s"), ("boot", "a", "s"), ("ankle boots", "", "p")],
+    ],
+    "es": [
+        [("camiseta", "f", "s"), ("top", "m", "s"), ("camiseta de manga corta", "f", "s")],
+        [("pantalones", "m", "p"), ("pantalón", "m", "s"), ("pantalones largos", "m", "p")],
+        [("jersey", "m", "s"), ("suéter", "m", "s"), ("jersey de punto", "m", "s")],
+        [("vestido", "m", "s"), ("vestido largo", "m", "s")],
+        [("abrigo", "m", "s"), ("chaquetón", "m", "s"), ("abrigo largo", "m", "s")],
+        [("sandalia", "f", "s"), ("sandalias", "f", "p"), ("sandalia de verano", "f", "s")],
+        [
+            ("camisa", "f", "s"),
+            ("camisa de botones", "f", "s"),
+            ("camisa de manga larga", "f", "s"),
+        ],
+        [
+            ("zapatilla deportiva", "f", "s"),
+            ("zapatilla", "f", "s"),
+            ("zapatillas deportivas", "f", "p"),
+        ],
+        [("bolso", "m", "s"), ("bolsa", "f", "s")],
+        [("botín", "m", "s"), ("bota corta", "f", "s"), ("botines", "m", "p")],
+    ],
+}
+SPANISH_ARTICLES = {("m", "s"): "un", ("f", "s"): "una", ("m", "p"): "unos", ("f", "p"): "unas"}
+FRAMES = {
+    "en": ("{}", "a photo of {}", "a picture of {}"),
+    "es": ("{}", "una foto de {}", "una imagen de {}"),
+}
 IDX_DEFAULT_SIZE = 32
 SPLITS = {"train": ("train",), "test": ("t10k", "test"), "all": ("train", "t10k", "test")}
+
+
+def fashion_caption(label: int, language: str = "en", variant: int = 0) -> str:
+    """Caption `variant` of class `label` ("a t-shirt", "una foto de unos pantalones"); variant
+    0 is the class's canonical name with its article, unframed."""
+    names = FASHION_NAMES[language][label]
+    name, gender, number = names[variant % len(names)]
+    article = gender if language == "en" else SPANISH_ARTICLES[gender, number]
+    frames = FRAMES[language]
+    return frames[variant // len(names) % len(frames)].format(f"{article} {name}".strip())
+
+
+def fashion_variants(label: int, language: str = "en") -> list[str]:
+    """Every caption class `label` has in `language`."""
+    count = len(FASHION_NAMES[language][label]) * len(FRAMES[language])
+    return [fashion_caption(label, language, v) for v in range(count)]
+
+
+def _variant(i: int) -> int:
+    """A well-mixed number from item index i (which name and frame its caption takes)."""
+    return (i * 0x9E3779B1 & 0xFFFFFFFF) >> 16
 
 
 def _find(root: Path, prefix: str, kind: str, rank: str) -> Path | None:
@@ -144,6 +213,7 @@ class FashionMNIST(IDXDataset):
 
     Read from Debian's `dataset-fashion-mnist` package by default, or any folder of the
     same IDX files (`root`). `split` is "train", "test" or "all" (default: 70,000 images).
+    Items also hold a "caption" in `language` (module doc); "both" doubles the length.
     """
 
     def __init__(
@@ -152,7 +222,9 @@ class FashionMNIST(IDXDataset):
         split: str = "all",
         size: int = IDX_DEFAULT_SIZE,
         pad: int = 2,
+        language: str = "en",
     ):
+        self.language, self.languages = language, caption_languages(language, "fashion")
         root = Path(root).expanduser() if root is not None else FASHION_ROOT
         if not has_idx_files(root):
             raise ValueError(
@@ -160,6 +232,16 @@ class FashionMNIST(IDXDataset):
                 "`apt-get install dataset-fashion-mnist` (or pass a folder of IDX files: root=PATH)"
             )
         super().__init__(root, split=split, size=size, pad=pad, class_names=FASHION_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.images) * len(self.languages)
+
+    def __getitem__(self, i: int) -> dict:
+        i = range(len(self))[int(i)]  # negative indices as a list's; IndexError past the end
+        item = super().__getitem__(i % len(self.images))
+        language = self.languages[i // len(self.images)]
+        item["caption"] = fashion_caption(item["label"], language, _variant(i))
+        return item
 
 
 def mnist(

@@ -58,13 +58,24 @@ def _bpe_tables(path: str) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]
 
 
 def clip_tokenizer(
-    bpe_path: str | Path | None = None, pad_token: str = "<|endoftext|>", max_length: int = 77
+    bpe_path: str | Path | None = None,
+    pad_token: str = "<|endoftext|>",
+    max_length: int = 77,
+    vocab_size: int | None = None,
 ):
     """CLIP's tokenizer (49408 tokens, as openai/clip-vit-large-patch14's vocab.json) built
-    from the BPE merges file; `pad_token="!"` gives OpenCLIP's (SD 2.x) padding with id 0."""
+    from the BPE merges file; `pad_token="!"` gives OpenCLIP's (SD 2.x) padding with id 0.
+    A smaller `vocab_size` keeps CLIP's first merges only (the same ids for the tokens kept,
+    the two special tokens last): any text still tokenizes, in more pieces."""
     from transformers import CLIPTokenizer
 
     vocab, merges = _bpe_tables(str(bpe_path or open_clip_bpe()))
+    if vocab_size is not None and vocab_size != len(vocab):
+        kept = vocab_size - 2 * 256 - 2
+        if not 0 <= kept <= len(merges):
+            raise ValueError(f"a CLIP vocabulary has {2 * 256 + 2} to {len(vocab)} tokens")
+        tokens = sorted(vocab, key=vocab.__getitem__)[: vocab_size - 2] + list(vocab)[-2:]
+        vocab, merges = {t: i for i, t in enumerate(tokens)}, merges[:kept]
     return CLIPTokenizer(
         vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=max_length
     )

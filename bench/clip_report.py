@@ -1,0 +1,179 @@
+"""docs/clip/report.md from a CLIP folder, in one command:
+
+    PYTHONPATH=src .venv/bin/python bench/clip_report.py --clip src/difusion/weights/clip \\
+        --run runs/clip
+
+- the model (its configuration, parameters, folder size) and, with `--run`, how it was trained
+  (the command's options, steps, minutes) and its probe along training (probe.png);
+- zero-shot classification and text-to-image retrieval on held-out data in each language,
+  each with its n (`difusion eval --clip`);
+- the CLIP score of a text-to-image model's images (`--model`, default the shipped one)
+  beside the exact shapes scorer, in each language: the ROC AUC of the score separating
+  the images the scorer passes from those it fails, with n (`difusion eval MODEL --alignment
+  --clip`).
+
+Two sections are filled by hand, between their markers: the alignment of text-to-image
+models guided by MiniLM and by this CLIP, and a grid of Spanish prompts. Running the script
+again keeps what stands between the markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from difusion.clip_eval import evaluate_clip, format_rows, load_clip
+from difusion.evaluate import evaluate_alignment
+from difusion.model import DiffusionModel, resolve_checkpoint
+from difusion.runs import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+KEPT = {
+    "alignment": "*To be filled: alignment of the shapes text model guided by MiniLM, by our "
+    "CLIP (and by the scratch encoder) at equal CPU time, English and Spanish, each with n "
+    "and minutes.*",
+    "grid": "*To be filled: a grid of Spanish prompts and their images.*",
+}
+
+
+def kept_sections(report: Path) -> dict[str, str]:
+    """What stands between each `<!-- begin: NAME -->` and `<!-- end: NAME -->` of a report."""
+    text = report.read_text() if report.is_file() else ""
+    found = re.findall(r"<!-- begin: (\w+) -->\n(.*?)<!-- end: \1 -->", text, re.S)
+    return {**KEPT, **{name: body.strip() for name, body in found}}
+
+
+def training_section(run: Path, out_dir: Path) -> list[str]:
+    cfg = json.loads((run / "train_config.json").read_text())
+    log = Run(run).read_log()
+    steps = [r for r in log if "loss" in r]
+    seconds, last = 0.0, 0
+    for r in steps:  # each log line: the steps since the last one at its rate
+        seconds += (r["step"] - last) / max(r["steps_per_s"], 1e-9)
+        last = r["step"]
+    options = " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in cfg.items()
+        if k in ("data", "batch_size", "lr", "warmup", "channels", "seed")
+    )
+    lines = [
+        "## Training",
+        "",
+        f"`difusion train --model clip {options} --layers-per-block {cfg['layers']}"
+        + "".join(f" --data-option {k}={v}" for k, v in cfg["data_options"].items())
+        + f" --steps {cfg['steps']}`",
+        "",
+        f"{last} steps of {cfg['batch_size']} pairs in about {seconds / 60:.0f} minutes; last "
+        f"logged loss {steps[-1]['loss']:.3f}, in-batch image-to-text accuracy "
+        f"{steps[-1]['accuracy']:.1%}, temperature {steps[-1]['temperature']:.1f}.",
+    ]
+    if (run / "probe.png").is_file():
+        shutil.copyfile(run / "probe.png", out_dir / "probe.png")
+        lines += [
+            "",
+            "Held-out text-to-image R@1 along training (the probe):",
+            "",
+            "![](probe.png)",
+        ]
+    return lines + [""]
+
+
+def clip_score_section(clip, model_name: str, prompts: int) -> list[str]:
+    model = DiffusionModel.load(resolve_checkpoint(model_name))
+    lines = [
+        f"## The CLIP score against the exact scorer ({model_name} model)",
+        "",
+        f"{prompts} one-object + {prompts} two-object prompts per language, one image each "
+        "(seed 0). The CLIP score is the cosine of the prompt's and the image's embeddings; "
+        "the ROC AUC is the chance that an image the exact scorer passes scores above one it "
+        "fails (0.5: the score does not tell them apart).",
+        "",
+        "| language | passed (exact) | mean score, passed | mean score, failed | ROC AUC | n passed / failed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for language in ("en", "es"):
+        r = evaluate_alignment(model, prompts, prompts, (0,), language=language, clip=clip)
+        n = r["clip_n_passed"] + r["clip_n_failed"]
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(
+            f"| {language} | {r['clip_n_passed'] / n:.1%} | {fmt(r['clip_score_passed'])} "
+            f"| {fmt(r['clip_score_failed'])} | {fmt(r['clip_auc'])} "
+            f"| {r['clip_n_passed']} / {r['clip_n_failed']} |"
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--clip", type=Path, default=ROOT / "src/difusion/weights/clip")
+    p.add_argument("--run", type=Path, help="the CLIP's run folder (how it was trained)")
+    p.add_argument("--model", default="default", help="text-to-image model for the CLIP score")
+    p.add_argument("-n", type=int, default=1000, help="held-out items per data set and language")
+    p.add_argument("--prompts", type=int, default=200, help="prompts of each kind per language")
+    p.add_argument("--out", type=Path, default=ROOT / "docs/clip/report.md")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+
+    start = time.monotonic()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    kept = kept_sections(args.out)
+    clip = load_clip(args.clip)
+    params = sum(p.numel() for p in clip.parameters())
+    megabytes = sum(f.stat().st_size for f in args.clip.iterdir()) / 1e6
+    c = clip.config
+    lines = [
+        "# Our CLIP: zero-shot, retrieval and the CLIP score, in English and Spanish",
+        "",
+        f"Made by `bench/clip_report.py` from `{os.path.relpath(args.clip.resolve(), ROOT)}` "
+        "on a 2-core AMD EPYC, shared.",
+        "",
+        f"A ViT of {c.vision_layers} layers, width {c.vision_width}, {c.patch_size}x"
+        f"{c.patch_size} patches of {c.image_size}x{c.image_size} images, and a causal text "
+        f"transformer of {c.text_layers} layers, width {c.text_width}, over CLIP's BPE "
+        f"({c.vocab_size} tokens: its first {c.vocab_size - 514} merges), {c.context_length} "
+        f"tokens at most; joint embeddings of {c.embed_dim}. {params / 1e6:.2f}M parameters; "
+        f"the folder is {megabytes:.1f} MB.",
+        "",
+    ]
+    if args.run is not None:
+        lines += training_section(args.run, args.out.parent)
+    rows = evaluate_clip(clip, n=args.n)
+    lines += [
+        "## Zero-shot classification and text-to-image retrieval (held-out data)",
+        "",
+        "`difusion eval --clip FOLDER -n N`. Zero-shot: fashion's 10 classes (test split, "
+        "each class prompted with the mean embedding of its captions), shapes' 18 colour x "
+        "shape classes on one-object scenes of an unseen seed (canonical captions). Retrieval: "
+        "each caption ranks the images; a hit when one of the first k shows what it says (the "
+        "same emoji, scene or class). Chance: what a random pick scores.",
+        "",
+        format_rows(rows),
+        "",
+    ]
+    lines += clip_score_section(clip, args.model, args.prompts)
+    for name, title in (
+        ("alignment", "Alignment: MiniLM vs our CLIP guiding text-to-image, at equal time"),
+        ("grid", "Spanish prompts and their images"),
+    ):
+        lines += [
+            f"## {title}",
+            "",
+            f"<!-- begin: {name} -->",
+            kept[name],
+            f"<!-- end: {name} -->",
+            "",
+        ]
+    lines.append(f"*This report took {(time.monotonic() - start) / 60:.1f} minutes to make.*")
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
