@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_util import assert_same_training_state
 
 from difusion.data import DigitsDataset
 from difusion.denoiser import Denoiser
@@ -159,15 +159,7 @@ def assert_resumes_exactly(tmp_path, digits8, **kw) -> None:
     train(tiny(tmp_path, "half", steps=3, **kw), dataset=digits8, progress=False)
     resumed = train(tiny(tmp_path, "half", steps=6, **kw), resume=True, dataset=digits8,
                     progress=False)  # fmt: skip
-    a, b = (
-        load_file(full / "train_state.safetensors"),
-        load_file(resumed / "train_state.safetensors"),
-    )
-    for key in a:
-        if key.startswith(("model.", "opt.")):
-            assert torch.equal(a[key], b[key]), key
-    ema_a, ema_b = (load_file(run / "model.safetensors") for run in (full, resumed))
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert_same_training_state(full, resumed)
 
 
 def assert_loss_falls(tmp_path, digits8, **kw) -> DiffusionModel:

@@ -88,6 +88,10 @@ class ModelConfig:
         """This configuration with another network configuration of its backbone."""
         return replace(self, **{"dit" if self.backbone == "dit" else "unet": network})
 
+    @property
+    def null_label(self) -> int:
+        return len(self.class_names or [])
+
 
 def build_network(config: ModelConfig) -> nn.Module:
     if config.backbone not in BACKBONES:
@@ -97,10 +101,6 @@ def build_network(config: ModelConfig) -> nn.Module:
             raise ValueError("a dit model needs its DiT configuration")
         return DiT(config.dit)
     return UNet(config.unet)
-
-    @property
-    def null_label(self) -> int:
-        return len(self.class_names or [])
 
 
 class DiffusionModel(nn.Module):
