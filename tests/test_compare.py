@@ -469,6 +469,16 @@ def test_recipes_are_parsed():
     from difusion.compare import parse_recipes
 
     assert parse_recipes("unet-v, unet-edm,dit-flow") == ("unet-v", "unet-edm", "dit-flow")
+    from difusion.compare.study import diffusion_options
+
+    cfg = CompareConfig()
+    assert diffusion_options("dit4-edm", 32, cfg) == {
+        "backbone": "dit", "patch_size": 4, "channels": 128, "head_dim": 32, "depth": 6,
+        "objective": "edm",
+    }  # fmt: skip
+    assert diffusion_options("dit-flow", 32, cfg)["patch_size"] == 2
+    v = diffusion_options("unet-v", 32, cfg)
+    assert v["prediction"] == "v" and v["min_snr_gamma"] == 5.0 and v["zero_terminal_snr"]
     with pytest.raises(ValueError, match="unknown recipe 'unet-gan'"):
         parse_recipes("unet-v,unet-gan")
     with pytest.raises(ValueError, match="give distinct recipes"):

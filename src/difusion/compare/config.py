@@ -52,7 +52,10 @@ RECIPE_OBJECTIVES: dict[str, dict] = {
     "edm": {"objective": "edm"},
     "flow": {"objective": "flow"},
 }
-BACKBONES = ("unet", "dit")
+# "dit" has the preset's patches; "dit4" patches of 4 px (a quarter of the tokens: a training
+# step 0.44x the small U-Net's time at 32 px, "dit" 2.2x; bench/recipe_speed.py)
+BACKBONES = {"unet": {"backbone": "unet"}, "dit": {"backbone": "dit"},
+             "dit4": {"backbone": "dit", "patch_size": 4}}  # fmt: skip
 
 
 def parse_recipes(text: str) -> tuple[str, ...]:
@@ -72,7 +75,7 @@ def parse_recipes(text: str) -> tuple[str, ...]:
 def recipe_settings(recipe: str) -> dict:
     """The TrainConfig options of a recipe's objective, and its backbone."""
     backbone, objective = recipe.split("-")
-    return {"backbone": backbone, **RECIPE_OBJECTIVES[objective]}
+    return {**BACKBONES[backbone], **RECIPE_OBJECTIVES[objective]}
 
 
 @dataclass

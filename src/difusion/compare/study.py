@@ -123,7 +123,7 @@ def diffusion_options(kind: str, size: int, cfg: CompareConfig) -> dict:
         }
     settings = recipe_settings(kind)
     if settings["backbone"] == "dit":
-        return {**settings, **PRESETS[cfg.preset]["dit"]}
+        return {**PRESETS[cfg.preset]["dit"], **settings}
     return {**settings, **unet_options(size, cfg.preset)}
 
 
