@@ -451,3 +451,101 @@ def test_a_diverged_run_is_recorded_not_raised(tmp_path, kind):
         kind, "digits", NaNImages(DigitsDataset(size=8)), 0, tmp_path / kind, cfg, 0.05
     )
     assert error is not None and "became nan at step 1" in error
+
+
+def test_recipes_are_parsed():
+    from difusion.compare import parse_recipes
+
+    assert parse_recipes("unet-v, unet-edm,dit-flow") == ("unet-v", "unet-edm", "dit-flow")
+    from difusion.compare.study import diffusion_options
+
+    cfg = CompareConfig()
+    assert diffusion_options("dit4-edm", 32, cfg) == {
+        "backbone": "dit", "patch_size": 4, "channels": 128, "head_dim": 32, "depth": 6,
+        "objective": "edm",
+    }  # fmt: skip
+    assert diffusion_options("dit-flow", 32, cfg)["patch_size"] == 2
+    v = diffusion_options("unet-v", 32, cfg)
+    assert v["prediction"] == "v" and v["min_snr_gamma"] == 5.0 and v["zero_terminal_snr"]
+    with pytest.raises(ValueError, match="unknown recipe 'unet-gan'"):
+        parse_recipes("unet-v,unet-gan")
+    with pytest.raises(ValueError, match="give distinct recipes"):
+        parse_recipes("dit-flow,dit-flow")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--recipes", "unet-v", "--budget-minutes", "1"), "--recipes is a sweep's"),
+        (("--recipes", "unet-v,vit-flow", "--budgets", "1"), "unknown recipe 'vit-flow'"),
+        (("--recipes", "dit-edm", "--budgets", "1", "--distill-minutes", "1"),
+         "--recipes distils no students"),
+    ],
+)  # fmt: skip
+def test_bad_recipes_are_one_line_errors(monkeypatch, capsys, tmp_path, args, message):
+    code, _, err = cli(monkeypatch, capsys, "compare", "--out", tmp_path / "c", *args)
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()
+
+
+def synthetic_recipes_sweep():
+    """The GAN and two recipes at 1 and 4 minutes, one seed: the GAN leads at 1 minute,
+    dit-flow at 4, and unet-edm never."""
+    sweep = synthetic_sweep()
+    fids = {"gan": (30.0, 30.0), "unet-edm": (40.0, 35.0), "dit-flow": (45.0, 20.0)}
+    runs = []
+    for kind, (at_1, at_4) in fids.items():
+        for minutes, fid in ((1.0, at_1), (4.0, at_4)):
+            run = next(r for r in sweep["runs"] if r["budget_minutes"] == minutes)
+            runs.append({**run, "kind": kind, "seed": 0, "final": {**run["final"], "fid": fid},
+                         "inception": {"fid": 2 * fid, "n": 100},
+                         "images_per_second": 500.0 if kind == "gan" else 120.0})  # fmt: skip
+    return {**sweep, "seeds": [0], "kinds": list(fids), "runs": runs}
+
+
+def test_recipes_sweep_report_races_every_recipe_against_the_gan(tmp_path):
+    sweep = synthetic_recipes_sweep()
+    sweep["summary"] = summarize(sweep)
+    race = sweep["summary"]["races"]["fid"]
+    assert race["verdict"] == (
+        "classifier FID, lowest: at 1 min GAN (30.0), the best recipe unet-edm 40.0; "
+        "at 4 min dit-flow (20.0), the GAN 30.0."
+    )
+    assert race["recipes"]["dit-flow"]["crossing_minutes"] == pytest.approx(
+        2 ** (2 * 15 / 25)  # the gap goes 15 -> -10: 15/25 of the way in log-minutes
+    )
+    assert race["recipes"]["unet-edm"]["verdict"] == (
+        "classifier FID, unet-edm: the GAN stays ahead up to 4 minutes, by 10.0 at 1 min and "
+        "5.00 at 4 min."
+    )
+    text = write_sweep_report(sweep, tmp_path).read_text()
+    assert "difusion compare --recipes unet-edm,dit-flow --budgets 1,4" in text
+    assert "| 4 | dit-flow (20 steps) | 400 | 4.00 | 40.0 | 20.0 | 0.500 | 0.400 | 120 |" in text
+    assert "| 4 | GAN | 400 | 4.00 | 60.0 | 30.0 | 0.500 | 0.400 | 500 |" in text
+    assert "| budget (min) | GAN | unet-edm | dit-flow |" in text
+    assert (tmp_path / "fid_vs_minutes.png").is_file()
+
+
+def test_recipes_sweep_end_to_end_on_digits(monkeypatch, capsys, tmp_path):
+    """Two recipes beside the GAN, two budgets: each run continues from the first budget to
+    the second; one table and one plot hold them all."""
+    out = tmp_path / "recipes"
+    args = ("compare", "--data", "digits", "--recipes", "unet-edm,dit-flow", "--budgets",
+            "0.02,0.05", "--seeds", "1", "--out", out, "--preset", "tiny", "--samples", "16",
+            "--no-inception")  # fmt: skip
+    code, stdout, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    folder = out / "digits" / "recipes"
+    sweep = json.loads((folder / "sweep.json").read_text())
+    assert sweep["kinds"] == ["gan", "unet-edm", "dit-flow"]
+    runs = {(r["kind"], r["budget_minutes"]): r for r in sweep["runs"]}
+    for kind in sweep["kinds"]:
+        first, second = runs[kind, 0.02], runs[kind, 0.05]
+        assert second["start_step"] == first["steps"] > 0 and second["steps"] > first["steps"]
+        assert second["final"]["n"] == 16 and second["images_per_second"] > 0
+    assert "EDM preconditioning" in sweep["models"]["unet-edm"]["description"]
+    assert "DiT width 32, 2 blocks" in sweep["models"]["dit-flow"]["description"]
+    report = (folder / "sweep.md").read_text()
+    assert "| 0.05 | dit-flow (20 steps) |" in report and "| 0.05 | GAN |" in report
+    assert (folder / "fid_vs_minutes.png").is_file()
+    assert "classifier FID, lowest: at 0.02 min" in report

@@ -192,3 +192,56 @@ def test_clamped_and_dynamic_threshold():
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler"):
         get_sampler("plms")
+
+
+def gaussian_ode(mu: float = 0.3, s: float = 0.5):
+    """Data N(mu, s^2): the exact denoiser is linear, and the probability-flow ODE
+    dx/dsigma = (x - D(x, sigma)) / sigma is solved in closed form, x - mu growing as
+    sqrt(s^2 + sigma^2)."""
+
+    def denoiser(x, sigma):
+        return mu + s**2 / (s**2 + torch.as_tensor(sigma, dtype=x.dtype) ** 2) * (x - mu)
+
+    def solution(x, sigma_from, sigma_to):
+        return mu + ((s**2 + sigma_to**2) / (s**2 + sigma_from**2)) ** 0.5 * (x - mu)
+
+    return denoiser, solution
+
+
+def flow_sigmas(steps: int, t_from: float = 0.9, t_to: float = 0.1) -> torch.Tensor:
+    """sigma = t / (1 - t) of flow matching's evenly spaced times."""
+    t = torch.linspace(t_from, t_to, steps + 1, dtype=torch.float64)
+    return t / (1 - t)
+
+
+@pytest.mark.parametrize(
+    "name, order",
+    [("euler", 1), ("heun", 2), ("heun_flow", 2), ("heun_edm", 2), ("dpmpp_2m", 2)],
+)
+def test_flow_samplers_integrate_a_linear_ode_to_their_order(name, order):
+    """Halving the step on flow matching's time grid divides the error by 2^order."""
+    denoiser, solution = gaussian_ode()
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64) * 9
+    sample = get_sampler(name)
+    errors = []
+    for steps in (16, 32, 64):
+        sigmas = flow_sigmas(steps)
+        exact = solution(x, sigmas[0], sigmas[-1])
+        errors.append((sample(denoiser, x, sigmas) - exact).abs().max().item())
+    for coarse, fine in zip(errors, errors[1:], strict=False):
+        assert 2**order * 0.85 < coarse / fine < 2**order * 1.15, errors
+
+
+def test_euler_in_the_sigma_view_is_flow_matchings_euler():
+    """x_t = x / (1 + sigma), t = sigma / (1 + sigma): a DDIM step in the sigma view is the
+    Euler step x_t + (t' - t) v of flow matching, v = (x_t - x0) / t."""
+    denoiser, _ = gaussian_ode()
+    sigmas = flow_sigmas(7, 0.95, 0.05)
+    x = torch.linspace(-3, 3, 11, dtype=torch.float64) * 19
+    ours = get_sampler("euler")(denoiser, x, sigmas)
+    x_t = x / (1 + sigmas[0])
+    for sigma, sigma_next in zip(sigmas, sigmas[1:], strict=False):
+        t, t_next = sigma / (1 + sigma), sigma_next / (1 + sigma_next)
+        v = (x_t - denoiser(x_t * (1 + sigma), sigma)) / t
+        x_t = x_t + (t_next - t) * v
+    assert torch.allclose(ours / (1 + sigmas[-1]), x_t, rtol=1e-12, atol=1e-12)

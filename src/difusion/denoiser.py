@@ -2,7 +2,8 @@
 
 x is the noisy sample in the sigma view (x = x0 + sigma * eps); the network sees the
 variance-preserving input x / sqrt(1 + sigma^2) and the timestep of that sigma, and predicts
-eps, v or x0 as it was trained to. Guidance and clamping are wrappers around a denoiser, so
+eps, v or x0 as it was trained to; or, for the edm and flow objectives, its schedule's
+preconditioning says what it sees and what its output means (`NoiseSchedule.preconditioning`). Guidance and clamping are wrappers around a denoiser, so
 samplers never know which network, condition or prediction target sits behind it.
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 from .schedule import NoiseSchedule
 
 PREDICTIONS = ("eps", "v", "x0")
+PRECONDITIONED = ("edm", "flow")  # predictions defined by their schedule's preconditioning
 Cond = dict[str, torch.Tensor | None]
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,8 +36,12 @@ class Denoiser(nn.Module):
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction: str = "eps") -> None:
         super().__init__()
-        if prediction not in PREDICTIONS:
+        if prediction not in PREDICTIONS + PRECONDITIONED:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        if (prediction in PRECONDITIONED or schedule.kind in PRECONDITIONED) and (
+            prediction != schedule.kind
+        ):
+            raise ValueError(f"a {prediction} prediction does not fit a {schedule.kind} schedule")
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
@@ -44,6 +50,10 @@ class Denoiser(nn.Module):
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond | None = None
     ) -> torch.Tensor:
         sigma = _expand(sigma, x)
+        if self.prediction in PRECONDITIONED:
+            c_skip, c_out, c_in, c_noise = self.schedule.preconditioning(sigma)
+            out = self.model(x * _per_sample(c_in, x), c_noise, **(cond or {})).to(x.dtype)
+            return _per_sample(c_skip, x) * x + _per_sample(c_out, x) * out
         t = self.schedule.sigma_to_t(sigma).to(device=x.device, dtype=torch.float32)
         s = _per_sample(sigma, x)
         c_in = 1 / (s**2 + 1).sqrt()

@@ -41,8 +41,7 @@ from .data import load_dataset
 from .denoiser import Denoiser, bind, clamped, consistency, guided
 from .loop import Stop, TrainLoop
 from .lora import add_trainable, save_run_model
-from .model import DiffusionModel, resolve_checkpoint
-from .nn.unet import UNet
+from .model import DiffusionModel, build_network, resolve_checkpoint
 from .previews import alignment_probe, preview
 from .runs import (
     Run,
@@ -117,17 +116,17 @@ def student_of(teacher: DiffusionModel, cfg: DistillConfig, source: str) -> Diff
     if cfg.lora:
         return lora_student(teacher, cfg, source)
     conditional = teacher.config.cond is not None
-    unet_config = replace(
-        teacher.config.unet, time_cond_proj_dim=GUIDANCE_EMBED_DIM if conditional else None
+    network = replace(
+        teacher.config.network, time_cond_proj_dim=GUIDANCE_EMBED_DIM if conditional else None
     )
-    unet = UNet(unet_config).to(teacher.device)
+    unet = build_network(teacher.config.with_network(network)).to(teacher.device)
     missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
     assert not unexpected and all(k.endswith("cond_proj.weight") for k in missing), missing
-    if conditional:
-        torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+    for name, p in unet.named_parameters():
+        if name.endswith("cond_proj.weight"):
+            torch.nn.init.zeros_(p)
     config = replace(
-        teacher.config,
-        unet=unet_config,
+        teacher.config.with_network(network),
         sampler="lcm",
         steps=4,
         consistency=consistency_spec(teacher, cfg, source, conditional),

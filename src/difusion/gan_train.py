@@ -276,6 +276,7 @@ NOT_FOR_GAN = (
     "text_encoder", "text_encoder_path", "cond_drop", "channel_mult", "attention",
     "layers_per_block", "dropout", "precision", "latent",
     "init", "data_option", "layout_map", "layout_steps", "crop", "flip", "buckets",
+    "objective", "backbone", "patch_size", "depth", "head_dim",
 )  # fmt: skip
 
 

@@ -1,5 +1,8 @@
 """A trained diffusion model: network + schedule + what it predicts + what conditions it.
 
+The network is a U-Net or, with `backbone` "dit", a diffusion transformer (`nn/dit.py`); it
+is the `unet` attribute either way (the name every caller knows), built by `build_network`.
+
 Saved as one safetensors file of (EMA) weights whose metadata holds the configuration as
 JSON, so a checkpoint is self-describing and never unpickled.
 """
@@ -7,7 +10,7 @@ JSON, so a checkpoint is self-describing and never unpickled.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from .denoiser import (
     consistency,
     guided,
 )
+from .nn.dit import DiT, DiTConfig
 from .nn.unet import UNet, UNetConfig
 from .samplers import Callback, get_sampler, initial_noise
 from .schedule import NoiseSchedule, ScheduleConfig
@@ -33,6 +37,7 @@ from .text import check_identity, load_text_encoder
 
 FORMAT = "difusion/1"
 CONDITIONS = (None, "label", "text", "image")  # "image": a CLIP image embedding (unCLIP)
+BACKBONES = ("unet", "dit")
 
 
 @dataclass
@@ -56,11 +61,14 @@ class ModelConfig:
     # guidance is then an input of the network, not a second branch
     consistency: dict | None = None
     clip: dict | None = None  # for cond="image": the CLIP (embed_dim, sha256) it was trained on
+    backbone: str = "unet"  # or "dit": the network is `dit`'s, and `unet` is not used
+    dit: DiTConfig | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["unet"] = self.unet.to_dict()
         d["schedule"] = self.schedule.to_dict()
+        d["dit"] = self.dit.to_dict() if self.dit is not None else None
         return d
 
     @classmethod
@@ -68,11 +76,32 @@ class ModelConfig:
         d = dict(d)
         d["unet"] = UNetConfig.from_dict(d["unet"])
         d["schedule"] = ScheduleConfig.from_dict(d["schedule"])
+        if d.get("dit") is not None:
+            d["dit"] = DiTConfig.from_dict(d["dit"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def network(self) -> UNetConfig | DiTConfig:
+        """The configuration of the network: the U-Net's or the DiT's."""
+        return self.dit if self.backbone == "dit" else self.unet
+
+    def with_network(self, network: UNetConfig | DiTConfig) -> ModelConfig:
+        """This configuration with another network configuration of its backbone."""
+        return replace(self, **{"dit" if self.backbone == "dit" else "unet": network})
 
     @property
     def null_label(self) -> int:
         return len(self.class_names or [])
+
+
+def build_network(config: ModelConfig) -> nn.Module:
+    if config.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose unet or dit")
+    if config.backbone == "dit":
+        if config.dit is None:
+            raise ValueError("a dit model needs its DiT configuration")
+        return DiT(config.dit)
+    return UNet(config.unet)
 
 
 class DiffusionModel(nn.Module):
@@ -83,7 +112,7 @@ class DiffusionModel(nn.Module):
     def __init__(
         self,
         config: ModelConfig,
-        unet: UNet | None = None,
+        unet: nn.Module | None = None,
         text_encoder: nn.Module | None = None,
         image_encoder: nn.Module | None = None,
     ) -> None:
@@ -95,7 +124,7 @@ class DiffusionModel(nn.Module):
         if config.cond == "text" and text_encoder is None:
             raise ValueError("a text-conditioned model needs its text encoder")
         self.config = config
-        self.unet = unet if unet is not None else UNet(config.unet)
+        self.unet = unet if unet is not None else build_network(config)
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         self.schedule = NoiseSchedule(config.schedule)
@@ -282,10 +311,10 @@ class DiffusionModel(nn.Module):
                 noise = initial_noise(shape, 0.0, generator, self.device)
             noise = noise.to(self.device)
             x = init + float(sigmas[0]) * noise
-        elif noise is None:
-            x = initial_noise(shape, float(sigmas[0]), generator, self.device)
         else:
-            x = noise.to(self.device) * (1 + float(sigmas[0]) ** 2) ** 0.5
+            if noise is None:
+                noise = initial_noise(shape, 0.0, generator, self.device)
+            x = noise.to(self.device) * self.schedule.noise_std(float(sigmas[0]))
         if mask is not None:
             m = mask.to(self.device, torch.float32)
             denoise = fn
@@ -299,7 +328,7 @@ class DiffusionModel(nn.Module):
         x = sample_fn(fn, x, sigmas, callback=callback, generator=generator, **kw)
         if mask is not None:
             x = m * x + (1 - m) * (init + float(sigmas[-1]) * noise)
-        return x / (1 + float(sigmas[-1]) ** 2) ** 0.5 if sigmas[-1] > 0 else x
+        return x / self.schedule.noise_std(float(sigmas[-1])) if sigmas[-1] > 0 else x
 
     def save(
         self,
@@ -332,8 +361,11 @@ class DiffusionModel(nn.Module):
         text_encoder = None
         if config.cond == "text":
             text_encoder = text_encoder_for(config.text_encoder or {}, tensors, text_encoder_path)
-        with torch.device("meta"):  # no random init: it would cost time and consume the RNG
-            unet = UNet(config.unet)
+        try:
+            with torch.device("meta"):  # no random init: it would cost time and consume the RNG
+                unet = build_network(config)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         model = cls(config, unet, text_encoder)
         try:
             model.load_weights({k: v.float() for k, v in tensors.items()}, assign=True)
@@ -349,7 +381,7 @@ def steps_kept(steps: int, strength: float) -> int:
 
 def with_guidance(cond: Cond | None, guidance: float | torch.Tensor, config: ModelConfig) -> Cond:
     """The condition of a student that takes the guidance scale as an input."""
-    if config.unet.time_cond_proj_dim is None:  # an unconditional teacher: nothing to guide
+    if config.network.time_cond_proj_dim is None:  # an unconditional teacher: nothing to guide
         return cond
     return {**(cond or {}), "guidance": torch.as_tensor(guidance, dtype=torch.float32)}
 

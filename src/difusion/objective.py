@@ -1,5 +1,6 @@
 """The diffusion objective of a training batch: DDPM's simple loss (eps, v or x0 targets,
-optionally min-SNR weighted) and the condition with classifier-free dropout, from the random
+optionally min-SNR weighted), EDM's preconditioned loss or flow matching's (`edm_flow_loss`),
+and the condition with classifier-free dropout, from the random
 choices (`Draws`) of the step the batch belongs to."""
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .denoiser import Cond, training_target
+from .denoiser import PRECONDITIONED, Cond, training_target
 from .model import DiffusionModel
+from .schedule import NoiseSchedule
 
 
 def diffusion_loss(
@@ -27,6 +29,8 @@ def diffusion_loss(
     schedule, prediction = diffusion.schedule, diffusion.config.prediction
     if draws is None:
         draws = Draws.make(diffusion, x0, 1, generator, None)
+    if prediction in PRECONDITIONED:
+        return edm_flow_loss(model, schedule, x0, cond, draws)
     t, noise = draws.t.to(x0.device), draws.noise.to(x0.device)
     abar = schedule.alphas_cumprod.to(x0.device)[t].float()
     x_t = schedule.q_sample(x0, t, noise)
@@ -41,10 +45,32 @@ def diffusion_loss(
     return per_sample.mean()
 
 
+def edm_flow_loss(
+    model: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond: Cond | None,
+    draws: Draws,
+) -> torch.Tensor:  # fmt: skip
+    """EDM's loss, lambda(sigma) |D(x0 + sigma eps, sigma) - x0|^2 with lambda = 1 / c_out^2,
+    is the plain regression of F on (x0 - c_skip x) / c_out; for flow matching that target is
+    eps - x0, unweighted. The noise levels are the draws' sigmas (`training_sigmas`)."""
+    sigma, noise = draws.t.to(x0.device), draws.noise.to(x0.device)
+    c_skip, c_out, c_in, c_noise = (
+        c.view(-1, *([1] * (x0.dim() - 1))) for c in schedule.preconditioning(sigma)
+    )
+    if schedule.kind == "flow":  # the same numbers, without cancelling a large sigma
+        t = -c_out
+        net_in, target = (1 - t) * x0 + t * noise, noise - x0
+    else:
+        x = x0 + sigma.view_as(c_out) * noise
+        net_in, target = c_in * x, (x0 - c_skip * x) / c_out
+    out = model(net_in.to(x0.dtype), c_noise.flatten(), **(cond or {}))
+    return F.mse_loss(out.float(), target.float())
+
+
 @dataclass
 class Draws:
     """The random choices of a training step for all its batches (every process's, every
-    accumulated one's): timesteps, noise and which conditions are dropped. Each batch takes
+    accumulated one's): timesteps (for edm and flow: sigmas), noise and which conditions are
+    dropped. Each batch takes
     its share, so a step draws the same whatever the number of processes or accumulated
     batches it is split into (all of them draw alike; the generators are the same in each)."""
 
@@ -63,8 +89,11 @@ class Draws:
         drop: float = 0.0,
     ) -> Draws:
         """Draws for `parts` batches shaped like `x0`."""
-        n, g = x0.shape[0] * parts, generator
-        t = torch.randint(0, diffusion.schedule.num_steps, (n,), generator=g, device=g.device)
+        n, g, schedule = x0.shape[0] * parts, generator, diffusion.schedule
+        if schedule.kind in PRECONDITIONED:
+            t = schedule.training_sigmas(n, g)
+        else:
+            t = torch.randint(0, schedule.num_steps, (n,), generator=g, device=g.device)
         noise = torch.randn((n, *x0.shape[1:]), generator=g, device=g.device, dtype=x0.dtype)
         dropped = None
         if cond_generator is not None:

@@ -68,6 +68,7 @@ def sample_heun(
     *,
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
+    slopes: str | None = None,
 ) -> torch.Tensor:
     """Heun's method (trapezoidal rule, two evaluations a step) on the denoiser.
 
@@ -77,6 +78,11 @@ def sample_heun(
     Gaussian denoiser: std off by 7.3 at 5 steps). Averaging the two x0 estimates inside the
     exact DDIM step instead (DPM-Solver-2 with r = 1) is the same method to second order and
     exact for a constant denoiser, so it stays bounded at any step size.
+
+    `slopes` averages the slopes of the two ends as Heun's method does, in the sigma view
+    ("sigma": Karras et al.'s Algorithm 1, `heun_edm`, stable for EDM's sigmas up to 80), or
+    in flow matching's ("flow": of x_t = x / (1 + sigma) in t = sigma / (1 + sigma),
+    `heun_flow`, diffusers' FlowMatchHeunDiscreteScheduler).
     """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -86,10 +92,27 @@ def sample_heun(
         ratio = sigma_next / sigma
         x_next = x0 + ratio * (x - x0)
         if sigma_next > 0:
-            x0 = (x0 + denoiser(x_next, sigma_next)) / 2
-            x_next = x0 + ratio * (x - x0)
+            x0_next = denoiser(x_next, sigma_next)
+            if slopes is None:
+                x0 = (x0 + x0_next) / 2
+                x_next = x0 + ratio * (x - x0)
+            else:
+                x_next = trapezoid(x, x0, sigma, x_next, x0_next, sigma_next, slopes == "flow")
         x = x_next
     return x
+
+
+def trapezoid(x, x0, sigma, x_next, x0_next, sigma_next, flow: bool) -> torch.Tensor:
+    """Heun's step from (x, sigma) with the slopes at both ends, whose Euler step reached
+    x_next: in the sigma view, dx/dsigma = (x - x0) / sigma; or in flow matching's,
+    dx_t/dt = (x_t - x0) / t with x_t = x / (1 + sigma), t = sigma / (1 + sigma)."""
+    if not flow:
+        d = ((x - x0) / sigma + (x_next - x0_next) / sigma_next) / 2
+        return x + (sigma_next - sigma) * d
+    t, t_next = sigma / (1 + sigma), sigma_next / (1 + sigma_next)
+    xt, xt_next = x / (1 + sigma), x_next / (1 + sigma_next)
+    d = ((xt - x0) / t + (xt_next - x0_next) / t_next) / 2
+    return (xt + (t_next - t) * d) * (1 + sigma_next)
 
 
 @torch.no_grad()
@@ -146,6 +169,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": partial(sample_ancestral, eta=0.0),
     "euler_ancestral": partial(sample_ancestral, eta=1.0),
     "heun": sample_heun,
+    "heun_edm": partial(sample_heun, slopes="sigma"),
+    "heun_flow": partial(sample_heun, slopes="flow"),
     "dpmpp_2m": sample_dpmpp_2m,
     "lcm": sample_lcm,
 }

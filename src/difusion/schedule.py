@@ -9,6 +9,17 @@ derives from it:
 
 Samplers work in the "sigma" (variance-exploding) view of the same process, x = x_0 + sigma eps,
 which is the variance-preserving x_t divided by sqrt(abar_t).
+
+Two continuous processes are written in the same sigma view, each as a table of T sigmas (so
+every sampler, spacing and distillation works on them unchanged) plus the preconditioning
+of its network, D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, Table 1):
+
+- "edm": x = x0 + sigma eps with EDM's c_skip, c_out, c_in, c_noise for data of std
+  sigma_data; training sigmas log-normal, ln sigma ~ N(p_mean, p_std^2).
+- "flow" (rectified flow, SD3): x_t = (1 - t) x0 + t eps, the network predicts eps - x0.
+  x_t / (1 - t) = x0 + sigma eps with sigma = t / (1 - t): a sigma-view process whose
+  "model view" is x_t = x / (1 + sigma). Training t logit-normal, logit t ~ N(p_mean, p_std^2);
+  SD3's resolution shift t -> shift t / (1 + (shift - 1) t) is sigma -> shift * sigma.
 """
 
 from __future__ import annotations
@@ -19,6 +30,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 SCHEDULES = ("linear", "cosine", "scaled_linear")
+CONTINUOUS = ("edm", "flow")  # processes of their own objective (`--objective edm|flow`)
+# EDM's (Karras et al. 2022) and SD3's (Esser et al. 2024) settings
+CONTINUOUS_DEFAULTS = {
+    "edm": {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2},
+    "flow": {"shift": 1.0, "p_mean": 0.0, "p_std": 1.0},
+}
 SPACINGS = ("leading", "trailing", "linspace", "karras")
 
 
@@ -66,6 +83,18 @@ class ScheduleConfig:
     beta_start: float | None = None
     beta_end: float | None = None
     zero_terminal_snr: bool = False
+    # edm and flow only (None: CONTINUOUS_DEFAULTS)
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    sigma_data: float | None = None
+    p_mean: float | None = None  # the training noise levels' distribution (see the top)
+    p_std: float | None = None
+    shift: float | None = None
+
+    def setting(self, name: str) -> float:
+        """An edm or flow setting, or its default."""
+        value = getattr(self, name)
+        return CONTINUOUS_DEFAULTS[self.kind][name] if value is None else value
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,13 +109,22 @@ class NoiseSchedule:
 
     def __init__(self, config: ScheduleConfig | None = None, **kwargs) -> None:
         config = config or ScheduleConfig(**kwargs)
-        if config.kind not in SCHEDULES:
+        if config.kind not in SCHEDULES + CONTINUOUS:
             raise ValueError(
                 f"unknown schedule {config.kind!r}; choose one of {', '.join(SCHEDULES)}"
             )
         if config.num_steps < 2:
             raise ValueError("a schedule needs at least 2 steps")
         self.config = config
+        if config.kind in CONTINUOUS:
+            self._set_sigmas(continuous_sigmas(config))
+            self.betas = torch.cat(
+                [
+                    1 - self.alphas_cumprod[:1],
+                    1 - self.alphas_cumprod[1:] / self.alphas_cumprod[:-1],
+                ]
+            ).float()
+            return
         betas_range = {
             k: v
             for k, v in (("beta_start", config.beta_start), ("beta_end", config.beta_end))
@@ -108,6 +146,38 @@ class NoiseSchedule:
         abar = self.alphas_cumprod.clamp(min=2**-24)
         self.sigmas = ((1 - abar) / abar).sqrt()
         self.log_sigmas = self.sigmas.log()
+
+    def _set_sigmas(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas.double()
+        self.log_sigmas = self.sigmas.log()
+        self.alphas_cumprod = 1 / (1 + self.sigmas**2)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def noise_std(self, sigma: float) -> float:
+        """What the model's own view calls unit noise, in the sigma view: sqrt(1 + sigma^2)
+        (variance preserving, and EDM), 1 + sigma (flow: x = x_t (1 + sigma))."""
+        return 1 + sigma if self.kind == "flow" else (1 + sigma**2) ** 0.5
+
+    def preconditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(c_skip, c_out, c_in, c_noise) at `sigma` for the edm and flow processes:
+        D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+        if self.kind == "edm":
+            return edm_preconditioning(sigma, self.config.setting("sigma_data"))
+        if self.kind == "flow":
+            return flow_preconditioning(sigma)
+        raise ValueError(f"the {self.kind} schedule has no preconditioning")
+
+    def training_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Noise levels of n training samples: log-normal (edm), shifted logit-normal (flow)."""
+        c = self.config
+        z = torch.randn(n, generator=generator, device=generator.device, dtype=torch.float64)
+        z = c.setting("p_mean") + c.setting("p_std") * z
+        if self.kind == "edm":
+            return z.exp().float()
+        return (c.setting("shift") * z.exp()).float()  # t / (1 - t) for t = sigmoid(z)
 
     @property
     def num_steps(self) -> int:
@@ -183,6 +253,35 @@ class NoiseSchedule:
         else:
             sigmas = self.t_to_sigma(self.timesteps(steps, spacing, offset))
         return torch.cat([sigmas, sigmas.new_full((1,), final_sigma)]).float()
+
+
+def continuous_sigmas(config: ScheduleConfig) -> torch.Tensor:
+    """The ascending table of T sigmas of an edm or flow process: edm's are Karras et al.'s
+    spacing between sigma_min and sigma_max; flow's are evenly spaced in t, t_k = k / (T + 1)
+    for k = 1..T (t = 1, pure noise, is sigma = infinity), then shifted."""
+    T = config.num_steps
+    if config.kind == "edm":
+        return karras_sigmas(T, config.setting("sigma_min"), config.setting("sigma_max")).flip(0)
+    t = torch.arange(1, T + 1, dtype=torch.float64) / (T + 1)
+    return config.setting("shift") * t / (1 - t)
+
+
+def edm_preconditioning(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    """Karras et al. 2022, Table 1: unit-variance network input and target at every sigma;
+    D is the identity at sigma = 0 and the data mean's estimate (c_skip -> 0) as sigma grows."""
+    total = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / total
+    c_out = sigma * sigma_data / total.sqrt()
+    c_in = 1 / total.sqrt()
+    c_noise = sigma.clamp(min=1e-20).log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def flow_preconditioning(sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flow matching in the sigma view: the network sees x_t = x / (1 + sigma) at time
+    1000 t, t = sigma / (1 + sigma), and predicts v = eps - x0, so x0 = x_t - t v."""
+    t = sigma / (1 + sigma)
+    return 1 - t, -t, 1 - t, 1000 * t
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:

@@ -33,10 +33,12 @@ from .batches import (
 )
 from .checkpoints import CheckpointError, file_sha256, read_metadata, read_safetensors
 from .data import load_dataset
+from .denoiser import PRECONDITIONED
 from .layout_fit import pretrain_layout
 from .loop import Stop, TrainLoop
 from .lora import adapter_state, add_trainable, save_run_model
-from .model import DiffusionModel, ModelConfig, resolve_checkpoint
+from .model import BACKBONES, DiffusionModel, ModelConfig, resolve_checkpoint
+from .nn.dit import DiTConfig
 from .nn.unet import UNetConfig
 from .objective import Draws, batch_cond, diffusion_loss
 from .previews import alignment_probe, preview
@@ -58,6 +60,8 @@ from .runs import (
 )
 from .schedule import ScheduleConfig
 
+OBJECTIVES = ("ddpm", "edm", "flow")
+
 
 @dataclass
 class TrainConfig:
@@ -74,6 +78,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     prediction: str = "eps"
+    objective: str = "ddpm"  # ddpm (eps/v/x0 on --schedule), edm or flow (schedule.py)
+    backbone: str = "unet"  # or dit (nn/dit.py): width `channels`, heads of `head_dim`
+    patch_size: int = 2  # dit: pixels a side of a patch
+    depth: int = 6  # dit: transformer blocks
     schedule: str = "cosine"
     zero_terminal_snr: bool = False
     min_snr_gamma: float = 0.0  # Hang et al. 2023 loss weighting; 0 turns it off
@@ -133,9 +141,17 @@ def architecture_of(config: ModelConfig) -> dict:
         raise TrainingError("--init: fine-tuning a latent model is not supported")
     unet, text = config.unet, config.text_encoder or {}
     base = unet.block_out_channels[0]
+    objective = config.prediction if config.prediction in PRECONDITIONED else "ddpm"
+    dit = {}
+    if config.backbone == "dit":
+        d = config.dit
+        dit = {"channels": d.dim, "head_dim": d.attention_head_dim, "depth": d.num_layers,
+               "patch_size": d.patch_size, "dropout": d.dropout}  # fmt: skip
     return {
+        "objective": objective,
+        "backbone": config.backbone,
         "size": config.image_size,
-        "prediction": config.prediction,
+        "prediction": "eps" if objective != "ddpm" else config.prediction,
         "schedule": config.schedule.kind,
         "zero_terminal_snr": config.schedule.zero_terminal_snr,
         "cond": config.cond,
@@ -151,6 +167,7 @@ def architecture_of(config: ModelConfig) -> dict:
         "dropout": unet.dropout,
         "layout_map": unet.layout_map,
         "latent": None,
+        **dit,
     }
 
 
@@ -187,7 +204,7 @@ def with_layout_map(model: DiffusionModel) -> DiffusionModel:
 
 # what a fine-tuned model must share with its data and its rebuilt configuration
 INIT_MUST_MATCH = (
-    "unet", "schedule", "prediction", "image_size", "channels", "cond", "class_names",
+    "unet", "dit", "backbone", "schedule", "prediction", "image_size", "channels", "cond", "class_names",
     "text_encoder", "latent",
 )  # fmt: skip
 
@@ -260,9 +277,13 @@ def model_config_for(
             raise TrainingError(f"image size {size} is not divisible by the VAE's downscale {f}")
         size, channels = size // f, vae["latent_channels"]
     levels = len(cfg.channel_mult)
-    if size % 2 ** (levels - 1):
+    if cfg.backbone == "unet" and size % 2 ** (levels - 1):
         raise TrainingError(
             f"image size {size} is not divisible by 2^{levels - 1} for {levels} levels"
+        )
+    if cfg.backbone == "dit" and size % cfg.patch_size:
+        raise TrainingError(
+            f"image size {size} is not divisible by the patch size {cfg.patch_size}"
         )
     resolutions = [size // 2**i for i in range(levels)]
     check_condition_fits(cfg, dataset)
@@ -289,10 +310,29 @@ def model_config_for(
         layout_map=cfg.layout_map,
         image_embed_dim=embed_dim,
     )
+    dit = None
+    if cfg.backbone == "dit":
+        if cfg.channels % cfg.head_dim:
+            raise TrainingError(f"--channels {cfg.channels} is not a multiple of --head-dim")
+        try:
+            dit = DiTConfig(
+                in_channels=channels, out_channels=channels, sample_size=size,
+                patch_size=cfg.patch_size, num_layers=cfg.depth,
+                num_attention_heads=cfg.channels // cfg.head_dim, attention_head_dim=cfg.head_dim,
+                num_classes=num_classes, context_dim=unet.context_dim, dropout=cfg.dropout,
+            )  # fmt: skip
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     return ModelConfig(
         unet=unet,
-        schedule=ScheduleConfig(kind=cfg.schedule, zero_terminal_snr=cfg.zero_terminal_snr),
-        prediction=cfg.prediction,
+        backbone=cfg.backbone,
+        dit=dit,
+        schedule=schedule_config(cfg),
+        prediction=cfg.objective if cfg.objective in PRECONDITIONED else cfg.prediction,
+        # EDM's own sampler (Karras et al.: 18 Heun steps, 35 evaluations, on Karras sigmas)
+        sampler="heun_edm" if cfg.objective == "edm" else "dpmpp_2m",
+        steps=18 if cfg.objective == "edm" else 20,
+        spacing="karras" if cfg.objective == "edm" else "trailing",
         image_size=size,
         channels=channels,
         cond=cfg.cond,
@@ -302,6 +342,39 @@ def model_config_for(
         latent=latent,
         clip=image_encoder.spec if cfg.cond == "image" else None,
     )
+
+
+def schedule_config(cfg: TrainConfig) -> ScheduleConfig:
+    """The ddpm objective's --schedule, or the edm or flow process."""
+    if cfg.objective == "ddpm":
+        return ScheduleConfig(kind=cfg.schedule, zero_terminal_snr=cfg.zero_terminal_snr)
+    return ScheduleConfig(kind=cfg.objective)
+
+
+def check_objective(cfg: TrainConfig) -> None:
+    """The objective and backbone exist, and the options given fit them."""
+    if cfg.objective not in OBJECTIVES:
+        raise TrainingError(f"unknown objective {cfg.objective!r}; choose ddpm, edm or flow")
+    if cfg.backbone not in BACKBONES:
+        raise TrainingError(f"unknown backbone {cfg.backbone!r}; choose unet or dit")
+    if cfg.objective != "ddpm":
+        fixed = [
+            name
+            for name, given, default in (
+                ("--prediction", cfg.prediction, "eps"),
+                ("--min-snr-gamma", cfg.min_snr_gamma, 0.0),
+                ("--zero-terminal-snr", cfg.zero_terminal_snr, False),
+            )
+            if given != default
+        ]
+        if fixed:
+            raise TrainingError(
+                f"{', '.join(fixed)}: for --objective ddpm; {cfg.objective} sets its own"
+            )
+    if cfg.backbone == "dit" and cfg.layout_map:
+        raise TrainingError("--layout-map is a U-Net's; the dit backbone does not take it")
+    if cfg.backbone == "dit" and cfg.depth < 1:
+        raise TrainingError(f"--depth must be 1 or more, not {cfg.depth}")
 
 
 def check_condition_fits(cfg: TrainConfig, dataset: Dataset) -> None:
@@ -436,6 +509,7 @@ def train(
     if resume:
         cfg = resumed_config(cfg, stored_train_config(run.dir))
     check_budget(cfg)
+    check_objective(cfg)
     if cfg.layout_steps < 0:
         raise TrainingError(f"--layout-steps must be 0 or more, not {cfg.layout_steps}")
     if cfg.keep < 0:
@@ -512,7 +586,8 @@ def train(
         ema = copy.deepcopy(diffusion).requires_grad_(False)
         gen_device = device if device.type == "cuda" else torch.device("cpu")
         generators = training_generators(cfg.seed, rank, gen_device)
-        multiple = 2 ** (len(cfg.channel_mult) - 1) * (vae.config.downscale if vae else 1)
+        multiple = 2 ** (len(cfg.channel_mult) - 1) if cfg.backbone == "unet" else cfg.patch_size
+        multiple *= vae.config.downscale if vae else 1
         batches = training_batches(
             dataset, cfg.batch_size, cfg.seed, generators["data"], device, rank=rank, world=world,
             workers=cfg.workers, crop=cfg.crop, flip=cfg.flip, buckets=cfg.buckets,

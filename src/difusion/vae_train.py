@@ -322,6 +322,7 @@ NOT_FOR_VAE = (
     "warmup", "prediction", "schedule", "zero_terminal_snr", "min_snr_gamma", "cond",
     "text_encoder", "text_encoder_path", "cond_drop", "attention", "dropout", "precision",
     "latent", "init", "data_option", "layout_map", "layout_steps", "crop", "flip", "buckets",
+    "objective", "backbone", "patch_size", "depth", "head_dim",
 )  # fmt: skip
 
 

@@ -129,13 +129,22 @@ def compare(
             "runs continue from budget to budget): <out>/<data>/sweep/."
         ),
     ] = None,
+    recipes: Annotated[
+        str | None,
+        typer.Option(
+            help="With --budgets: diffusion recipes BACKBONE-OBJECTIVE (unet or dit; eps, v, "
+            "x0, edm or flow), e.g. unet-v,unet-edm,unet-flow,dit-flow, each beside the GAN: "
+            "<out>/<data>/recipes/."
+        ),
+    ] = None,
     distill_minutes: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="With --budgets: distil each budget's diffusion model this long (extra "
-            "compute) and measure the student at 1, 2 and 4 lcm steps; 0 turns it off."
+            "compute) and measure the student at 1, 2 and 4 lcm steps; 0 turns it off "
+            "(default 2; 0 with --recipes)."
         ),
-    ] = 2.0,
+    ] = None,
     seeds: Annotated[
         str,
         typer.Option(
@@ -176,11 +185,13 @@ def compare(
 ) -> None:
     """Diffusion vs GAN on the same wall-clock budget: stability, quality, diversity, speed;
     with --budgets, FID against training time."""
-    from ..compare import CompareConfig, SweepConfig, parse_budgets, sweep
+    from ..compare import CompareConfig, SweepConfig, parse_budgets, parse_recipes, sweep
     from ..compare import compare as run_study
 
     if budgets is not None and budget_minutes is not None:
         raise UserError("give --budgets or --budget-minutes, not both")
+    if recipes is not None and budgets is None:
+        raise UserError("--recipes is a sweep's: give --budgets too")
     cfg = CompareConfig(
         data=tuple(data or ("digits", "fashion", "shapes")), out=str(out),
         budget_minutes=5.0 if budget_minutes is None else budget_minutes, seeds=seeds,
@@ -193,4 +204,7 @@ def compare(
     if budgets is None:
         run_study(cfg)
     else:
-        sweep(SweepConfig(cfg, parse_budgets(budgets), distill_minutes))
+        if distill_minutes is None:
+            distill_minutes = 0.0 if recipes else 2.0
+        recipe_list = parse_recipes(recipes) if recipes is not None else ()
+        sweep(SweepConfig(cfg, parse_budgets(budgets), distill_minutes, recipes=recipe_list))

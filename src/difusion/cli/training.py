@@ -53,6 +53,19 @@ def train(
     warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 200,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the sampling weights.")] = 0.999,
     prediction: Prediction = "eps",
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="ddpm (--prediction on --schedule), edm (Karras et al.'s preconditioning) or "
+            "flow (flow matching, SD3's logit-normal times)."
+        ),
+    ] = "ddpm",
+    backbone: Annotated[
+        str, typer.Option(help="unet, or dit (a diffusion transformer: --channels wide).")
+    ] = "unet",
+    patch_size: Annotated[int, typer.Option(help="dit: pixels a side of a patch.")] = 2,
+    depth: Annotated[int, typer.Option(help="dit: transformer blocks.")] = 6,
+    head_dim: Annotated[int, typer.Option(help="Channels of an attention head.")] = 32,
     schedule: Annotated[str, typer.Option(help="linear, cosine or scaled_linear.")] = "cosine",
     zero_terminal_snr: ZeroTerminalSNR = False,
     min_snr_gamma: MinSNRGamma = 0.0,
@@ -167,6 +180,10 @@ def train(
         raise UserError("--cond-drop must be in [0, 1)")
     if prediction not in ("eps", "v", "x0"):
         raise UserError(f"--prediction must be eps, v or x0, got {prediction!r}")
+    if objective not in ("ddpm", "edm", "flow"):
+        raise UserError(f"--objective must be ddpm, edm or flow, got {objective!r}")
+    if backbone not in ("unet", "dit"):
+        raise UserError(f"--backbone must be unet or dit, got {backbone!r}")
     given = given_options(dict(locals()), train, FIXED_BY_INIT) if init is not None else []
     if given:
         raise UserError(f"{', '.join(given)}: --init keeps the model's own; leave them out")
@@ -182,6 +199,11 @@ def train(
         warmup=warmup,
         ema_decay=ema_decay,
         prediction=prediction,
+        objective=objective,
+        backbone=backbone,
+        patch_size=patch_size,
+        depth=depth,
+        head_dim=head_dim,
         schedule=schedule,
         zero_terminal_snr=zero_terminal_snr,
         min_snr_gamma=min_snr_gamma,
@@ -227,7 +249,8 @@ TRAINERS = {
 
 # the training options that set a model's architecture, condition and objective
 FIXED_BY_INIT = (
-    "size", "prediction", "schedule", "zero_terminal_snr", "cond", "text_encoder",
+    "size", "prediction", "objective", "backbone", "patch_size", "depth", "head_dim", "schedule",
+    "zero_terminal_snr", "cond", "text_encoder",
     "channels", "channel_mult", "attention", "layers_per_block", "dropout", "latent",
 )  # fmt: skip
 

@@ -5,7 +5,7 @@ evaluation.py    measuring a model: Scorer (FID, KID, precision/recall, coverage
 study.py         the study at one budget: training each family, measuring, compare()
 report.py        the study's report.md and plots
 sweep.py         `--budgets`: the study at several budgets, runs resumed from budget to
-                 budget, students distilled at each
+                 budget, students distilled at each; `--recipes`: several diffusion recipes
 sweep_report.py  the sweep's summary, crossing point, sweep.md and fid_vs_minutes.png
 """
 
@@ -16,6 +16,7 @@ from .config import (
     SAMPLER_NAMES,
     SPEED_CONFIGS,
     CompareConfig,
+    parse_recipes,
 )
 from .evaluation import Scorer, collapsed, headline_samples, load_generator_or_diffusion
 from .report import comparison_rows, late_fluctuation, spread, write_report
@@ -41,6 +42,7 @@ __all__ = [
     "late_fluctuation",
     "load_generator_or_diffusion",
     "parse_budgets",
+    "parse_recipes",
     "spread",
     "sweep",
     "train_one",

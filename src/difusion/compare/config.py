@@ -22,6 +22,7 @@ PRESETS: dict[str, dict] = {
         "gan_channels": 64,
         "unet_channels": 32,
         "unet_head_dim": 32,
+        "dit": {"channels": 128, "head_dim": 32, "depth": 6, "patch_size": 2},
         "checkpoint_every": {"gan": 100, "diffusion": 25},  # steps; about 10 s either way
         "classifier_steps": 300,
         "steps_grid": {
@@ -34,11 +35,47 @@ PRESETS: dict[str, dict] = {
         "gan_channels": 8,
         "unet_channels": 16,
         "unet_head_dim": 16,
+        "dit": {"channels": 32, "head_dim": 16, "depth": 2, "patch_size": 4},
         "checkpoint_every": {"gan": 2, "diffusion": 2},
         "classifier_steps": 20,
         "steps_grid": {"ddpm": (4, 8), "ddim": (2, 4), "dpmpp_2m": (2, 4)},
     },
 }
+
+
+# `--recipes`: a diffusion recipe is "<backbone>-<objective>"; "v" is the project's fashion
+# recipe (v-prediction, zero terminal SNR, min-SNR 5), "edm" and "flow" their own objectives
+RECIPE_OBJECTIVES: dict[str, dict] = {
+    "eps": {"objective": "ddpm", "prediction": "eps"},
+    "v": {"objective": "ddpm", "prediction": "v", "zero_terminal_snr": True, "min_snr_gamma": 5.0},
+    "x0": {"objective": "ddpm", "prediction": "x0"},
+    "edm": {"objective": "edm"},
+    "flow": {"objective": "flow"},
+}
+# "dit" has the preset's patches; "dit4" patches of 4 px (a quarter of the tokens: a training
+# step 0.44x the small U-Net's time at 32 px, "dit" 2.2x; bench/recipe_speed.py)
+BACKBONES = {"unet": {"backbone": "unet"}, "dit": {"backbone": "dit"},
+             "dit4": {"backbone": "dit", "patch_size": 4}}  # fmt: skip
+
+
+def parse_recipes(text: str) -> tuple[str, ...]:
+    """ "unet-v,dit-flow" -> ("unet-v", "dit-flow"): known, distinct recipes, in order."""
+    recipes = tuple(item.strip() for item in str(text).split(",") if item.strip())
+    known = [f"{b}-{o}" for b in BACKBONES for o in RECIPE_OBJECTIVES]
+    for recipe in recipes:
+        if recipe not in known:
+            raise ValueError(
+                f"--recipes: unknown recipe {recipe!r}; choose from {', '.join(known)}"
+            )
+    if not recipes or len(set(recipes)) != len(recipes):
+        raise ValueError(f"--recipes: give distinct recipes, e.g. unet-v,dit-flow; got {text!r}")
+    return recipes
+
+
+def recipe_settings(recipe: str) -> dict:
+    """The TrainConfig options of a recipe's objective, and its backbone."""
+    backbone, objective = recipe.split("-")
+    return {**BACKBONES[backbone], **RECIPE_OBJECTIVES[objective]}
 
 
 @dataclass

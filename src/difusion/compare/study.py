@@ -52,7 +52,7 @@ import torch
 
 from ..evaluate import draw
 from ..nn.gan import GAN, parameter_count
-from .config import PRESETS, CompareConfig, check_settings
+from .config import PRESETS, CompareConfig, check_settings, recipe_settings
 from .evaluation import (
     Scorer,
     collapsed,
@@ -111,6 +111,22 @@ def unet_options(size: int, preset: str) -> dict:
     }
 
 
+def diffusion_options(kind: str, size: int, cfg: CompareConfig) -> dict:
+    """TrainConfig options of the study's diffusion model (`kind` "diffusion": the objective
+    of `cfg`, a U-Net) or of a recipe ("dit-flow": its backbone, sized by the preset)."""
+    if kind == "diffusion":
+        return {
+            "prediction": cfg.prediction,
+            "zero_terminal_snr": cfg.zero_terminal_snr,
+            "min_snr_gamma": cfg.min_snr_gamma,
+            **unet_options(size, cfg.preset),
+        }
+    settings = recipe_settings(kind)
+    if settings["backbone"] == "dit":
+        return {**PRESETS[cfg.preset]["dit"], **settings}
+    return {**settings, **unet_options(size, cfg.preset)}
+
+
 def train_run(
     kind: str,
     data: str,
@@ -130,7 +146,7 @@ def train_run(
     from ..train import TrainConfig, train
 
     preset = PRESETS[cfg.preset]
-    checkpoint_every = preset["checkpoint_every"][kind]
+    checkpoint_every = preset["checkpoint_every"]["gan" if kind == "gan" else "diffusion"]
     common = dict(
         data=data,
         out=str(run_dir),
@@ -154,10 +170,7 @@ def train_run(
             dcfg = TrainConfig(
                 lr=cfg.diffusion_lr,
                 warmup=cfg.diffusion_warmup,
-                prediction=cfg.prediction,
-                zero_terminal_snr=cfg.zero_terminal_snr,
-                min_snr_gamma=cfg.min_snr_gamma,
-                **unet_options(dataset.size, cfg.preset),
+                **diffusion_options(kind, dataset.size, cfg),
                 **common,
             )
             train(dcfg, resume=resume, dataset=dataset, progress=False, on_step=on_step)
@@ -352,17 +365,46 @@ def describe_models(gan: GAN | None, diffusion, cfg: CompareConfig) -> dict:
             f"channels, Adam {cfg.gan_lr:g} betas (0.5, 0.999), non-saturating loss",
         }
     if diffusion is not None:
-        u, schedule = diffusion.config.unet, diffusion.config.schedule
-        models["diffusion"] = {
-            "params": parameter_count(diffusion.unet),
-            "description": f"U-Net channels {list(u.block_out_channels)}, "
-            f"{u.layers_per_block} ResBlock a level, attention {list(u.attention_levels)}, "
-            f"{diffusion.config.prediction}-prediction, {schedule.kind} schedule"
-            + (" (zero terminal SNR)" if schedule.zero_terminal_snr else "")
-            + (f", min-SNR weighting {cfg.min_snr_gamma:g}" if cfg.min_snr_gamma > 0 else "")
-            + f", AdamW {cfg.diffusion_lr:g} (warm-up {cfg.diffusion_warmup})",
-        }
+        models["diffusion"] = describe_diffusion(diffusion, cfg, cfg.min_snr_gamma)
     return models
+
+
+def describe_diffusion(diffusion, cfg: CompareConfig, min_snr_gamma: float = 0.0) -> dict:
+    """A diffusion model's parameter count, and a line of its network and objective."""
+    c, schedule = diffusion.config, diffusion.config.schedule
+    if c.backbone == "dit":
+        d = c.dit
+        network = (
+            f"DiT width {d.dim}, {d.num_layers} blocks of {d.num_attention_heads} heads, "
+            f"patches of {d.patch_size} px"
+        )
+    else:
+        u = c.unet
+        network = (
+            f"U-Net channels {list(u.block_out_channels)}, {u.layers_per_block} ResBlock a "
+            f"level, attention {list(u.attention_levels)}"
+        )
+    if c.prediction == "edm":
+        objective = (
+            f"EDM preconditioning (sigma_data {schedule.setting('sigma_data'):g}, ln sigma ~ "
+            f"N({schedule.setting('p_mean'):g}, {schedule.setting('p_std'):g}^2))"
+        )
+    elif c.prediction == "flow":
+        objective = (
+            f"flow matching (logit t ~ N({schedule.setting('p_mean'):g}, "
+            f"{schedule.setting('p_std'):g}^2), shift {schedule.setting('shift'):g})"
+        )
+    else:
+        objective = (
+            f"{c.prediction}-prediction, {schedule.kind} schedule"
+            + (" (zero terminal SNR)" if schedule.zero_terminal_snr else "")
+            + (f", min-SNR weighting {min_snr_gamma:g}" if min_snr_gamma > 0 else "")
+        )
+    return {
+        "params": parameter_count(diffusion.unet),
+        "description": f"{network}, {objective}, AdamW {cfg.diffusion_lr:g} "
+        f"(warm-up {cfg.diffusion_warmup})",
+    }
 
 
 def load_models(folder: Path, device) -> tuple[GAN | None, object]:

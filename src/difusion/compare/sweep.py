@@ -15,6 +15,11 @@ Inception's unless `--no-inception`) beside its teacher's 20 steps.
 
 Writes, per data set, `sweep.json` (every number and the sweep's wall time), `sweep.md` and
 `fid_vs_minutes.png` (`sweep_report.py`) in `<out>/<data>/sweep/`, after every budget.
+
+With `recipes` ("unet-v,unet-edm,unet-flow,dit-flow": `config.parse_recipes`), each recipe
+is a family of its own beside the GAN, its runs in `seed<k>/<recipe>/`, and the sweep lives
+in `<out>/<data>/recipes/`: one table and one plot with every recipe and the GAN (no
+students: `distill_minutes` must be 0).
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import torch
 
 from ..evaluate import draw
 from ..runs import Run
-from .config import CompareConfig, check_settings
+from .config import CompareConfig, check_settings, parse_recipes, recipe_settings
 from .evaluation import Scorer, measure_model, measure_samples, real_sample, scorers_for
 from .study import (
     dataset_info,
+    describe_diffusion,
     describe_models,
     earlier_starts,
     environment,
@@ -43,7 +49,6 @@ from .study import (
 )
 from .sweep_report import summarize, write_sweep_report
 
-FAMILIES = ("gan", "diffusion")
 # the study's settings that a sweep's numbers do not depend on
 NOT_FOR_SWEEP = (
     "data", "out", "seeds", "budget_minutes", "curve_points", "curve_samples",
@@ -75,19 +80,35 @@ class SweepConfig:
     budgets: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 40.0)
     distill_minutes: float = 2.0  # per budget and seed, on top of the budget; 0: no students
     student_steps: tuple[int, ...] = (1, 2, 4)
+    recipes: tuple[str, ...] = ()  # diffusion recipes beside the GAN; () the study's one
 
     def __post_init__(self) -> None:
         self.budgets = parse_budgets(",".join(map(str, self.budgets)))
         if not (math.isfinite(self.distill_minutes) and self.distill_minutes >= 0):
             raise ValueError(f"--distill-minutes must be 0 or more, got {self.distill_minutes}")
+        if self.recipes:
+            self.recipes = parse_recipes(",".join(self.recipes))
+            if self.distill_minutes > 0:
+                raise ValueError("--recipes distils no students: give --distill-minutes 0")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The families of runs: the GAN, then the diffusion model or each recipe."""
+        return ("gan", *(self.recipes or ("diffusion",)))
+
+    @property
+    def folder_name(self) -> str:
+        return "recipes" if self.recipes else "sweep"
 
     def settings(self, study: CompareConfig) -> dict:
         """What a sweep's numbers depend on (a later start must keep them)."""
         kept = {k: v for k, v in study.to_dict().items() if k not in NOT_FOR_SWEEP}
+        recipes = {"recipes": list(self.recipes)} if self.recipes else {}
         return {
             **kept,
             "distill_minutes": self.distill_minutes,
             "student_steps": self.student_steps,
+            **recipes,
         }
 
 
@@ -221,6 +242,8 @@ def budget_result(
         diverged=error is not None, error=error, start_step=start_step,
         steps=checkpoint_step(run_dir), train_seconds=training_seconds(run_dir),
     )  # fmt: skip
+    if result["train_seconds"] > 0:
+        result["images_per_second"] = result["steps"] * cfg.batch_size / result["train_seconds"]
     began = time.monotonic()
     if Run(run_dir).model_path.is_file():
         result["final"], result["inception"] = measure_model(run_dir, *scorers, cfg, device)
@@ -247,7 +270,7 @@ def sweep_data(data: str, scfg: SweepConfig, device: torch.device, say) -> Path:
 
     cfg = scfg.study
     out = Path(cfg.out)
-    folder = out / Path(data).name / "sweep"
+    folder = out / Path(data).name / scfg.folder_name
     defaults = scfg.settings(CompareConfig())
     check_settings(folder, scfg.settings(cfg), defaults, (), "sweep")
     earlier = earlier_starts(folder / "sweep.json")
@@ -264,13 +287,14 @@ def sweep_data(data: str, scfg: SweepConfig, device: torch.device, say) -> Path:
         "distill_minutes": scfg.distill_minutes,
         "student_steps": list(scfg.student_steps),
         "recipe": cfg.recipe(),
+        "kinds": list(scfg.kinds),
         "environment": environment(device),
         "info": dataset_info(dataset, real, scorer, inception, note),
         "runs": [],
     }
     for minutes in scfg.budgets:
         for seed in seeds:
-            for kind in FAMILIES:
+            for kind in scfg.kinds:
                 sweep["runs"].append(
                     budget_result(
                         kind,
@@ -286,10 +310,26 @@ def sweep_data(data: str, scfg: SweepConfig, device: torch.device, say) -> Path:
                     )  # fmt: skip
                 )
         sweep["models"] = describe_models(*load_models(folder / f"seed{seeds[0]}", device), cfg)
+        sweep["models"].update(describe_recipes(folder / f"seed{seeds[0]}", scfg, device))
         sweep["summary"] = summarize(sweep)
         report = write_results(sweep, folder / "sweep.json", earlier, began, write_sweep_report)
     say(f"wrote {report}")
     return report
+
+
+def describe_recipes(folder: Path, scfg: SweepConfig, device) -> dict:
+    """Each recipe's model (of a seed's `folder`): parameters and a line of description."""
+    from ..model import DiffusionModel
+
+    models = {}
+    for recipe in scfg.recipes:
+        path = folder / recipe / "model.safetensors"
+        if path.is_file():
+            gamma = recipe_settings(recipe).get("min_snr_gamma", 0.0)
+            models[recipe] = describe_diffusion(
+                DiffusionModel.load(path, device), scfg.study, gamma
+            )
+    return models
 
 
 def sweep(scfg: SweepConfig, progress: bool = True) -> list[Path]:

@@ -1,5 +1,7 @@
 """The budget sweep's numbers summarised (mean ± std over seeds), where the two FID curves
-cross, the verdict in words, `fid_vs_minutes.png` and `sweep.md`."""
+cross, the verdict in words, `fid_vs_minutes.png` and `sweep.md`. A sweep of several recipes
+(`sweep["kinds"]`: the GAN and each recipe) races every recipe against the GAN, and says
+which family leads at each budget."""
 
 from __future__ import annotations
 
@@ -18,8 +20,17 @@ METRIC_NAMES = {
 }
 
 
+def kinds(sweep: dict) -> list[str]:
+    """The families of runs: gan and diffusion, or gan and each recipe."""
+    return sweep.get("kinds", ["gan", "diffusion"])
+
+
 def families(sweep: dict) -> list[str]:
-    return ["gan", "diffusion", *(f"student-{k}" for k in sweep.get("student_steps", []))]
+    return [*kinds(sweep), *(f"student-{k}" for k in sweep.get("student_steps", []))]
+
+
+def family_name(family: str) -> str:
+    return {"gan": "GAN", "diffusion": "diffusion"}.get(family, family)
 
 
 def value(result: dict, family: str, metric: str) -> float | None:
@@ -39,6 +50,8 @@ def value(result: dict, family: str, metric: str) -> float | None:
         return result.get("steps")
     if metric == "train_minutes":
         return result["train_seconds"] / 60 if "train_seconds" in result else None
+    if metric == "images_per_second":
+        return result.get("images_per_second")
     return (result.get("final") or {}).get(metric)
 
 
@@ -52,32 +65,71 @@ def stats(values: list[float | None]) -> dict:
 def summarize(sweep: dict) -> dict:
     """Mean, std and count over seeds of every number, per budget and family; then, for each
     FID, where the GAN's and the diffusion model's curves cross and the verdict in words."""
-    metrics = [*METRIC_NAMES, "kid_mean", "steps", "train_minutes"]
+    metrics = [*METRIC_NAMES, "kid_mean", "steps", "train_minutes", "images_per_second"]
     table: dict = {}
     for minutes in sweep["budgets"]:
         at = [r for r in sweep["runs"] if r["budget_minutes"] == minutes]
         table[f"{minutes:g}"] = {}
         for family in families(sweep):
-            kind = "gan" if family == "gan" else "diffusion"  # students: the diffusion runs'
+            kind = "diffusion" if family.startswith("student-") else family  # the teacher's
             runs = [r for r in at if r["kind"] == kind]
             table[f"{minutes:g}"][family] = {
                 m: stats([value(r, family, m) for r in runs]) for m in metrics
             }
     races = {}
     for metric in ("inception_fid", "fid"):
-        minutes, gan, diffusion = curves(table, sweep["budgets"], metric)
-        if minutes:
+        if "diffusion" in kinds(sweep):
+            minutes, gan, diffusion = curves(table, sweep["budgets"], metric)
+            if minutes:
+                races[metric] = {
+                    "crossing_minutes": crossing_point(minutes, gan, diffusion),
+                    "verdict": describe_race(minutes, gan, diffusion, METRIC_NAMES[metric]),
+                }
+            continue
+        recipes = {}
+        for recipe in kinds(sweep)[1:]:
+            minutes, gan, diffusion = curves(table, sweep["budgets"], metric, recipe)
+            if minutes:
+                recipes[recipe] = {
+                    "crossing_minutes": crossing_point(minutes, gan, diffusion),
+                    "verdict": describe_race(
+                        minutes, gan, diffusion, f"{METRIC_NAMES[metric]}, {recipe}", recipe
+                    ),
+                }
+        if recipes:
             races[metric] = {
-                "crossing_minutes": crossing_point(minutes, gan, diffusion),
-                "verdict": describe_race(minutes, gan, diffusion, METRIC_NAMES[metric]),
+                "verdict": leaders(table, sweep["budgets"], metric, kinds(sweep)),
+                "recipes": recipes,
             }
     return {"budgets": table, "races": races}
 
 
-def curves(table: dict, budgets: list[float], metric: str):
-    """The budgets at which both families have a mean of `metric`, and the two means."""
+def leaders(table: dict, budgets: list[float], metric: str, families: list[str]) -> str:
+    """Which family has the lowest mean `metric` at each budget, and the GAN's number."""
+    parts = []
+    for b in budgets:
+        row = table.get(f"{b:g}", {})
+        means = {f: row[f][metric]["mean"] for f in families if f in row}
+        means = {f: m for f, m in means.items() if m is not None}
+        if not means:
+            continue
+        best = min(means, key=means.get)
+        part = f"at {b:g} min {family_name(best)} ({fmt(means[best])})"
+        if best != "gan" and "gan" in means:
+            part += f", the GAN {fmt(means['gan'])}"
+        elif best == "gan" and len(means) > 1:
+            runner = min((f for f in means if f != "gan"), key=means.get)
+            part += f", the best recipe {runner} {fmt(means[runner])}"
+        parts.append(part)
+    if not parts:
+        return f"{METRIC_NAMES[metric]}: no budget has numbers yet."
+    return f"{METRIC_NAMES[metric]}, lowest: " + "; ".join(parts) + "."
+
+
+def curves(table: dict, budgets: list[float], metric: str, family: str = "diffusion"):
+    """The budgets at which the GAN and `family` have a mean of `metric`, and the two means."""
     rows = [
-        (b, table[f"{b:g}"]["gan"][metric]["mean"], table[f"{b:g}"]["diffusion"][metric]["mean"])
+        (b, table[f"{b:g}"]["gan"][metric]["mean"], table[f"{b:g}"][family][metric]["mean"])
         for b in budgets
         if f"{b:g}" in table
     ]
@@ -113,14 +165,17 @@ def crossing_point(minutes: list[float], gan: list[float], diffusion: list[float
     return math.exp(a + t * (b - a))
 
 
-def _leader(gap: float) -> tuple[str, str]:
+def _leader(gap: float, name: str = "diffusion") -> tuple[str, str]:
     """(ahead, behind) for a gap diffusion − GAN of FID (lower is better)."""
-    return ("the GAN", "diffusion") if gap > 0 else ("diffusion", "the GAN")
+    return ("the GAN", name) if gap > 0 else (name, "the GAN")
 
 
-def describe_race(minutes: list[float], gan: list[float], diffusion: list[float], what: str) -> str:
+def describe_race(
+    minutes: list[float], gan: list[float], diffusion: list[float], what: str,
+    name: str = "diffusion",
+) -> str:  # fmt: skip
     """Which family wins at which budget and by how much, in a sentence led by `what` (the
-    FID it is about; lower wins)."""
+    FID it is about; lower wins); `name` is the diffusion model's."""
     gaps = [d - g for g, d in zip(gan, diffusion, strict=True)]
     if not gaps:
         return f"{what}: no budget has numbers for both models yet."
@@ -130,10 +185,10 @@ def describe_race(minutes: list[float], gan: list[float], diffusion: list[float]
         by = f"by {fmt(abs(gaps[0]))} at {minutes[0]:g} min"
         if len(gaps) > 1:
             by += f" and {fmt(abs(gaps[-1]))} at {minutes[-1]:g} min"
-        return f"{what}: {_leader(gaps[0])[0]} stays ahead up to {end}, {by}."
+        return f"{what}: {_leader(gaps[0], name)[0]} stays ahead up to {end}, {by}."
     i, level = meeting
     if not level:
-        ahead, behind = _leader(gaps[i + 1])
+        ahead, behind = _leader(gaps[i + 1], name)
         sentence = (
             f"{ahead} overtakes {behind} between {minutes[i]:g} and {minutes[i + 1]:g} minutes "
             f"(interpolated: {crossing_point(minutes, gan, diffusion):.3g} min)"
@@ -143,15 +198,15 @@ def describe_race(minutes: list[float], gan: list[float], diffusion: list[float]
         after = next((g for g in gaps[i + 1 :] if g), 0.0)
         sentence = f"the two are level at {minutes[i]:g} minutes"
         if before and after and (before > 0) != (after > 0):
-            ahead, behind = _leader(after)
+            ahead, behind = _leader(after, name)
             sentence = f"{ahead} overtakes {behind} at {minutes[i]:g} minutes, where they are level"
         elif before and after:
-            sentence += f", and {_leader(after)[0]} is ahead at the other budgets"
+            sentence += f", and {_leader(after, name)[0]} is ahead at the other budgets"
     if level and i + 1 == len(gaps):
         return f"{what}: {sentence}."
     last = (
-        f"at {end} {_leader(gaps[-1])[0]} leads by {fmt(abs(gaps[-1]))} "
-        f"({fmt(gan[-1])} GAN, {fmt(diffusion[-1])} diffusion)"
+        f"at {end} {_leader(gaps[-1], name)[0]} leads by {fmt(abs(gaps[-1]))} "
+        f"({fmt(gan[-1])} GAN, {fmt(diffusion[-1])} {name})"
         if gaps[-1]
         else f"at {end} the two are level ({fmt(gan[-1])})"
     )
@@ -184,9 +239,11 @@ def plot_fid_vs_minutes(sweep: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), dpi=100)
     axes = list(axes) if len(metrics) > 1 else [axes]
-    colours = {"gan": "tab:red", "diffusion": "tab:blue"}
+    others = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:cyan"]
+    colours = {"gan": "tab:red", **dict(zip(kinds(sweep)[1:], others, strict=False))}
     for ax, metric in zip(axes, metrics, strict=True):
-        for family, name in (("gan", "GAN"), ("diffusion", "diffusion")):
+        for family in kinds(sweep):
+            name = family_name(family)
             rows = [
                 (b, summary["budgets"][f"{b:g}"][family][metric])
                 for b in sweep["budgets"]
@@ -195,12 +252,12 @@ def plot_fid_vs_minutes(sweep: dict, path: Path) -> None:
             rows = [(b, s) for b, s in rows if s["mean"] is not None]
             xs, ms = [b for b, _ in rows], [s["mean"] for _, s in rows]
             sd = [s["std"] if s["n"] > 1 else 0.0 for _, s in rows]
-            ax.plot(xs, ms, marker="o", color=colours[family], label=name)
+            ax.plot(xs, ms, marker="o", color=colours.get(family), label=name)
             if any(sd):
                 lo = [m - s for m, s in zip(ms, sd, strict=True)]
                 hi = [m + s for m, s in zip(ms, sd, strict=True)]
-                ax.fill_between(xs, lo, hi, color=colours[family], alpha=0.2, lw=0)
-        z = summary["races"][metric]["crossing_minutes"]
+                ax.fill_between(xs, lo, hi, color=colours.get(family), alpha=0.2, lw=0)
+        z = summary["races"][metric].get("crossing_minutes")  # a sweep of one recipe
         if z is not None:
             minutes, gan, diffusion = curves(summary["budgets"], sweep["budgets"], metric)
             y = _interpolate(minutes, gan, z)
@@ -256,10 +313,15 @@ def _header(sweep: dict) -> list[str]:
         sweep["summary"],
         sweep["seeds"],
     )
+    recipes = kinds(sweep)[1:] if "diffusion" not in kinds(sweep) else []
+    command = f"--budgets {','.join(f'{b:g}' for b in sweep['budgets'])}"
+    if recipes:
+        command = f"--recipes {','.join(recipes)} {command}"
     lines = [
-        f"# Diffusion vs GAN at several training budgets: {sweep['data']}",
+        f"# {'Diffusion recipes' if recipes else 'Diffusion'} vs GAN at several training "
+        f"budgets: {sweep['data']}",
         "",
-        f"Made by `difusion compare --budgets {','.join(f'{b:g}' for b in sweep['budgets'])}`, "
+        f"Made by `difusion compare {command}`, "
         f"on {env['device']} with {env['threads']} thread{'s' if env['threads'] != 1 else ''} "
         f"(torch {env['torch']}); preset `{cfg['preset']}`; {len(seeds)} seed"
         f"{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}) per model and budget. "
@@ -271,9 +333,12 @@ def _header(sweep: dict) -> list[str]:
     for metric in ("inception_fid", "fid"):
         if metric in summary["races"]:
             lines += [f"**{summary['races'][metric]['verdict']}**", ""]
+            for race in summary["races"][metric].get("recipes", {}).values():
+                lines.append(f"- {race['verdict']}")
+            lines += [""] if summary["races"][metric].get("recipes") else []
     info, models = sweep["info"], sweep.get("models", {})
-    for kind, title in (("diffusion", "Diffusion"), ("gan", "GAN")):
-        m = models.get(kind)
+    for kind in [*kinds(sweep)[1:], "gan"]:
+        m, title = models.get(kind), {"diffusion": "Diffusion"}.get(kind, family_name(kind))
         if m:
             params = f"{fmt_count(m['params'])} parameters" + (
                 f" (+ discriminator {fmt_count(m['params_d'])})" if "params_d" in m else ""
@@ -324,7 +389,7 @@ def _table(sweep: dict) -> list[str]:
     """Budget x model: steps, training time, FIDs, precision and recall."""
     inception, seeds = sweep["config"]["inception"], len(sweep["seeds"])
     columns = ["Inception FID ↓"] if inception else []
-    columns += ["FID (classifier) ↓", "precision ↑", "recall ↑"]
+    columns += ["FID (classifier) ↓", "precision ↑", "recall ↑", "training images/s"]
     lines = [
         "| budget (min) | model | steps (students: distillation) | training (min) | "
         + " | ".join(columns)
@@ -338,15 +403,17 @@ def _table(sweep: dict) -> list[str]:
             if student and s["fid"]["mean"] is None:
                 continue
             k = family.removeprefix("student-")
-            name = {"gan": "GAN", "diffusion": f"diffusion ({HEADLINE[1]} steps)"}.get(
-                family, f"student ({k} lcm step{'s' if k != '1' else ''})"
-            )
+            if student:
+                name = f"student ({k} lcm step{'s' if k != '1' else ''})"
+            else:
+                name = "GAN" if family == "gan" else f"{family_name(family)} ({HEADLINE[1]} steps)"
             cells = [_cell(s["steps"], seeds, whole=True)]
             cells.append("—" if student else _cell(s["train_minutes"], seeds))
             if inception:
                 none = student and s["inception_fid"]["mean"] is None
                 cells.append("—" if none else _cell(s["inception_fid"], seeds))
             cells += [_cell(s[m], seeds) for m in ("fid", "precision", "recall")]
+            cells.append("—" if student else _cell(s["images_per_second"], seeds, whole=True))
             lines.append(f"| {minutes:g} | {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -360,17 +427,18 @@ def _costs(sweep: dict) -> list[str]:
         "before, then measuring"
         + ("; the students' distillation and measuring." if students else "."),
         "",
-        "| budget (min) | GAN | diffusion |" + (" students |" if students else ""),
-        "|---|---|---|" + ("---|" if students else ""),
-    ]
+        "| budget (min) | " + " | ".join(map(family_name, kinds(sweep))) + " |"
+        + (" students |" if students else ""),
+        "|---|" + "---|" * len(kinds(sweep)) + ("---|" if students else ""),
+    ]  # fmt: skip
     for minutes in sweep["budgets"]:
         at = [r for r in sweep["runs"] if r["budget_minutes"] == minutes]
         if not at:
             continue
-        kinds = {kind: [r for r in at if r["kind"] == kind] for kind in ("gan", "diffusion")}
-        cells = [fmt(_mean_wall(runs, ("train", "measure"))) for runs in kinds.values()]
+        runs_of = {kind: [r for r in at if r["kind"] == kind] for kind in kinds(sweep)}
+        cells = [fmt(_mean_wall(runs, ("train", "measure"))) for runs in runs_of.values()]
         if students:
-            cells.append(fmt(_mean_wall(kinds["diffusion"], ("distill", "measure_student"))))
+            cells.append(fmt(_mean_wall(runs_of["diffusion"], ("distill", "measure_student"))))
         lines.append(f"| {minutes:g} | " + " | ".join(cells) + " |")
     errors = [r for r in sweep["runs"] if r.get("error")]
     lines += [""] if errors else []
