@@ -208,7 +208,7 @@ def distill_loss(
         x0_teacher = fn(x_a, sigma_a)
         x_b = x0_teacher + (sigma_b / sigma_a).view(per) * (x_a - x0_teacher)  # DDIM
         w_in = (
-            w if student.config.unet.time_cond_proj_dim is not None else None
+            w if student.config.network.time_cond_proj_dim is not None else None
         )  # only a student with a guidance input sees w
         want = consistency_fn(target, target.unet, cond, w_in)(x_b, sigma_b)
     got = consistency_fn(student, net, cond, w_in)(x_a, sigma_a)
