@@ -288,6 +288,7 @@ class Pipeline:
         strength: float | None = None,
         mask_image: ImageInput | None = None,
         decode: bool = True,
+        spacing: str | None = None,
     ) -> torch.Tensor:
         """As __call__, but the images as a tensor in [-1, 1]; `callback` sees model-space x0.
         `steps`, `guidance` and `sampler` default to the model's own (20 steps of dpmpp_2m for
@@ -298,7 +299,9 @@ class Pipeline:
         Stable Diffusion). `image` alone: img2img, starting from the image noised to the
         `strength` fraction of the run (default 0.8). With `mask_image` (white = generate):
         inpainting, the black area kept from the image at every step (default strength 1).
-        `decode=False` returns the model-space sample (diffusers' output_type="latent")."""
+        `decode=False` returns the model-space sample (diffusers' output_type="latent").
+        `spacing`: the sampler's sigmas ("karras", or a timestep spacing); the model's own
+        by default."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
@@ -353,6 +356,7 @@ class Pipeline:
             mask=mask,
             generator=generator,
             final_sigma=self.model.schedule.sigma_min if ddim_end else 0.0,
+            spacing=spacing,
         )
         # only here and in model.sample: the text cache must hold plain tensors, for training
         with torch.inference_mode():
