@@ -4,6 +4,8 @@ decoded off the event loop, memory stays bounded, and the answers give nothing a
 
 import base64
 import io
+import logging
+import socket
 import threading
 import time
 
@@ -14,6 +16,7 @@ from serve_util import running
 
 from difusion.serve import ServeSettings, create_app
 from difusion.serve.models import load_models
+from difusion.serve.server import ImageStore
 
 PROMPT = "a red circle above a blue square"
 JSON = {"content-type": "application/json"}
@@ -244,3 +247,205 @@ def test_healthz_stays_quick_while_large_uploads_are_decoded(url):
         u.close()
     assert all(refused(r, "mask") for r in results), results[0].text
     assert len(during) >= 3 and max(during) < max(0.2, decode / 4), (max(during), decode)
+
+
+# --- faults no check foresaw ------------------------------------------------------------------
+
+
+def test_an_unforeseen_fault_is_a_500_on_a_connection_that_survives(url, monkeypatch, caplog):
+    import http.client
+
+    from difusion.serve.server import Server
+
+    def broken(self, name, field="model"):
+        raise RuntimeError("a fault no check foresaw")
+
+    monkeypatch.setattr(Server, "model", broken)
+    caplog.set_level(logging.INFO, logger="difusion.serve")
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/images/generations", body=b'{"prompt": "x"}', headers=JSON)
+    first = conn.getresponse()
+    assert first.status == 500 and b"its log has why" in first.read()
+    where = conn.sock.getsockname()
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().status == 200 and conn.sock.getsockname() == where  # kept alive
+    conn.close()
+    assert logged(caplog, "POST /v1/images/generations 500 ")
+
+
+def logged(caplog, prefix: str) -> str:
+    """The request's log line (written once its answer is sent: waited for)."""
+    for _ in range(600):
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
+        if lines:
+            return lines[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no log line starts with {prefix!r}")
+
+
+def test_a_stream_that_fails_after_its_start_ends_with_an_error_event(url, models, monkeypatch):
+    def broken(g, on_step):
+        on_step(1, 2, None)
+        raise RuntimeError("a fault no check foresaw")
+
+    monkeypatch.setattr(models["default"], "generate", broken)
+    monkeypatch.setattr(models["default"], "preview", lambda x0: Image.new("RGB", (1, 1)))
+    with httpx.stream("POST", f"{url}/api/generate", json={"prompt": PROMPT, "steps": 2}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[-1] == "event: error" and "event: start" in events
+
+
+def test_a_newline_in_the_path_cannot_forge_a_log_line(url, caplog):
+    caplog.set_level(logging.INFO, logger="difusion.serve")
+    httpx.get(f"{url}/x%0a2026-01-01 GET /admin 200 0.001s")
+    line = logged(caplog, "GET /x")
+    assert "\n" not in line and line.startswith("GET /x%0A2026-01-01%20GET%20/admin%20200%20")
+    assert " 404 " in line
+
+
+# --- what the answers give away -----------------------------------------------------------
+
+
+def test_links_use_the_address_connected_to_not_the_host_header(url):
+    body = {"prompt": PROMPT, "steps": 2, "response_format": "url"}
+    r = httpx.post(f"{url}/v1/images/generations", json=body, headers={"Host": "evil.example"})
+    link = r.json()["data"][0]["url"]
+    assert link.startswith(f"{url}/images/") and httpx.get(link).status_code == 200
+
+
+def test_public_url_setting_makes_the_links(models):
+    settings = ServeSettings(public_url="https://images.example.org/")
+    with running(create_app(settings, models)) as base:
+        body = {"prompt": PROMPT, "steps": 2, "response_format": "url"}
+        link = httpx.post(f"{base}/v1/images/generations", json=body).json()["data"][0]["url"]
+        assert link.startswith("https://images.example.org/images/")
+
+
+def test_head_security_headers_and_a_docs_page_with_nothing_from_elsewhere(url):
+    for path in ("/", "/healthz"):
+        assert httpx.head(f"{url}{path}").status_code == 200
+    for r in (httpx.get(f"{url}/"), httpx.post(f"{url}/v1/images/generations", json={})):
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["referrer-policy"] == "no-referrer"
+    docs = httpx.get(f"{url}/docs")
+    assert docs.status_code == 200 and "/v1/images/generations" in docs.text
+    assert "<script" not in docs.text and "cdn" not in docs.text
+    assert httpx.get(f"{url}/redoc").status_code == 404
+
+
+def test_a_non_ascii_key_through_bearer_and_basic_and_a_healthz_that_says_only_ok(models):
+    key = "clé-ключ-鍵"
+    with running(create_app(ServeSettings(api_key=key), models)) as base:
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{base}/healthz", headers={"Authorization": b"Bearer nope"}).json() == {
+            "status": "ok"
+        }
+        bearer = {"Authorization": b"Bearer " + key.encode()}
+        assert httpx.get(f"{base}/v1/models", headers=bearer).status_code == 200
+        assert httpx.get(f"{base}/healthz", headers=bearer).json()["jobs"] == {"default": 0}
+        assert httpx.get(f"{base}/v1/models", auth=("u", key)).status_code == 200
+        wrong = {"Authorization": b"Bearer " + key[:-1].encode()}
+        assert httpx.get(f"{base}/v1/models", headers=wrong).status_code == 401
+
+
+def test_kept_images_are_capped_by_bytes_and_expired_ones_dropped():
+    store = ImageStore(max_bytes=250, ttl=3600)
+    names = [store.put(bytes(100), "png") for _ in range(3)]
+    assert store.get(names[0]) is None and store.get(names[2]) == (bytes(100), "png")
+    assert store.bytes == 200 and len(store.items) == 2
+    expired = ImageStore(max_bytes=10**6, ttl=-1)  # every item is past its time at once
+    name = expired.put(bytes(100), "png")
+    assert expired.get(name) is None and expired.bytes == 0 and not expired.items
+
+
+def test_keep_alive_survives_every_refusal(url):
+    """A refusal of any kind answers on the same connection (the body limit's 413 alone
+    closes it: the rest of the body is never read)."""
+    with httpx.Client(base_url=url) as http:
+        for body in ({"prompt": PROMPT, "size": "٣x٣"}, {"prompt": 5}, ["x"]):
+            assert http.post("/v1/images/generations", json=body).status_code == 422
+        assert http.post("/v1/images/generations", content=b"\xff", headers=JSON).status_code == 422
+        assert http.get("/images/none.png").status_code == 404
+        pool = http._transport._pool
+        assert len(pool.connections) == 1 and pool.connections[0].is_idle()
+
+
+# --- a quick stop ----------------------------------------------------------------------------
+
+
+def start_server(log_path) -> tuple:
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "difusion.cli", "serve", "--port", str(port),
+             "--device", "cpu", "--queue-size", "2"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_up(process, base: str) -> None:
+    for _ in range(1200):
+        assert process.poll() is None, "the server ended"
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise AssertionError("the server did not start")
+
+
+def test_sigterm_cancels_running_and_queued_jobs_and_exits_at_once(tmp_path):
+    """SIGTERM during a 1000-step generation, with one more queued: the stream's client gets
+    an error event of 503, the queued one a 503, and the process ends about as soon as one
+    stopped with nothing to do (measured beside it), plus a few steps."""
+    import signal
+
+    idle, idle_base = start_server(tmp_path / "idle.log")
+    busy, base = start_server(tmp_path / "busy.log")
+    try:
+        wait_up(idle, idle_base)
+        wait_up(busy, base)
+        start = time.monotonic()
+        idle.send_signal(signal.SIGTERM)
+        idle.wait(60)
+        idle_stop = time.monotonic() - start
+
+        long = {"prompt": PROMPT, "steps": 1000, "n": 8}
+        queued = []
+        waiter = threading.Thread(target=lambda: queued.append(
+            httpx.post(f"{base}/v1/images/generations", json=long, timeout=120)))  # fmt: skip
+        with httpx.stream("POST", f"{base}/api/generate", json=long, timeout=120) as stream:
+            lines = stream.iter_lines()
+            stamps = []
+            for line in lines:
+                if line.startswith('data: {"step"'):
+                    stamps.append(time.monotonic())
+                    if len(stamps) == 3:
+                        break
+            step = max(stamps[2] - stamps[1], stamps[1] - stamps[0])
+            waiter.start()
+            while httpx.get(f"{base}/healthz").json()["jobs"]["default"] < 2:
+                time.sleep(0.05)
+            start = time.monotonic()
+            busy.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        busy.wait(60)
+        stop = time.monotonic() - start
+        waiter.join(60)
+    finally:
+        for p in (idle, busy):
+            p.kill() if p.poll() is None else None
+    error = [line for line in rest if line.startswith("data: ")][-1]
+    assert rest[-3] == "event: error" or "event: error" in rest, rest[-5:]
+    assert '"status": 503' in error and "shutting down" in error
+    assert queued[0].status_code == 503, queued[0].text
+    assert stop < 2 * idle_stop + 10 * step, (stop, idle_stop, step)

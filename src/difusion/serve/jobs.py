@@ -41,9 +41,13 @@ class Job:
     stop_reason: str | None = None  # set from outside: cancelled, interrupted, timeout, shutdown
     partial: list | None = None  # an interrupted job's images, as far as it got
     listeners: list[Callable[[str, dict], None]] = field(default_factory=list)
+    on_stop: list[Callable[[str], None]] = field(default_factory=list)  # told when it stops
 
     def stop(self, reason: str) -> None:
-        self.stop_reason = self.stop_reason or reason
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            for tell in self.on_stop:
+                tell(reason)
 
     def emit(self, event: str, data: dict) -> None:
         for listener in self.listeners:
@@ -198,10 +202,11 @@ class Worker:
         start), answered 503, and take no new one."""
         with self.lock:
             self.closing = True
-            for job in self.pending:
-                job.stop("shutdown")
-                if job.started is None and job.future is not None:
-                    job.future.cancel()
+            jobs = list(self.pending)
+        for job in jobs:  # outside the lock: a cancelled future's callback takes it
+            job.stop("shutdown")
+            if job.started is None and job.future is not None:
+                job.future.cancel()
 
     def close(self) -> None:
         """Stop every job and wait for the threads (the app's shutdown); a later submit
@@ -224,9 +229,18 @@ async def wait_for(
     POLL_SECONDS, `disconnected()` turns true (the client left). `partial_ok`: an
     interrupted job's images as far as it got, where it made a step."""  # fmt: skip
     wrapped = asyncio.wrap_future(future)
+    loop, shutdown = asyncio.get_running_loop(), asyncio.Event()
+    job.on_stop.append(  # a stop answers now, not at the running step's end
+        lambda reason: reason == "shutdown" and loop.call_soon_threadsafe(shutdown.set)
+    )
+    stopping = asyncio.ensure_future(shutdown.wait())
     try:
         while True:
-            done, _ = await asyncio.wait({wrapped}, timeout=POLL_SECONDS)
+            done, _ = await asyncio.wait(
+                {wrapped, stopping}, timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopping in done:
+                raise worker.stop_error(job)
             if done:
                 break
             if disconnected is not None and await disconnected():
@@ -243,6 +257,7 @@ async def wait_for(
     except ValueError as e:  # what the pipeline itself refuses
         raise APIError(422, str(e)) from None
     finally:
+        stopping.cancel()
         abandon(job, future, wrapped)
 
 

@@ -64,6 +64,11 @@ async def generate(body: GenerateRequest, request: Request) -> StreamingResponse
     job.listeners.append(
         lambda event, data: loop.call_soon_threadsafe(events.put_nowait, (event, data))
     )
+    job.on_stop.append(  # a stop answers now, not at the running step's end
+        lambda reason: (
+            reason == "shutdown" and loop.call_soon_threadsafe(events.put_nowait, ("stop", {}))
+        )
+    )
     future = worker.submit(job)  # 429 here, before the stream
     future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, END))
     request.state.timing = f"{model.name}, streamed"
@@ -73,6 +78,8 @@ async def generate(body: GenerateRequest, request: Request) -> StreamingResponse
             yield sse("queued", {"position": worker.position(job)})
             while (item := await events.get()) is not END:
                 event, data = item
+                if event == "stop":
+                    raise Stopped(job.stop_reason)
                 if "preview" in data:
                     data = {**data, "preview": data_url(data["preview"])}
                 yield sse(event, data)
