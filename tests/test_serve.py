@@ -454,11 +454,10 @@ def test_disconnect_cancels_a_running_job(models):
 
 def test_timeout_cancels_with_a_clear_error(models):
     with running(create_app(ServeSettings(timeout=0.5), models)) as base:
-        r = httpx.post(f"{base}{GENERATIONS}", json={"prompt": PROMPT, "steps": 1000, "n": 8})
+        long = {"prompt": PROMPT, "steps": 1000, "n": 8}
+        r = httpx.post(f"{base}{GENERATIONS}", json=long, timeout=120)  # one step may be slow
         assert r.status_code == 504 and "limit of 0.5 s" in r.json()["detail"], r.text
-        with httpx.stream(
-            "POST", f"{base}{STREAM}", json={"prompt": PROMPT, "steps": 1000, "n": 8}
-        ) as s:
+        with httpx.stream("POST", f"{base}{STREAM}", json=long, timeout=120) as s:
             events = read_events(s)
         assert events[-1][0] == "error" and events[-1][1]["status"] == 504
 
