@@ -47,7 +47,9 @@ def server():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    # Playwright polls wait_for_function with eval, which the page's CSP forbids; the page
+    # itself needs no exception (tests/test_serve_hostile.py checks the header)
+    context = browser.new_context(viewport={"width": 1000, "height": 800}, bypass_csp=True)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT)
     errors = []

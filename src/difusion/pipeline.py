@@ -316,6 +316,7 @@ class Pipeline:
         mask_image: ImageInput | None = None,
         decode: bool = True,
         conditions: tuple[Cond, Cond] | None = None,
+        spacing: str | None = None,
     ) -> torch.Tensor:
         """As __call__, but the images as a tensor in [-1, 1]; `callback` sees model-space x0.
         `steps`, `guidance` and `sampler` default to the model's own (20 steps of dpmpp_2m for
@@ -328,7 +329,10 @@ class Pipeline:
         inpainting, the black area kept from the image at every step (default strength 1).
         `decode=False` returns the model-space sample (diffusers' output_type="latent").
         `conditions`: (cond, uncond) made beforehand, in place of the prompts' (an unCLIP
-        decoder's image embeddings); the prompts then only count the images."""
+        decoder's image embeddings); the prompts then only count the images.
+
+        `spacing`: the sampler's sigmas ("karras", or a timestep spacing); the model's own
+        by default."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
@@ -383,6 +387,7 @@ class Pipeline:
             mask=mask,
             generator=generator,
             final_sigma=self.model.schedule.sigma_min if ddim_end else 0.0,
+            spacing=spacing,
         )
         # only here and in model.sample: the text cache must hold plain tensors, for training
         with torch.inference_mode():

@@ -42,6 +42,13 @@ def serve(
     timeout: Annotated[
         float, typer.Option(help="Seconds a generation may run before it is cancelled.")
     ] = 300.0,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where clients reach the server (e.g. https://images.example.org behind a "
+            "proxy), for response_format=url links; default: the address they connected to."
+        ),
+    ] = None,
     device: Device = "auto",
     dtype: WeightsDtype = "fp32",
     lora_dir: Annotated[
@@ -59,6 +66,7 @@ def serve(
 
     from ..runs import pick_device
     from ..serve import ServeSettings, create_app
+    from ..serve.app import QuickStop
 
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {port}")
@@ -66,6 +74,8 @@ def serve(
         raise UserError("--concurrency and --timeout must be positive, --queue-size at least 0")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty")
+    if public_url is not None and not public_url.startswith(("http://", "https://")):
+        raise UserError(f"--public-url must start with http:// or https://, got {public_url!r}")
     _weights_dtype(dtype)
     if lora_dir is not None and not lora_dir.is_dir():
         raise UserError(f"--lora-dir {lora_dir}: not a folder")
@@ -77,11 +87,16 @@ def serve(
         models=tuple(model or ["default"]), api_key=api_key, concurrency=concurrency,
         queue_size=queue_size, timeout=timeout, device=str(pick_device(device)), dtype=dtype,
         lora_dir=str(lora_dir) if lora_dir else None,
+        public_url=public_url,
     )  # fmt: skip
     application = create_app(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     typer.echo(f"serving {', '.join(settings.models)}: open http://{shown}:{port}/", err=True)
-    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        application, host=host, port=port, log_level="warning", access_log=False,
+        timeout_graceful_shutdown=1.0,  # the jobs end at once: nothing should need longer
+    )  # fmt: skip
+    QuickStop(config).run()
 
 
 def _check_can_listen(host: str, port: int) -> None:

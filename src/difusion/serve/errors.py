@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,18 +17,17 @@ from starlette.exceptions import HTTPException
 TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
-class APIError(Exception):
-    """A refusal: HTTP status, the field it is about (None for the request as a whole)."""
+class APIError(HTTPException):
+    """A refusal: HTTP status, the field it is about (None for the request as a whole).
+
+    An HTTPException, so that FastAPI passes it through as it is when it rises while the body
+    is read (the surrogate check in `checked_json`)."""
 
     def __init__(
         self, status: int, message: str, param: str | None = None, headers: dict | None = None
     ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
-
-    @property
-    def detail(self) -> str:
-        return f"{self.param}: {self.message}" if self.param else self.message
+        self.status, self.message, self.param = status, message, param
+        super().__init__(status, f"{param}: {message}" if param else message, headers)
 
     def body(self) -> dict:
         kind = TYPES.get(
@@ -36,7 +37,7 @@ class APIError(Exception):
         return {"detail": self.detail, "error": error}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return SafeJSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -51,6 +52,50 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if err.get("type") == "missing":
         message = "required"
     return APIError(422, message, ".".join(loc) or "body")
+
+
+def lone_surrogate(value: object) -> str | None:
+    """The field (dotted path) of the first string in parsed JSON, keys included, that holds
+    a lone surrogate (JSON's "\\ud800" escape parses into one, and no UTF-8 can carry it back
+    out), or None."""
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        texts: list = [item]
+        if isinstance(item, dict):
+            texts = list(item)
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(item))
+        for text in texts:
+            if isinstance(text, str) and not text.isascii() and not encodable(text):
+                return printable(path) or "body"
+    return None
+
+
+def encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates and control characters escaped: safe in a log line and
+    in UTF-8."""
+    return "".join(
+        c if c.isprintable() and encodable(c) else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a string no UTF-8 can carry still makes a
+    valid answer, never an exception in the middle of one."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def install(app: FastAPI) -> None:

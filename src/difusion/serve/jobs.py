@@ -37,11 +37,17 @@ class Job:
     step: int = 0
     total: int = 0
     x0: object = None  # the latest step's x0 estimate (a tensor), previewed on demand
-    stop_reason: str | None = None  # set from outside: "cancelled", "interrupted", "timeout"
+    future: Future | None = None  # where it runs
+    stop_reason: str | None = None  # set from outside: cancelled, interrupted, timeout, shutdown
+    partial: list | None = None  # an interrupted job's images, as far as it got
     listeners: list[Callable[[str, dict], None]] = field(default_factory=list)
+    on_stop: list[Callable[[str], None]] = field(default_factory=list)  # told when it stops
 
     def stop(self, reason: str) -> None:
-        self.stop_reason = self.stop_reason or reason
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            for tell in self.on_stop:
+                tell(reason)
 
     def emit(self, event: str, data: dict) -> None:
         for listener in self.listeners:
@@ -66,8 +72,9 @@ class Worker:
         )  # fmt: skip
         self.pending: list[Job] = []  # submitted, not finished: running ones first
         self.lock = threading.Lock()
-        self.seconds_per_job = 1.0  # a running mean, for Retry-After
+        self.seconds_per_job: float | None = None  # a running mean, for Retry-After
         self.last: Job | None = None
+        self.closing = False  # the server is stopping: no new job
 
     @property
     def running(self) -> list[Job]:
@@ -81,17 +88,33 @@ class Worker:
 
     def submit(self, job: Job) -> Future:
         with self.lock:
+            if self.closing:
+                raise APIError(503, "the server is shutting down")
             if len(self.pending) >= self.concurrency + self.queue_size:
-                wait = self.seconds_per_job / self.concurrency  # until a place frees
+                wait = max(1, min(round(self.retry_after()), round(self.timeout)))
                 raise APIError(
                     429,
-                    f"the queue is full ({self.queue_size} waiting); retry in about {wait:.0f} s",
-                    headers={"Retry-After": str(max(1, round(wait)))},
+                    f"the queue is full ({self.queue_size} waiting); retry in about {wait} s",
+                    headers={"Retry-After": str(wait)},
                 )
             self.pending.append(job)
-        future = self.model.executor.submit(self._run, job)
-        future.add_done_callback(lambda f: self._done(job))
-        return future
+            job.future = self.model.executor.submit(self._run, job)
+        job.future.add_done_callback(lambda f: self._done(job))
+        return job.future
+
+    def retry_after(self) -> float:
+        """Seconds until a place frees: until the running job nearest its end ends, by its
+        own pace so far (or, before its first step, the mean of the jobs before it)."""
+        now, ends = time.monotonic(), []
+        for job in self.running:
+            ran = now - job.started
+            if job.step:
+                ends.append(ran * (job.total - job.step) / job.step)
+            elif self.seconds_per_job is not None:
+                ends.append(max(0.0, self.seconds_per_job - ran))
+            else:
+                ends.append(ran)  # nothing measured yet: at least as long again
+        return min(ends) if ends else (self.seconds_per_job or 1.0)
 
     def _done(self, job: Job) -> None:
         with self.lock:
@@ -119,9 +142,15 @@ class Worker:
             images = self.model.generate(g, on_step)
             self._check(job)
             return images
+        except Stopped:
+            if job.stop_reason == "interrupted" and job.x0 is not None:
+                job.partial = self.model.finish(job.x0)
+            raise
         finally:
             job.finished = time.monotonic()
-            self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (job.finished - job.started)
+            ran = job.finished - job.started
+            mean = self.seconds_per_job
+            self.seconds_per_job = ran if mean is None else 0.8 * mean + 0.2 * ran
 
     def _check(self, job: Job) -> None:
         if job.stop_reason is None and time.monotonic() - job.started > self.timeout:
@@ -135,6 +164,8 @@ class Worker:
                 504, f"the generation ran past the server's limit of {self.timeout:g} s and was "
                 "cancelled; ask for fewer steps or images",
             )  # fmt: skip
+        if job.stop_reason == "shutdown":
+            return APIError(503, "the server is shutting down; the generation was cancelled")
         return APIError(409, f"the generation was {job.stop_reason}")
 
     def progress(self) -> dict:
@@ -166,6 +197,17 @@ class Worker:
         """The job's latest x0 estimate as a PNG."""
         return encode(self.model.preview(job.x0))
 
+    def shut_down(self) -> None:
+        """Stop every job now (the running one at its next step, the queued ones before they
+        start), answered 503, and take no new one."""
+        with self.lock:
+            self.closing = True
+            jobs = list(self.pending)
+        for job in jobs:  # outside the lock: a cancelled future's callback takes it
+            job.stop("shutdown")
+            if job.started is None and job.future is not None:
+                job.future.cancel()
+
     def close(self) -> None:
         """Stop every job and wait for the threads (the app's shutdown); a later submit
         starts afresh, as an app started again expects."""
@@ -177,26 +219,45 @@ class Worker:
 
 
 async def wait_for(
-    worker: Worker, job: Job, future: Future, disconnected: Callable | None = None
+    worker: Worker,
+    job: Job,
+    future: Future,
+    disconnected: Callable | None = None,
+    partial_ok: bool = False,
 ) -> list[Image.Image]:
     """The job's images; stops the job if the awaiting task is cancelled or, polled every
-    POLL_SECONDS, `disconnected()` turns true (the client left)."""
+    POLL_SECONDS, `disconnected()` turns true (the client left). `partial_ok`: an
+    interrupted job's images as far as it got, where it made a step."""  # fmt: skip
     wrapped = asyncio.wrap_future(future)
+    loop, shutdown = asyncio.get_running_loop(), asyncio.Event()
+    job.on_stop.append(  # a stop answers now, not at the running step's end
+        lambda reason: reason == "shutdown" and loop.call_soon_threadsafe(shutdown.set)
+    )
+    stopping = asyncio.ensure_future(shutdown.wait())
     try:
         while True:
-            done, _ = await asyncio.wait({wrapped}, timeout=POLL_SECONDS)
+            done, _ = await asyncio.wait(
+                {wrapped, stopping}, timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopping in done:
+                raise worker.stop_error(job)
             if done:
                 break
             if disconnected is not None and await disconnected():
                 job.stop("cancelled")
                 future.cancel()
                 raise APIError(499, "the client closed the connection")
+        if future.cancelled():  # taken off the queue before it started (a shutdown)
+            raise worker.stop_error(job)
         return wrapped.result()
     except Stopped:
+        if partial_ok and job.partial is not None:
+            return job.partial
         raise worker.stop_error(job) from None
     except ValueError as e:  # what the pipeline itself refuses
         raise APIError(422, str(e)) from None
     finally:
+        stopping.cancel()
         abandon(job, future, wrapped)
 
 

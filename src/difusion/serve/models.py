@@ -3,6 +3,7 @@ the generation itself with a preview of each step."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from ..images import grid, to_pil
 from ..model import SHIPPED, resolve_checkpoint, steps_kept
 from ..pipeline import Pipeline, dtype_named, img2img_strength
 from ..samplers import SAMPLERS
+from .codec import centre_crop
 from .errors import APIError
 from .loras import applied
 
@@ -43,6 +45,7 @@ class Generation:
     steps: int | None = None  # None: the model's own
     guidance: float | None = None
     sampler: str | None = None
+    spacing: str | None = None  # the sampler's sigmas, e.g. "karras"; None: the model's own
     seed: int | None = None  # None or -1: a random seed, reported back
     n: int = 1
     width: int | None = None
@@ -72,23 +75,32 @@ class GenerationOptions(BaseModel):
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 or null: random")
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = Field(None, description='"WxH" (GET /api/info lists sizes) or "auto"')
+    strength: float | None = Field(
+        None, gt=0, le=1, description="img2img and inpainting only; default 0.8 and 1"
+    )
 
     def generation(self, model: ServedModel, prompt: str, **images) -> Generation:
         width, height = parse_size(self.size, model)
         return Generation(
             prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps,
             guidance=self.guidance, sampler=self.sampler, seed=self.seed, n=self.n,
-            width=width, height=height, **images,
+            width=width, height=height, strength=self.strength, **images,
         )  # fmt: skip
 
 
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})", re.ASCII | re.IGNORECASE)
+
+
 def parse_size(size: str | None, model: ServedModel) -> tuple[int | None, int | None]:
+    """ "WxH" in ASCII digits -> (W, H); None, "" and "auto": the model's own. A side of 0 is
+    refused here (the model's check refuses what it cannot make)."""
     if size in (None, "", "auto"):
         return None, None
-    w, sep, h = size.lower().partition("x")
-    if not (sep and w.isdigit() and h.isdigit()):
-        raise APIError(422, f"{size!r} is not WxH; {model.size_rule()}", "size")
-    return int(w), int(h)
+    match = SIZE.fullmatch(size)
+    if match is None or 0 in (w := int(match[1]), h := int(match[2])):
+        shown = size if len(size) <= 40 else f"{size[:40]}..."
+        raise APIError(422, f"{shown!r} is not WxH; {model.size_rule()}", "size")
+    return w, h
 
 
 class ServedModel:
@@ -213,7 +225,8 @@ class ServedModel:
         elif not 0 <= seed <= MAX_SEED:
             refuse("seed", f"must be from 0 to {MAX_SEED} (or -1 for a random one), got {seed}")
         w, h = self.default_size
-        width, height = g.width or w, g.height or h
+        width = w if g.width is None else g.width
+        height = h if g.height is None else g.height
         if f"{width}x{height}" not in self.sizes() and not (
             self.flexible_size and width in FLEXIBLE_SIDES and height in FLEXIBLE_SIDES
         ):
@@ -269,11 +282,17 @@ class ServedModel:
                 callback=lambda i, sigma, x0: on_step(i + 1, steps, x0),
                 height=g.height,
                 width=g.width,
-                image=g.image.convert("RGB") if g.image is not None else None,
-                mask_image=g.mask,
+                image=fit(g.image, g.width, g.height, "RGB"),
+                mask_image=fit(g.mask, g.width, g.height, "L"),
+                spacing=g.spacing,
                 strength=g.strength,
             )
         return to_pil(x)
+
+    def finish(self, x0: torch.Tensor) -> list[Image.Image]:
+        """A step's x0 estimate decoded: an interrupted job's images, as far as it got."""
+        with torch.inference_mode():
+            return to_pil(self.pipe.decode(x0).float().clamp(-1, 1))
 
     def preview(self, x0: torch.Tensor) -> Image.Image:
         """A step's x0 estimate as one small picture: the batch side by side, latents through
@@ -283,6 +302,12 @@ class ServedModel:
             w, b = self._preview_map
             x0 = torch.einsum("nchw,cd->ndhw", x0, w) + b.view(1, -1, 1, 1)
         return grid(to_pil(x0.clamp(-1, 1)), cols=len(x0), pad=0)
+
+
+def fit(image: Image.Image | None, width: int, height: int, mode: str) -> Image.Image | None:
+    """An upload's centred part of the size's aspect ratio, in `mode` (the pipeline scales
+    it to the size)."""
+    return None if image is None else centre_crop(image, width, height).convert(mode)
 
 
 @torch.no_grad()

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict
 
-from .codec import data_url, encode, open_base64_image
+from .body import CheckedRoute
+from .codec import base64_images, data_url, encode_all
 from .jobs import Job, Stopped, abandon
 from .models import GenerationOptions
-from .server import server
+from .server import in_pool, server
 
-router = APIRouter(prefix="/api", tags=["native"])
+router = APIRouter(prefix="/api", tags=["native"], route_class=CheckedRoute)
+log = logging.getLogger("difusion.serve")
 END = object()  # after the job's last event
 
 
@@ -24,7 +27,6 @@ class GenerateRequest(GenerationOptions):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = ""
-    strength: float | None = Field(None, gt=0, le=1)
     image: str | None = None  # base64 or a data URL
     mask: str | None = None  # white = redraw
 
@@ -53,17 +55,19 @@ async def generate(body: GenerateRequest, request: Request) -> StreamingResponse
     """Refusals answer before the stream starts (4xx); then the events, each `data` JSON."""
     s = server(request)
     model = s.model(body.model)
-    image = open_base64_image(body.image, "image") if body.image else None
-    mask = open_base64_image(body.mask, "mask").convert("L") if body.mask else None
-    g = model.check(
-        body.generation(model, body.prompt, image=image, mask=mask, strength=body.strength)
-    )
+    image, mask = await in_pool(request, base64_images, body.image, body.mask)
+    g = model.check(body.generation(model, body.prompt, image=image, mask=mask))
     worker = s.workers[model.name]
     job = Job(g)
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     job.listeners.append(
         lambda event, data: loop.call_soon_threadsafe(events.put_nowait, (event, data))
+    )
+    job.on_stop.append(  # a stop answers now, not at the running step's end
+        lambda reason: (
+            reason == "shutdown" and loop.call_soon_threadsafe(events.put_nowait, ("stop", {}))
+        )
     )
     future = worker.submit(job)  # 429 here, before the stream
     future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, END))
@@ -74,17 +78,22 @@ async def generate(body: GenerateRequest, request: Request) -> StreamingResponse
             yield sse("queued", {"position": worker.position(job)})
             while (item := await events.get()) is not END:
                 event, data = item
+                if event == "stop":
+                    raise Stopped(job.stop_reason)
                 if "preview" in data:
                     data = {**data, "preview": data_url(data["preview"])}
                 yield sse(event, data)
+            if future.cancelled():  # taken off the queue before it started (a shutdown)
+                raise Stopped(job.stop_reason)
             images = future.result()  # done: END follows its end
             parameters = {
                 "model": model.name, "prompt": g.prompt, "negative_prompt": g.negative_prompt,
                 "steps": g.steps, "guidance": g.guidance, "sampler": g.sampler, "seed": g.seed,
                 "n": g.n, "width": g.width, "height": g.height, "strength": g.strength,
             }  # fmt: skip
+            blobs = await in_pool(request, encode_all, images)
             yield sse("done", {
-                "images": [data_url(encode(im)) for im in images], "parameters": parameters,
+                "images": [data_url(b) for b in blobs], "parameters": parameters,
                 "seconds": round(job.finished - job.started, 3),
             })  # fmt: skip
         except Stopped:
@@ -92,6 +101,9 @@ async def generate(body: GenerateRequest, request: Request) -> StreamingResponse
             yield sse("error", {"status": err.status, "detail": err.detail})
         except ValueError as e:
             yield sse("error", {"status": 422, "detail": str(e)})
+        except Exception:  # a fault no check foresaw: the client still hears how it ended
+            log.exception("the stream of job %s failed", job.id)
+            yield sse("error", {"status": 500, "detail": "the server failed on this request"})
         finally:
             abandon(job, future)
             request.state.timing = f"{model.name}, {job.timings}"

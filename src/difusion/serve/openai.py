@@ -10,12 +10,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from .codec import MAX_UPLOAD_BYTES, b64, encode, open_image, transparent_area
+from .body import CheckedRoute
+from .codec import MAX_UPLOAD_BYTES, b64, edit_images, encode_all
 from .errors import APIError
 from .models import Generation, GenerationOptions, ServedModel
-from .server import run_generation, server
+from .server import in_pool, public_url, run_generation, server
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=CheckedRoute)
 Format = Literal["png", "jpeg", "webp"]
 ResponseFormat = Literal["b64_json", "url"]
 
@@ -47,10 +48,9 @@ async def respond(
     images, g, _ = await run_generation(request, model, g)
     store = server(request).store
     data = []
-    for image in images:
-        blob = encode(image, fmt)
+    for blob in await in_pool(request, encode_all, images, fmt):
         if response_format == "url":
-            url = str(request.url_for("stored_image", name=store.put(blob, fmt)))
+            url = public_url(request, f"/images/{store.put(blob, fmt)}")
             data.append(ImageData(url=url, revised_prompt=g.prompt))
         else:
             data.append(ImageData(b64_json=b64(blob), revised_prompt=g.prompt))
@@ -67,11 +67,8 @@ async def generations(body: ImageGenerationRequest, request: Request) -> ImagesR
     return await respond(request, model, g, body.response_format, body.output_format)
 
 
-async def read_upload(file: UploadFile | None, field: str):
-    if file is None:
-        return None
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
-    return open_image(data, field)
+async def read_upload(file: UploadFile | None) -> bytes | None:
+    return None if file is None else await file.read(MAX_UPLOAD_BYTES + 1)
 
 
 class ImageEditForm(ImageGenerationRequest):
@@ -93,17 +90,17 @@ async def edits(
     """Inpainting where a mask is given (or the image has transparent pixels), img2img
     (`strength`, default 0.8) where not."""
     served = server(request).model(form.model)
-    if image is None and image_list:
-        image = image_list[0]
-    if image is None:
+    uploads = [image] if image is not None else []
+    uploads += image_list or []
+    if not uploads:
         raise APIError(422, "required", "image")
-    picture = await read_upload(image, "image")
-    mask_image = await read_upload(mask, "mask")
-    if mask_image is not None:
-        mask_image = transparent_area(mask_image) or mask_image.convert("L")
-    else:
-        mask_image = transparent_area(picture)
-    g = form.generation(served, form.prompt, image=picture, mask=mask_image, strength=form.strength)
+    if len(uploads) > 1:
+        field = "image[]" if image_list else "image"
+        raise APIError(422, f"one image to edit, got {len(uploads)}", field)
+    picture, mask_image = await in_pool(
+        request, edit_images, await read_upload(uploads[0]), await read_upload(mask)
+    )
+    g = form.generation(served, form.prompt, image=picture, mask=mask_image)
     return await respond(request, served, g, form.response_format, form.output_format)
 
 

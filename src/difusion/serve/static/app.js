@@ -130,9 +130,9 @@ function applyModel() {
     const classes = m.classes || [];
     const options = classes.map((c) => new Option(c, c));
     $("classes").replaceChildren(new Option("choose a class…", ""), ...options);
-    $("prompt").placeholder = classes.slice(0, 3).join(", ");
+    $("prompt").placeholder = `a class name, e.g. ${classes.slice(0, 3).join(", ")}`;
   } else {
-    $("prompt").placeholder = unconditional ? "" : "a red circle above a blue square";
+    $("prompt").placeholder = unconditional ? "" : "describe the image, e.g. a red circle above a blue square";
   }
   $("upload").hidden = !m.takes_image;
 }
