@@ -10,10 +10,11 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import ConfigDict
 
 from ..unclip import UnclipPipeline
+from .codec import open_image
 from .errors import APIError
 from .models import GenerationOptions
 from .openai import Format, ImagesResponse, ResponseFormat, read_upload, respond
-from .server import server
+from .server import in_pool, server
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -38,6 +39,6 @@ async def create_variation(
         )
     if image is None:
         raise APIError(422, "required", "image")
-    picture = await read_upload(image, "image")
+    picture = await in_pool(request, open_image, await read_upload(image), "image")
     g = form.generation(served, "", vary=picture)
     return await respond(request, served, g, form.response_format, form.output_format)
