@@ -105,11 +105,11 @@ def test_sample_is_deterministic_for_a_seed(monkeypatch, capsys, tmp_path, run_d
         (["train", "--model", "gan", "--init", "{run}", "--out", "{tmp}/r"], "--init: not an option of --model gan"),
         (["train", "--init", "{run}", "--layout-map", "--out", "{tmp}/r"], "--layout-map is for text-conditioned models"),
         (["train", "--model", "vae", "--layout-map", "--out", "{tmp}/r"], "--layout-map: not an option of --model vae"),
-        (["train", "--layout-steps", "-1", "--out", "{tmp}/r"], "--layout-steps must be 0 or more, not -1"),
+        (["train", "--layout-steps", "-1", "--out", "{tmp}/r"], "'--layout-steps': must be 0 or more, got -1"),
         (["train", "--log-every", "0", "--out", "{tmp}/r"], "--log-every must be 1 or more, got 0"),
         (["train", "--sample-every", "0", "--out", "{tmp}/r"], "--sample-every must be 1 or more, got 0"),
         (["train", "--model", "gan", "--checkpoint-every", "0", "--out", "{tmp}/r"], "--checkpoint-every must be 1 or more, got 0"),
-        (["distill", "{run}", "--log-every", "-2", "--out", "{tmp}/r"], "--log-every must be 1 or more, got -2"),
+        (["distill", "{run}", "--log-every", "-2", "--out", "{tmp}/r"], "'--log-every': must be 0 or more, got -2"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_nonzero(monkeypatch, capsys, tmp_path, run_dir, args, message):

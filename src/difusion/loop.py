@@ -176,13 +176,13 @@ class TrainLoop:
         Tensor scalars are watched for non-finite values and summed where they are."""
         self.step += 1
         self.lr = lr
+        record = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
         for k, v in record.items():
             if isinstance(v, torch.Tensor):
-                v = v.detach()
                 self.watch(k, v)
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
-        if self.on_step is not None:
+        if self.on_step is not None:  # (a float of a tensor that needs grad: torch warns)
             self.on_step(self.step, {k: float(v) for k, v in record.items()})
         if self.bar is not None:
             self.bar.update(1)

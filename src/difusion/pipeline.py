@@ -14,6 +14,7 @@ from .denoiser import Cond
 from .images import to_pil
 from .model import SHIPPED, DiffusionModel, resolve_checkpoint
 from .sd import is_sd_checkpoint, load_checkpoint
+from .sizes import FLEXIBLE_SIDES, check_memory, makes_size, sampling_bytes, size_rule
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 ImageInput = Image.Image | torch.Tensor
@@ -135,6 +136,39 @@ class Pipeline:
     def image_size(self) -> int:
         """The default image size in pixels."""
         return self.model.config.image_size * self.downscale
+
+    @property
+    def flexible_size(self) -> bool:
+        """Whether it makes sizes besides its own: a latent model trained at 256 px or more."""
+        return self.vae is not None and self.image_size >= FLEXIBLE_SIDES[0]
+
+    def size_rule(self) -> str:
+        """The sizes this model makes, in words ("this model makes 32x32")."""
+        return size_rule(self.image_size, self.flexible_size)
+
+    def check_size(
+        self, height: int | None = None, width: int | None = None, n: int = 1
+    ) -> tuple[int, int]:
+        """The one check of a requested image size, for every face (`difusion generate`, the
+        server): (height, width), the model's own size for a side not given; a ValueError
+        saying what this model makes when it does not make that size (`difusion.sizes`), or
+        when n images of it would not fit in the device's memory (`check_memory`)."""
+        height, width = height or self.image_size, width or self.image_size
+        if not makes_size(width, height, self.image_size, self.flexible_size):
+            raise ValueError(f"cannot make {width}x{height}: {self.size_rule()}")
+        self.check_memory(height, width, n)
+        return height, width
+
+    def check_memory(self, height: int, width: int, n: int) -> None:
+        """A ValueError when sampling n images of height x width (both branches of guidance)
+        and decoding them cannot fit in the device's free memory (lower bounds: `sizes.py`)."""
+        f, unet = self.downscale, self.model.config.unet
+        need = sampling_bytes(
+            unet.block_out_channels, unet.layers_per_block, 2 * n, height // f, width // f
+        )
+        if self.vae is not None and self.vae_tile is None:  # the decoder's top level, whole
+            need = max(need, 3 * 4 * n * self.vae.config.block_out_channels[0] * height * width)
+        check_memory(need, self.model.device, f"{n} image(s) of {width}x{height}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -313,6 +347,7 @@ class Pipeline:
             raise ValueError("guidance needs a conditional model (this one is unconditional)")
         cfg = self.model.config
         height, width = self._size(height, width, image)
+        self.check_memory(height, width, len(prompts))
         f = self.downscale
         shape = (len(prompts), cfg.channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:

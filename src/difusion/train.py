@@ -259,6 +259,13 @@ def model_config_for(
             f"image size {size} is not divisible by 2^{levels - 1} for {levels} levels"
         )
     resolutions = [size // 2**i for i in range(levels)]
+    asked = set(cfg.attention_resolutions)  # the default (16, 8): those of them there are
+    if asked != set(TrainConfig.attention_resolutions) and not asked <= set(resolutions):
+        missing = sorted(asked - set(resolutions), reverse=True)
+        raise TrainingError(
+            f"--attention {','.join(map(str, missing))}: no level of this U-Net has that "
+            f"resolution; its levels are {', '.join(map(str, resolutions))}"
+        )
     check_condition_fits(cfg, dataset)
     num_classes = None
     class_names = None
@@ -375,7 +382,8 @@ def start_line(
         parts.append(f"x {cfg.grad_accum} accumulated batches")
     return (
         f"training {params / 1e6:.2f}M parameters on {cfg.data} ({len(dataset)} images, "
-        f"{dataset.size}x{dataset.size}) on {device}"
+        + (f"{skipped} skipped, " if (skipped := getattr(dataset, "skipped", 0)) else "")
+        + f"{dataset.size}x{dataset.size}) on {device}"
         + (f" x{world} processes" if world > 1 else "")
         + f", steps {step}->{cfg.steps}; global batch {total} ({' '.join(parts)}), "
         f"lr {cfg.lr:g}"

@@ -15,6 +15,8 @@ from .options import (
     UserError,
     ZeroTerminalSNR,
     _ints,
+    check_output_folder,
+    check_sampling,
 )
 
 
@@ -44,7 +46,7 @@ def eval_(
     ] = None,
     sampler: Annotated[str | None, typer.Option(help="Sampler (default: the model's).")] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Sampling steps (default: the model's).")
+        int | None, typer.Option(help="Sampling steps, 1 to 1000 (default: the model's).")
     ] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -62,6 +64,7 @@ def eval_(
 
     if n < 2:
         raise UserError(f"-n must be at least 2, got {n}")
+    check_sampling(steps)
     path = resolve_checkpoint(checkpoint)
     model = load_generator_or_diffusion(path, pick_device(device))
     if alignment:
@@ -155,6 +158,7 @@ def compare(
 
     if budgets is not None and budget_minutes is not None:
         raise UserError("give --budgets or --budget-minutes, not both")
+    check_output_folder(out)
     cfg = CompareConfig(
         data=tuple(data or ("digits", "fashion", "shapes")), out=str(out),
         budget_minutes=5.0 if budget_minutes is None else budget_minutes, seeds=seeds,
