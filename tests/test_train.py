@@ -69,6 +69,46 @@ def test_train_loop_budget_log_and_callback(tmp_path):
         loop.check_finite("loss", torch.tensor(float("nan")))
 
 
+def test_budget_keeps_back_the_work_after_the_last_step():
+    stop = Stop(1.0)  # 60 s
+    assert not stop.requested()
+    stop.reserve = 61.0  # the last grid and checkpoint took that long: no time for a step
+    assert stop.requested()
+
+
+def test_on_step_sees_plain_numbers_without_a_warning(tmp_path):
+    import warnings
+
+    run = Run(tmp_path / "r")
+    run.dir.mkdir()
+    seen = []
+    loop = TrainLoop(run, 0, 1, Stop(None), 1, False, on_step=lambda s, r: seen.append(r))
+    loss = (torch.ones(2, requires_grad=True) * 3).mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of float() of a tensor that needs grad
+        loop.advance({"loss": loss}, lr=0.1)
+    assert seen == [{"loss": 3.0}]
+
+
+def test_minutes_cover_the_final_grid(tmp_path, digits8):
+    """With a grid every step, the budget keeps back the time the last one took: the whole
+    run, its final grid included, ends within the budget and a fraction of a grid (without
+    the reserve it ends a whole grid later)."""
+    from difusion.previews import preview
+
+    cfg = tiny(tmp_path, steps=10**6, minutes=0.05, sample_every=1, cond="label")
+    steps = []  # the budget's clock starts before the first step
+    out = train(
+        cfg, dataset=digits8, progress=False, on_step=lambda *_: steps.append(time.monotonic())
+    )
+    took = time.monotonic() - steps[0]
+    ema = DiffusionModel.load(out / "model.safetensors")
+    grid_started = time.monotonic()
+    preview(ema, tmp_path / "grid.png")
+    grid = time.monotonic() - grid_started
+    assert len(steps) > 1 and took < cfg.minutes * 60 + 0.5 * grid, (took, grid)
+
+
 def test_resume_continues_exactly(tmp_path, digits8):
     full = train(tiny(tmp_path, "full", steps=6), dataset=digits8, progress=False)
     half = train(tiny(tmp_path, "half", steps=3), dataset=digits8, progress=False)

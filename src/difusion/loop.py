@@ -21,18 +21,21 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class Stop:
     """What ends a run before its last step: its wall-clock budget (`minutes` from this
-    object's creation) is spent, or SIGINT or SIGTERM came while `catching_signals()`."""
+    object's creation) is spent, or SIGINT or SIGTERM came while `catching_signals()`.
+    `reserve` (seconds) is kept back from the budget for what the run does after its last
+    step (its final checkpoint and pictures), so that the budget covers all of the run."""
 
     def __init__(self, minutes: float | None) -> None:
         self.minutes = minutes
         self.start = time.monotonic()
         self.signal: int | None = None
+        self.reserve = 0.0
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
     def requested(self) -> bool:
-        over_time = self.minutes is not None and self.elapsed() > self.minutes * 60
+        over_time = self.minutes is not None and self.elapsed() + self.reserve > self.minutes * 60
         return over_time or self.signal is not None
 
     @contextmanager

@@ -101,6 +101,13 @@ class Pipeline:
                         f"prompt cut to the text encoder's {self.max_tokens} tokens: {p[:60]!r}...",
                         stacklevel=3,
                     )
+                unknown, tokens = self.model.text_encoder.unknown_tokens(p)
+                if unknown:
+                    warnings.warn(
+                        f"{unknown} of the {tokens} tokens of {p[:60]!r} are unknown to the "
+                        "text encoder (words it never saw): expect pictures that ignore them",
+                        stacklevel=3,
+                    )
             cond = self.model.text_cond(prompts)
             uncond = self.model.text_cond([negative_prompt] * len(prompts))
             if all(
@@ -270,14 +277,16 @@ class Pipeline:
         return height, width
 
     def _image(self, image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
-        """A PIL image or a [3, H, W] / [B, 3, H, W] tensor in [-1, 1] -> [B, 3, h, w]."""
+        """A PIL image (as grayscale for a grayscale model) or a [3, H, W] / [B, 3, H, W]
+        tensor in [-1, 1] -> [B, C, h, w]."""
         h, w = size
         if isinstance(image, Image.Image):
-            image = image.convert("RGB")
+            gray = self.vae is None and self.model.config.channels == 1  # a grayscale model
+            image = image.convert("L" if gray else "RGB")
             if image.size != (w, h):
                 image = image.resize((w, h), Image.LANCZOS)
-            t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3)
-            return t.permute(2, 0, 1)[None].float() / 127.5 - 1
+            t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            return t.view(h, w, -1).permute(2, 0, 1)[None].float() / 127.5 - 1
         t = image.float()[None] if image.dim() == 3 else image.float()
         if t.dim() != 4 or t.shape[1] != 3:
             raise ValueError(f"image must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")

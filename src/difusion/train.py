@@ -521,6 +521,7 @@ def train(
         diffusion.train()
         parts = world * cfg.grad_accum  # the batches of a step, over processes and accumulation
         compiled_at = loop.step + 1 if cfg.compile else None
+        saving = drawing = 0.0  # seconds the last checkpoint and grid (and probe) took
         while loop.running():
             started = time.monotonic()
             lr = lr_at(loop.step, cfg)
@@ -573,15 +574,20 @@ def train(
             loop.verify_before(cfg.checkpoint_every, cfg.sample_every)
             if rank != 0:
                 continue
+            started = time.monotonic()
             if loop.due(cfg.checkpoint_every):
                 save_state(run, loop.step, cfg, diffusion, ema, opt, generators, batches)
                 loop.saved_step = loop.step
+                saving = time.monotonic() - started
             if loop.due(cfg.sample_every):
+                started = time.monotonic()
                 run.plot_loss()
                 preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png", vae=vae)
                 if tracks_alignment(cfg):
                     run.append_log({"step": loop.step, **alignment_probe(ema)})
                     run.plot_alignment()
+                drawing = time.monotonic() - started
+            stop.reserve = saving + drawing  # the end of the run does both again
         loop.close()
         step = loop.step
         if rank == 0 and (step != loop.saved_step or not run.exists()):

@@ -244,6 +244,7 @@ def generate(
     init, mask_image = open_image(image), open_image(mask)
     pipe = Pipeline.from_pretrained(model, pick_device(device), weights_dtype)
     height, width = image_size(pipe, height, width, init, n * len(prompts))
+    warn_unfamiliar(pipe, model, prompts)
     if compile:
         pipe.compile()
     scale = auto_scale(max(height, width))
@@ -294,3 +295,21 @@ def image_size(pipe, height: int | None, width: int | None, init, n: int) -> tup
                 stacklevel=2,
             )
     return pipe.check_size(height, width, n)
+
+
+def warn_unfamiliar(pipe, model: str, prompts: list[str]) -> None:
+    """A warning for each prompt far from every caption the model was trained on, where its
+    training data can be drawn again (`difusion.familiar`)."""
+    from ..familiar import training_captions, training_config, unfamiliar_prompts
+    from ..model import SHIPPED, resolve_checkpoint
+    from ..sd import is_sd_checkpoint
+
+    if pipe.kind != "text" or (model not in SHIPPED and is_sd_checkpoint(model)):
+        return
+    captions = training_captions(training_config(resolve_checkpoint(model)))
+    for prompt, near in unfamiliar_prompts(pipe.model.text_encoder, prompts, captions or []):
+        warnings.warn(
+            f"{prompt[:60]!r} is far from every caption this model was trained on (similarity "
+            f"{near:.2f}): expect pictures that ignore it",
+            stacklevel=2,
+        )

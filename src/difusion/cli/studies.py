@@ -60,10 +60,12 @@ def eval_(
     from ..compare import load_generator_or_diffusion
     from ..evaluate import evaluate, evaluate_alignment, format_table
     from ..model import resolve_checkpoint
-    from ..runs import pick_device
+    from ..runs import given_options, pick_device
 
-    if n < 2:
-        raise UserError(f"-n must be at least 2, got {n}")
+    if n < 4:  # precision and recall compare each sample with its 3 nearest
+        raise UserError(f"-n must be at least 4, got {n}")
+    if not alignment and (given := given_options(dict(locals()), eval_, ALIGNMENT_ONLY)):
+        raise UserError(f"{', '.join(given)}: only with --alignment")
     check_sampling(steps)
     path = resolve_checkpoint(checkpoint)
     model = load_generator_or_diffusion(path, pick_device(device))
@@ -89,6 +91,10 @@ def eval_(
             guidance=1.0 if guidance is None else guidance,
         )  # fmt: skip
     typer.echo(json.dumps(result, indent=2) if json_out else format_table(result))
+
+
+# the options that only an --alignment evaluation reads
+ALIGNMENT_ONLY = ("prompts", "seeds", "wording")
 
 
 def compare(

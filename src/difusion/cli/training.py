@@ -155,6 +155,8 @@ def train(
         raise UserError(f"--crop must be center or random, got {crop!r}")
     if text_encoder not in ("minilm", "clip", "scratch"):
         raise UserError(f"--text-encoder must be minilm, clip or scratch, got {text_encoder!r}")
+    if text_encoder_path is not None and text_encoder != "clip":
+        raise UserError("--text-encoder-path is the folder of --text-encoder clip")
     if not 0 <= cond_drop < 1:
         raise UserError("--cond-drop must be in [0, 1)")
     if prediction not in ("eps", "v", "x0"):
