@@ -101,7 +101,8 @@ class Pipeline:
                         f"prompt cut to the text encoder's {self.max_tokens} tokens: {p[:60]!r}...",
                         stacklevel=3,
                     )
-                unknown, tokens = self.model.text_encoder.unknown_tokens(p)
+                count = getattr(self.model.text_encoder, "unknown_tokens", None)  # not SD's
+                unknown, tokens = count(p) if count else (0, 0)
                 if unknown:
                     warnings.warn(
                         f"{unknown} of the {tokens} tokens of {p[:60]!r} are unknown to the "

@@ -260,7 +260,8 @@ def model_config_for(
         )
     resolutions = [size // 2**i for i in range(levels)]
     asked = set(cfg.attention_resolutions)  # the default (16, 8): those of them there are
-    if asked != set(TrainConfig.attention_resolutions) and not asked <= set(resolutions):
+    chosen = asked != set(TrainConfig.attention_resolutions) and cfg.init is None  # not --init's
+    if chosen and not asked <= set(resolutions):
         missing = sorted(asked - set(resolutions), reverse=True)
         raise TrainingError(
             f"--attention {','.join(map(str, missing))}: no level of this U-Net has that "
@@ -587,7 +588,12 @@ def train(
                     run.append_log({"step": loop.step, **alignment_probe(ema)})
                     run.plot_alignment()
                 drawing = time.monotonic() - started
-            stop.reserve = saving + drawing  # the end of the run does both again
+            # kept back from the budget: the end of the run saves and draws again, and the
+            # next step may do either first
+            due = [
+                (loop.step + 1) % every == 0 for every in (cfg.checkpoint_every, cfg.sample_every)
+            ]
+            stop.reserve = saving * (1 + due[0]) + drawing * (1 + due[1])
         loop.close()
         step = loop.step
         if rank == 0 and (step != loop.saved_step or not run.exists()):

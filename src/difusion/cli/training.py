@@ -137,11 +137,12 @@ def train(
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch-size must be positive")
     check_output_folder(out)
-    if size is not None and model == "unet":
-        check_training_size(
-            size, batch_size, tuple(channels * m for m in _ints(channel_mult, "--channel-mult")),
-            layers_per_block, pick_device(device),
-        )  # fmt: skip
+    if size is not None:
+        if model == "unet":
+            levels = tuple(channels * m for m in _ints(channel_mult, "--channel-mult"))
+            check_training_size(size, batch_size, levels, layers_per_block, pick_device(device))
+        else:  # another model: its batch of images, at least
+            check_training_size(size, batch_size, (3,), 0, pick_device(device))
     kept = check_resume(out, dict(locals()), RESUME_SETTINGS) if resume else {}
     if model != "unet":
         if model not in TRAINERS:
