@@ -221,7 +221,7 @@ def test_budgets_are_parsed_and_sorted():
         (("--budgets", "nan"), "--budgets: minutes must be positive"),
         (("--budgets", "5,2,5"), "--budgets: 5 minutes is given twice"),
         (("--budgets", "2,5", "--budget-minutes", "5"), "--budgets or --budget-minutes"),
-        (("--budgets", "2,5", "--distill-minutes", "-1"), "--distill-minutes must be 0 or more"),
+        (("--budgets", "2,5", "--distill-minutes", "-1"), "'--distill-minutes': must be 0 or more"),
         (("--budgets", "2,5", "--prediction", "noise"), "--prediction must be eps, v or x0"),
     ],
 )

@@ -274,12 +274,11 @@ def solid(size, color, mode="RGB"):
 
 @pytest.fixture
 def image_tree(tmp_path):
-    """cats/ (2 images, one nested deeper, one captioned) and dogs/ (3 + junk)."""
+    """cats/ (2 images, one nested deeper) and dogs/ (3 + junk)."""
     root = tmp_path / "imgs"
     (root / "cats" / "inner").mkdir(parents=True)
     (root / "dogs").mkdir()
     solid((40, 20), (200, 10, 10)).save(root / "cats" / "a.png")
-    (root / "cats" / "a.txt").write_text("  a red\ncat  \n")
     solid((30, 30), (10, 200, 10)).save(root / "cats" / "inner" / "b.jpg", quality=95)
     solid((16, 48), (10, 10, 200, 255), "RGBA").save(root / "dogs" / "c.webp", lossless=True)
     solid((25, 25), 128, "L").save(root / "dogs" / "d.png")
@@ -292,7 +291,7 @@ def image_tree(tmp_path):
 
 
 @pytest.mark.parametrize("cache", [None, False])
-def test_folder_labels_captions_and_skips(image_tree, cache, caplog):
+def test_folder_labels_and_skips(image_tree, cache, caplog):
     with caplog.at_level(logging.WARNING, logger="difusion.data.folder"):
         ds = FolderDataset(image_tree, size=16, cache=cache)
     assert len(ds) == 5
@@ -301,7 +300,7 @@ def test_folder_labels_captions_and_skips(image_tree, cache, caplog):
     assert len(warnings) == 1
     assert ds.class_names == ["cats", "dogs"] and ds.num_classes == 2
     assert [ds[i]["label"] for i in range(5)] == [0, 0, 1, 1, 1]
-    assert ds[0]["caption"] == "a red cat" and ds[1]["caption"] == ""
+    assert "caption" not in ds[0]
     for i in range(5):
         check_item(ds[i], 3, 16)
     # colours survive: red PNG, green JPEG, blue WebP with alpha, gray, transparent -> white
@@ -311,6 +310,17 @@ def test_folder_labels_captions_and_skips(image_tree, cache, caplog):
     assert torch.allclose(px[2], torch.tensor([10.0, 10, 200]), atol=1)
     assert torch.allclose(px[3], torch.tensor([128.0] * 3), atol=1)
     assert (ds[4]["image"] == 1).all()
+
+
+def test_folder_images_without_a_caption_are_skipped_and_counted(image_tree, caplog):
+    (image_tree / "cats" / "a.txt").write_text("  a red\ncat  \n")
+    (image_tree / "dogs" / "e.txt").write_text(" \n")  # empty: no caption either
+    with caplog.at_level(logging.WARNING, logger="difusion.data.folder"):
+        ds = FolderDataset(image_tree, size=16)
+    assert len(ds) == 1 and ds[0]["caption"] == "a red cat"
+    assert ds.skipped == 1 + 5  # notes.md, and b, c, d, e, broken.png without a caption
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("skipped 5 image(s) without a caption" in m for m in messages), messages
 
 
 def test_folder_grayscale_and_centre_crop(tmp_path):

@@ -52,7 +52,7 @@ def test_eval_errors_are_one_line(monkeypatch, capsys, label_run):
             "unknown feature network",
         ),
         (["eval", str(label_run), "--alignment"], "needs a text-conditioned model"),
-        (["eval", str(label_run / "model.safetensors"), "-n", "1"], "-n must be at least 2"),
+        (["eval", str(label_run / "model.safetensors"), "-n", "1"], "-n must be at least 4"),
     ]:
         monkeypatch.setattr(sys, "argv", ["difusion", *argv])
         with pytest.raises(SystemExit) as e:

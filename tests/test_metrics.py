@@ -106,6 +106,15 @@ def test_fid_kid_on_known_gaussians():
 # ---- FID / KID / precision / recall on digits -------------------------------------------
 
 
+def test_kid_spread_is_zero_when_every_subset_is_the_whole_set():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(50, 16, generator=g), torch.randn(50, 16, generator=g) + 0.5
+    mean, std = kid_from_features(a, b, subsets=20, subset_size=1000)  # capped to 50: whole
+    assert std == 0.0 and mean > 0
+    _, std = kid_from_features(a, b, subsets=20, subset_size=20)  # real subsets: a spread
+    assert std > 1e-6
+
+
 @pytest.mark.parametrize("kind", ["random", "classifier"])
 def test_fid_kid_zero_on_self_and_monotone_in_noise(digits, classifier, kind):
     ds, train_idx, test_idx = digits

@@ -63,6 +63,19 @@ def test_scratch_tokenizer(scratch):
     assert {"triangle", "magenta", "left", ","} <= set(vocab)
 
 
+def test_unknown_tokens_are_counted(scratch):
+    assert scratch.unknown_tokens("a red circle") == (0, 3)
+    assert scratch.unknown_tokens("un círculo rojo") == (3, 3)
+    assert scratch.unknown_tokens("a crimson circle") == (1, 3)
+
+
+def test_minilm_counts_the_tokens_its_vocabulary_lacks():
+    enc = load_text_encoder("minilm")
+    assert enc.unknown_tokens("a red circle") == (0, 3)
+    unknown, tokens = enc.unknown_tokens("🟥 🔵")  # emoji: not in the wordpiece vocabulary
+    assert unknown == tokens == 2
+
+
 def test_scratch_shapes_and_padding(scratch):
     long = " ".join(["a red circle"] * 10)  # truncated to max_length
     prompts = ["a red circle", "", "a blue square to the left of a red circle", long]

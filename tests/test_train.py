@@ -69,6 +69,56 @@ def test_train_loop_budget_log_and_callback(tmp_path):
         loop.check_finite("loss", torch.tensor(float("nan")))
 
 
+def test_budget_keeps_back_the_work_after_the_last_step():
+    stop = Stop(1.0)  # 60 s
+    assert not stop.requested()
+    stop.reserve = 61.0  # the last grid and checkpoint took that long: no time for a step
+    assert stop.requested()
+
+
+def test_on_step_sees_plain_numbers_without_a_warning(tmp_path):
+    import warnings
+
+    run = Run(tmp_path / "r")
+    run.dir.mkdir()
+    seen = []
+    loop = TrainLoop(run, 0, 1, Stop(None), 1, False, on_step=lambda s, r: seen.append(r))
+    loss = (torch.ones(2, requires_grad=True) * 3).mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of float() of a tensor that needs grad
+        loop.advance({"loss": loss}, lr=0.1)
+    assert seen == [{"loss": 3.0}]
+
+
+def test_minutes_cover_the_final_grid(tmp_path, digits8, monkeypatch):
+    """With a grid every step, the budget keeps back the time the last one took: the whole
+    run, its final grid included, ends within the budget and a fraction of a grid (without
+    the reserve it ends a whole grid later)."""
+    import difusion.train as training
+    from difusion.previews import preview
+    from difusion.train import model_config_for
+
+    stops = []
+
+    class Watched(Stop):  # the budget's own clock, seen from here
+        def __init__(self, minutes):
+            super().__init__(minutes)
+            stops.append(self)
+
+    # a first save, grid and plot import their libraries: paid here, not in the budget
+    train(tiny(tmp_path, "warm", steps=1, sample_every=1), dataset=digits8, progress=False)
+    monkeypatch.setattr(training, "Stop", Watched)
+    cfg = tiny(tmp_path, steps=10**6, sample_every=1, checkpoint_every=1)
+    started = time.monotonic()
+    preview(DiffusionModel(model_config_for(cfg, digits8)), tmp_path / "grid.png")
+    grid = time.monotonic() - started  # what a grid of this model costs on this machine now
+    cfg = replace(cfg, minutes=max(0.25, 10 * grid / 60))  # the first grid imports matplotlib
+    steps = []
+    train(cfg, dataset=digits8, progress=False, on_step=lambda *_: steps.append(1))
+    took = time.monotonic() - stops[0].start
+    assert len(steps) > 1 and took < cfg.minutes * 60 + 0.5 * grid, (took, grid, len(steps))
+
+
 def test_resume_continues_exactly(tmp_path, digits8):
     full = train(tiny(tmp_path, "full", steps=6), dataset=digits8, progress=False)
     half = train(tiny(tmp_path, "half", steps=3), dataset=digits8, progress=False)
@@ -216,7 +266,9 @@ def test_init_refuses_a_model_that_does_not_fit_the_data(tmp_path, digits8):
 
 
 def test_init_adds_a_layout_map_that_starts_as_the_same_model(tmp_path, digits8):
-    shapes = dict(data="shapes", size=16, cond="text", text_encoder="scratch")
+    shapes = dict(
+        data="shapes", size=16, cond="text", text_encoder="scratch", attention_resolutions=(8,)
+    )
     base = train(tiny(tmp_path, "base", steps=1, **shapes), progress=False)
     cfg = tiny(tmp_path, "ft", steps=1, lr=0.0, init=str(base), layout_map=True, **shapes)
     out = train(replace(cfg, layout_steps=40, log_every=10), progress=False)
@@ -271,7 +323,8 @@ def test_layout_map_on_a_model_that_has_one_refits_it_on_the_new_captions(tmp_pa
 
 
 def test_data_options_reach_the_data_set(tmp_path):
-    cfg = tiny(tmp_path, data="shapes", size=16, steps=1, cond="text", text_encoder="scratch")
+    cfg = tiny(tmp_path, data="shapes", size=16, steps=1, cond="text", text_encoder="scratch",
+               attention_resolutions=(8,))  # fmt: skip
     bad = TrainConfig(**{**cfg.__dict__, "data_options": {"two_object_prob": 2.0}})
     with pytest.raises(ValueError, match="two_object_prob must be in"):
         train(bad, progress=False)
@@ -284,7 +337,9 @@ def test_data_options_reach_the_data_set(tmp_path):
 
 
 def test_fine_tuned_scratch_encoder_keeps_its_vocabulary_on_resume(tmp_path):
-    shapes = dict(data="shapes", size=16, cond="text", text_encoder="scratch")
+    shapes = dict(
+        data="shapes", size=16, cond="text", text_encoder="scratch", attention_resolutions=(8,)
+    )
     base = train(tiny(tmp_path, "base", steps=1, **shapes), progress=False)
     # canonical captions only: a vocabulary built from them would differ from the base's
     other = {"paraphrase": False, "two_object_prob": 1.0}

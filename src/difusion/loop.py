@@ -21,18 +21,21 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class Stop:
     """What ends a run before its last step: its wall-clock budget (`minutes` from this
-    object's creation) is spent, or SIGINT or SIGTERM came while `catching_signals()`."""
+    object's creation) is spent, or SIGINT or SIGTERM came while `catching_signals()`.
+    `reserve` (seconds) is kept back from the budget for what the run does after its last
+    step (its final checkpoint and pictures), so that the budget covers all of the run."""
 
     def __init__(self, minutes: float | None) -> None:
         self.minutes = minutes
         self.start = time.monotonic()
         self.signal: int | None = None
+        self.reserve = 0.0
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
     def requested(self) -> bool:
-        over_time = self.minutes is not None and self.elapsed() > self.minutes * 60
+        over_time = self.minutes is not None and self.elapsed() + self.reserve > self.minutes * 60
         return over_time or self.signal is not None
 
     @contextmanager
@@ -176,13 +179,13 @@ class TrainLoop:
         Tensor scalars are watched for non-finite values and summed where they are."""
         self.step += 1
         self.lr = lr
+        record = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
         for k, v in record.items():
             if isinstance(v, torch.Tensor):
-                v = v.detach()
                 self.watch(k, v)
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
-        if self.on_step is not None:
+        if self.on_step is not None:  # (a float of a tensor that needs grad: torch warns)
             self.on_step(self.step, {k: float(v) for k, v in record.items()})
         if self.bar is not None:
             self.bar.update(1)

@@ -14,6 +14,7 @@ from .denoiser import Cond
 from .images import to_pil
 from .model import SHIPPED, DiffusionModel, resolve_checkpoint
 from .sd import is_sd_checkpoint, load_checkpoint
+from .sizes import FLEXIBLE_SIDES, check_memory, makes_size, sampling_bytes, size_rule
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 ImageInput = Image.Image | torch.Tensor
@@ -97,7 +98,7 @@ class Pipeline:
         """The condition of each prompt and the unconditional (or negative) branch's. `seed`:
         of the conditions' own draws (an unCLIP prior's)."""
         if self.kind == "text":
-            self.warn_if_truncated([*prompts, negative_prompt])
+            self.warn_about_prompts([*prompts, negative_prompt])
             cond = self.model.text_cond(prompts)
             uncond = self.model.text_cond([negative_prompt] * len(prompts))
             if all(
@@ -114,11 +115,21 @@ class Pipeline:
             return self.model.label_cond([self.class_names.index(p) for p in prompts])
         return None, None
 
-    def warn_if_truncated(self, prompts: list[str]) -> None:
+    def warn_about_prompts(self, prompts: list[str]) -> None:
+        """One warning line for each prompt cut to the text encoder's window, and for each
+        holding tokens the encoder never saw (where it can tell)."""
+        count = getattr(self.model.text_encoder, "unknown_tokens", None)  # not SD's
         for p in dict.fromkeys(prompts):
             if self.truncated(p):
                 warnings.warn(
                     f"prompt cut to the text encoder's {self.max_tokens} tokens: {p[:60]!r}...",
+                    stacklevel=4,
+                )
+            unknown, tokens = count(p) if count else (0, 0)
+            if unknown:
+                warnings.warn(
+                    f"{unknown} of the {tokens} tokens of {p[:60]!r} are unknown to the "
+                    "text encoder (words it never saw): expect pictures that ignore them",
                     stacklevel=4,
                 )
 
@@ -141,6 +152,39 @@ class Pipeline:
     def image_size(self) -> int:
         """The default image size in pixels."""
         return self.model.config.image_size * self.downscale
+
+    @property
+    def flexible_size(self) -> bool:
+        """Whether it makes sizes besides its own: a latent model trained at 256 px or more."""
+        return self.vae is not None and self.image_size >= FLEXIBLE_SIDES[0]
+
+    def size_rule(self) -> str:
+        """The sizes this model makes, in words ("this model makes 32x32")."""
+        return size_rule(self.image_size, self.flexible_size)
+
+    def check_size(
+        self, height: int | None = None, width: int | None = None, n: int = 1
+    ) -> tuple[int, int]:
+        """The one check of a requested image size, for every face (`difusion generate`, the
+        server): (height, width), the model's own size for a side not given; a ValueError
+        saying what this model makes when it does not make that size (`difusion.sizes`), or
+        when n images of it would not fit in the device's memory (`check_memory`)."""
+        height, width = height or self.image_size, width or self.image_size
+        if not makes_size(width, height, self.image_size, self.flexible_size):
+            raise ValueError(f"cannot make {width}x{height}: {self.size_rule()}")
+        self.check_memory(height, width, n)
+        return height, width
+
+    def check_memory(self, height: int, width: int, n: int) -> None:
+        """A ValueError when sampling n images of height x width (both branches of guidance)
+        and decoding them cannot fit in the device's free memory (lower bounds: `sizes.py`)."""
+        f, unet = self.downscale, self.model.config.unet
+        need = sampling_bytes(
+            unet.block_out_channels, unet.layers_per_block, 2 * n, height // f, width // f
+        )
+        if self.vae is not None and self.vae_tile is None:  # the decoder's top level, whole
+            need = max(need, 3 * 4 * n * self.vae.config.block_out_channels[0] * height * width)
+        check_memory(need, self.model.device, f"{n} image(s) of {width}x{height}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -263,14 +307,16 @@ class Pipeline:
         return height, width
 
     def _image(self, image: ImageInput, size: tuple[int, int]) -> torch.Tensor:
-        """A PIL image or a [3, H, W] / [B, 3, H, W] tensor in [-1, 1] -> [B, 3, h, w]."""
+        """A PIL image (as grayscale for a grayscale model) or a [3, H, W] / [B, 3, H, W]
+        tensor in [-1, 1] -> [B, C, h, w]."""
         h, w = size
         if isinstance(image, Image.Image):
-            image = image.convert("RGB")
+            gray = self.vae is None and self.model.config.channels == 1  # a grayscale model
+            image = image.convert("L" if gray else "RGB")
             if image.size != (w, h):
                 image = image.resize((w, h), Image.LANCZOS)
-            t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3)
-            return t.permute(2, 0, 1)[None].float() / 127.5 - 1
+            t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            return t.view(h, w, -1).permute(2, 0, 1)[None].float() / 127.5 - 1
         t = image.float()[None] if image.dim() == 3 else image.float()
         if t.dim() != 4 or t.shape[1] != 3:
             raise ValueError(f"image must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
@@ -347,6 +393,7 @@ class Pipeline:
             raise ValueError("guidance needs a conditional model (this one is unconditional)")
         cfg = self.model.config
         height, width = self._size(height, width, image)
+        self.check_memory(height, width, len(prompts))
         f = self.downscale
         shape = (len(prompts), cfg.channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:

@@ -56,6 +56,11 @@ class TextEncoder(nn.Module):
         """Tokens the prompt takes before truncation to `max_length` (special tokens included)."""
         raise NotImplementedError
 
+    def unknown_tokens(self, prompt: str) -> tuple[int, int]:
+        """(unknown, all) of the prompt's tokens, special ones aside: the unknown ones are
+        words the encoder has no token for (its [UNK]), read as one token that says nothing."""
+        return 0, 0
+
     def pooled(self, prompts: list[str]) -> Tensor:
         """[B, D]: the mean of the real tokens' embeddings."""
         tokens, mask = self.encode(prompts)
@@ -200,6 +205,11 @@ class _FrozenHF(TextEncoder):
 
     def token_count(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
+
+    def unknown_tokens(self, prompt: str) -> tuple[int, int]:
+        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        unknown = self.tokenizer.unk_token_id
+        return sum(i == unknown for i in ids) if unknown is not None else 0, len(ids)
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """input ids [B, L] and mask [B, L] bool on the model's device."""
@@ -499,6 +509,10 @@ class ScratchEncoder(TextEncoder):
     def tokens(self, prompt: str) -> list[str]:
         """The prompt's tokens as the encoder sees them ([CLS] first, [UNK] for new words)."""
         return [t for t in self.tokenizer.encode(prompt).tokens if t != PAD]
+
+    def unknown_tokens(self, prompt: str) -> tuple[int, int]:
+        words = [t for t in self.tokens(prompt) if t != CLS]
+        return words.count(UNK), len(words)
 
     def token_count(self, prompt: str) -> int:
         from tokenizers import Tokenizer

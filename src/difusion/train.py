@@ -286,6 +286,14 @@ def model_config_for(
             f"image size {size} is not divisible by the patch size {cfg.patch_size}"
         )
     resolutions = [size // 2**i for i in range(levels)]
+    asked = set(cfg.attention_resolutions)  # the default (16, 8): those of them there are
+    chosen = asked != set(TrainConfig.attention_resolutions) and cfg.init is None  # not --init's
+    if chosen and not asked <= set(resolutions):
+        missing = sorted(asked - set(resolutions), reverse=True)
+        raise TrainingError(
+            f"--attention {','.join(map(str, missing))}: no level of this U-Net has that "
+            f"resolution; its levels are {', '.join(map(str, resolutions))}"
+        )
     check_condition_fits(cfg, dataset)
     num_classes = None
     class_names = None
@@ -473,7 +481,8 @@ def start_line(
         parts.append(f"x {cfg.grad_accum} accumulated batches")
     return (
         f"training {params / 1e6:.2f}M parameters on {cfg.data} ({len(dataset)} images, "
-        f"{dataset.size}x{dataset.size}) on {device}"
+        + (f"{skipped} skipped, " if (skipped := getattr(dataset, "skipped", 0)) else "")
+        + f"{dataset.size}x{dataset.size}) on {device}"
         + (f" x{world} processes" if world > 1 else "")
         + f", steps {step}->{cfg.steps}; global batch {total} ({' '.join(parts)}), "
         f"lr {cfg.lr:g}"
@@ -626,6 +635,7 @@ def train(
         diffusion.train()
         parts = world * cfg.grad_accum  # the batches of a step, over processes and accumulation
         compiled_at = loop.step + 1 if cfg.compile else None
+        saving = drawing = 0.0  # seconds the last checkpoint and grid (and probe) took
         while loop.running():
             started = time.monotonic()
             lr = lr_at(loop.step, cfg)
@@ -678,15 +688,25 @@ def train(
             loop.verify_before(cfg.checkpoint_every, cfg.sample_every)
             if rank != 0:
                 continue
+            started = time.monotonic()
             if loop.due(cfg.checkpoint_every):
                 save_state(run, loop.step, cfg, diffusion, ema, opt, generators, batches)
                 loop.saved_step = loop.step
+                saving = time.monotonic() - started
             if loop.due(cfg.sample_every):
+                started = time.monotonic()
                 run.plot_loss()
                 preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png", vae=vae)
                 if tracks_alignment(cfg):
                     run.append_log({"step": loop.step, **alignment_probe(ema)})
                     run.plot_alignment()
+                drawing = time.monotonic() - started
+            # kept back from the budget: the end of the run saves and draws again, and the
+            # next step may do either first
+            due = [
+                (loop.step + 1) % every == 0 for every in (cfg.checkpoint_every, cfg.sample_every)
+            ]
+            stop.reserve = saving * (1 + due[0]) + drawing * (1 + due[1])
         loop.close()
         step = loop.step
         if rank == 0 and (step != loop.saved_step or not run.exists()):

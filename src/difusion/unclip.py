@@ -111,7 +111,7 @@ class UnclipPipeline(Pipeline):
     def conditions(
         self, prompts: list[str], negative_prompt: str = "", seed: int = 0
     ) -> tuple[Cond, Cond]:
-        self.warn_if_truncated([*prompts, negative_prompt])
+        self.warn_about_prompts([*prompts, negative_prompt])
         return self.model.image_cond(self.prior_embeds(prompts, negative_prompt, seed))
 
     @torch.no_grad()

@@ -6,10 +6,11 @@ import sys
 import warnings
 
 import typer
+from typer._click import exceptions as usage  # the click typer runs on
 
 from .adapters import lora_app
 from .images import generate, noise, sample
-from .options import UserError
+from .options import UserError, check_amount
 from .serving import serve
 from .studies import compare, eval_
 from .training import distill, train
@@ -28,7 +29,16 @@ for command in (compare, distill, unclip, variations, serve):
     app.command()(command)
 app.add_typer(lora_app, name="lora")
 
-__all__ = ["UserError", "app", "main"]
+__all__ = ["UserError", "app", "command_line", "main"]
+
+
+def command_line():
+    """The app as click runs it, every number option checked by `check_amount`."""
+    group = typer.main.get_command(app)
+    for sub in group.commands.values():
+        for param in sub.params:
+            param.callback = check_amount if param.callback is None else param.callback
+    return group
 
 
 def main() -> None:
@@ -37,10 +47,21 @@ def main() -> None:
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
-        app()  # standalone: typer reports usage errors itself (exit 2)
+        code = command_line().main(standalone_mode=False)
+    except usage.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+        sys.exit(2)
+    except usage.ClickException as e:  # a usage error: one line, and where the help is
+        command = e.ctx.command_path if getattr(e, "ctx", None) else "difusion"
+        typer.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     except (UserError, ValueError, CheckpointError, TrainingError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -13,9 +14,10 @@ from .options import (
     LoraFiles,
     UserError,
     WeightsDtype,
-    _check_output,
     _ints,
     _weights_dtype,
+    check_output_file,
+    check_sampling,
 )
 
 
@@ -38,7 +40,7 @@ def noise(
 
     if size < 8 or size > 1024:
         raise UserError(f"--size must be between 8 and 1024, got {size}")
-    _check_output(output, (".png",))
+    check_output_file(output, (".png",))
     sched = NoiseSchedule(kind=schedule, zero_terminal_snr=zero_terminal_snr)
     ts = _ints(steps, "--steps")
     if not ts or min(ts) < 0 or max(ts) >= sched.num_steps:
@@ -66,13 +68,16 @@ def sample(
         ),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Sampling steps (default: 1000 for ddpm, else the model's).")
+        int | None,
+        typer.Option(help="Sampling steps, 1 to 1000 (default: 1000 for ddpm, else the model's)."),
     ] = None,
     spacing: Annotated[
         str | None,
         typer.Option(help="trailing, leading, linspace or karras (default: the model's)."),
     ] = None,
-    eta: Annotated[float | None, typer.Option(help="DDIM eta (0 deterministic, 1 = DDPM).")] = None,
+    eta: Annotated[
+        float | None, typer.Option(help="DDIM eta, 0 to 1 (0 deterministic, 1 = DDPM).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     label: Annotated[
         int | None, typer.Option(help="Class to draw (default: every class in turn).")
@@ -95,9 +100,10 @@ def sample(
 
     if n < 1 or n > 1024:
         raise UserError(f"-n must be between 1 and 1024, got {n}")
-    _check_output(output, (".png", ".jpg", ".jpeg", ".webp"))
+    check_sampling(steps, eta)
+    check_output_file(output, (".png", ".jpg", ".jpeg", ".webp"))
     if gif is not None:
-        _check_output(gif, (".gif",))
+        check_output_file(gif, (".gif",))
     steps = steps or (1000 if sampler == "ddpm" else None)
     model = load_generator_or_diffusion(checkpoint, pick_device(device))
     if isinstance(model, GAN):  # one pass of the generator: no sampler, condition or trajectory
@@ -161,7 +167,7 @@ def generate(
     n: Annotated[int, typer.Option("-n", help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     steps: Annotated[
-        int | None, typer.Option(help="Sampling steps (default: the model's).")
+        int | None, typer.Option(help="Sampling steps, 1 to 1000 (default: the model's).")
     ] = None,
     guidance: Annotated[
         float | None, typer.Option(help="Classifier-free guidance (default: the model's).")
@@ -183,13 +189,17 @@ def generate(
     ),
     gif: Annotated[Path | None, typer.Option(help="Also write the denoising as a GIF.")] = None,
     height: Annotated[
-        int | None, typer.Option(help="Image height (latent models: a multiple of 8).")
+        int | None, typer.Option(help="Image height (default: the model's; see docs/cli.md).")
     ] = None,
     width: Annotated[
-        int | None, typer.Option(help="Image width (latent models: a multiple of 8).")
+        int | None, typer.Option(help="Image width (default: the model's; see docs/cli.md).")
     ] = None,
     image: Annotated[
-        Path | None, typer.Option(help="Start image: img2img, or inpainting with --mask.")
+        Path | None,
+        typer.Option(
+            help="Start image: img2img, or inpainting with --mask (resized to the model's "
+            "size when it makes no image of this one's)."
+        ),
     ] = None,
     mask: Annotated[
         Path | None, typer.Option(help="Inpainting mask for --image (white = redraw).")
@@ -220,15 +230,16 @@ def generate(
         raise UserError(f"-n must be between 1 and 256, got {n}")
     if any(not p.strip() for p in prompts):
         raise UserError("a prompt is empty")
-    _check_output(output, (".png", ".jpg", ".jpeg", ".webp"))
+    check_output_file(output, (".png", ".jpg", ".jpeg", ".webp"))
     if gif is not None:
-        _check_output(gif, (".gif",))
+        check_output_file(gif, (".gif",))
     if mask is not None and image is None:
         raise UserError("--mask needs --image")
     if strength is not None and not 0 < strength <= 1:
         raise UserError(f"--strength must be in (0, 1], got {strength}")
     if guidance is not None:
         check_guidance(guidance)
+    check_sampling(steps)
     from PIL import Image, UnidentifiedImageError
 
     def open_image(path: Path | None) -> Image.Image | None:
@@ -241,9 +252,11 @@ def generate(
 
     init, mask_image = open_image(image), open_image(mask)
     pipe = Pipeline.from_pretrained(model, pick_device(device), weights_dtype, lora=lora or ())
+    height, width = image_size(pipe, height, width, init, n * len(prompts))
+    warn_unfamiliar(pipe, model, prompts)
     if compile:
         pipe.compile()
-    scale = auto_scale(height or width or pipe.image_size)
+    scale = auto_scale(max(height, width))
     frames = []
 
     def record(i: int, sigma: float, x0: torch.Tensor) -> None:
@@ -275,3 +288,37 @@ def generate(
         + (f" and {gif}" if gif else "")
         + f" ({len(x)} images in {seconds:.1f} s)"
     )
+
+
+def image_size(pipe, height: int | None, width: int | None, init, n: int) -> tuple[int, int]:
+    """`generate`'s size: --height/--width as `Pipeline.check_size` allows them; with --image
+    alone, the image's own size when the model makes it, else the model's (said in a line)."""
+    if init is not None and height is None and width is None:
+        try:
+            return pipe.check_size(init.height, init.width, n)
+        except ValueError:
+            native = pipe.image_size
+            warnings.warn(
+                f"--image is {init.width}x{init.height}, a size {pipe.size_rule()}: "
+                f"it is resized to {native}x{native}",
+                stacklevel=2,
+            )
+    return pipe.check_size(height, width, n)
+
+
+def warn_unfamiliar(pipe, model: str, prompts: list[str]) -> None:
+    """A warning for each prompt far from every caption the model was trained on, where its
+    training data can be drawn again (`difusion.familiar`)."""
+    from ..familiar import training_captions, training_config, unfamiliar_prompts
+    from ..model import SHIPPED, resolve_checkpoint
+    from ..sd import is_sd_checkpoint
+
+    if pipe.kind != "text" or (model not in SHIPPED and is_sd_checkpoint(model)):
+        return
+    captions = training_captions(training_config(resolve_checkpoint(model)))
+    for prompt, near in unfamiliar_prompts(pipe.model.text_encoder, prompts, captions or []):
+        warnings.warn(
+            f"{prompt[:60]!r} is far from every caption this model was trained on (similarity "
+            f"{near:.2f}): expect pictures that ignore it",
+            stacklevel=2,
+        )

@@ -15,6 +15,8 @@ from .options import (
     UserError,
     ZeroTerminalSNR,
     _ints,
+    check_output_folder,
+    check_sampling,
 )
 
 
@@ -57,7 +59,7 @@ def eval_(
     ] = None,
     sampler: Annotated[str | None, typer.Option(help="Sampler (default: the model's).")] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Sampling steps (default: the model's).")
+        int | None, typer.Option(help="Sampling steps, 1 to 1000 (default: the model's).")
     ] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -72,10 +74,10 @@ def eval_(
     from ..compare import load_generator_or_diffusion
     from ..evaluate import evaluate, evaluate_alignment, format_table
     from ..model import resolve_checkpoint
-    from ..runs import pick_device
+    from ..runs import given_options, pick_device
 
-    if n < 2:
-        raise UserError(f"-n must be at least 2, got {n}")
+    if n < 4:  # precision and recall compare each sample with its 3 nearest
+        raise UserError(f"-n must be at least 4, got {n}")
     if checkpoint is None and clip is None:
         raise UserError("give a model (a run folder or file), or --clip FOLDER")
     if clip is not None and (checkpoint is None) == alignment:
@@ -86,6 +88,9 @@ def eval_(
         rows = evaluate_clip(load_clip(clip, pick_device(device)), n=n)
         typer.echo(json.dumps(rows, indent=2) if json_out else format_rows(rows))
         return
+    if not alignment and (given := given_options(dict(locals()), eval_, ALIGNMENT_ONLY)):
+        raise UserError(f"{', '.join(given)}: only with --alignment")
+    check_sampling(steps)
     path = resolve_checkpoint(checkpoint)
     model = load_generator_or_diffusion(path, pick_device(device))
     if alignment:
@@ -112,6 +117,10 @@ def eval_(
             guidance=1.0 if guidance is None else guidance,
         )  # fmt: skip
     typer.echo(json.dumps(result, indent=2) if json_out else format_table(result))
+
+
+# the options that only an --alignment evaluation reads
+ALIGNMENT_ONLY = ("prompts", "seeds", "wording", "language")
 
 
 def compare(
@@ -192,6 +201,7 @@ def compare(
         raise UserError("give --budgets or --budget-minutes, not both")
     if recipes is not None and budgets is None:
         raise UserError("--recipes is a sweep's: give --budgets too")
+    check_output_folder(out)
     cfg = CompareConfig(
         data=tuple(data or ("digits", "fashion", "shapes")), out=str(out),
         budget_minutes=5.0 if budget_minutes is None else budget_minutes, seeds=seeds,

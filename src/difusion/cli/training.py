@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,8 @@ from .options import (
     ZeroTerminalSNR,
     _ints,
     _key_values,
+    check_output_folder,
+    check_resume,
 )
 
 
@@ -81,7 +84,13 @@ def train(
     cond_drop: Annotated[float, typer.Option(help="Probability of dropping the condition.")] = 0.1,
     channels: Annotated[int, typer.Option(help="Base channel count of the U-Net.")] = 64,
     channel_mult: Annotated[str, typer.Option(help="Channel multiplier per level.")] = "1,2,2",
-    attention: Annotated[str, typer.Option(help="Resolutions with self-attention.")] = "16,8",
+    attention: Annotated[
+        str,
+        typer.Option(
+            help="Resolutions with self-attention, each one of the U-Net's levels (the "
+            "default: those of 16 and 8 it has)."
+        ),
+    ] = "16,8",
     layers_per_block: Annotated[int, typer.Option(help="ResBlocks per level.")] = 2,
     dropout: Annotated[float, typer.Option(help="Dropout in the ResBlocks.")] = 0.0,
     layout_map: Annotated[
@@ -157,16 +166,26 @@ def train(
     ] = False,
 ) -> None:
     """Train a diffusion model (on one process, or several under torchrun), a DCGAN or a VAE."""
-    from ..runs import given_options
+    from ..runs import RESUME_SETTINGS, given_options, pick_device
+    from ..sizes import check_training_size
     from ..train import TrainConfig
     from ..train import train as run_training
 
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch-size must be positive")
+    check_output_folder(out)
+    if size is not None:
+        if model == "unet":
+            levels = tuple(channels * m for m in _ints(channel_mult, "--channel-mult"))
+            check_training_size(size, batch_size, levels, layers_per_block, pick_device(device))
+        else:  # another model: its batch of images, at least
+            check_training_size(size, batch_size, (3,), 0, pick_device(device))
+    kept = check_resume(out, dict(locals()), RESUME_SETTINGS) if resume else {}
     if model != "unet":
         if model not in TRAINERS:
             raise UserError(f"--model must be unet, {', '.join(TRAINERS)}, got {model!r}")
-        importlib.import_module(TRAINERS[model], __package__).train_from_cli(dict(locals()), train)
+        options = {**locals(), **kept}
+        importlib.import_module(TRAINERS[model], __package__).train_from_cli(options, train)
         return
     if clip is not None:
         raise UserError("--clip is for --model prior and decoder")
@@ -176,6 +195,8 @@ def train(
         raise UserError(f"--crop must be center or random, got {crop!r}")
     if text_encoder not in ("minilm", "clip", "scratch"):
         raise UserError(f"--text-encoder must be minilm, clip or scratch, got {text_encoder!r}")
+    if text_encoder_path is not None and text_encoder != "clip":
+        raise UserError("--text-encoder-path is the folder of --text-encoder clip")
     if not 0 <= cond_drop < 1:
         raise UserError("--cond-drop must be in [0, 1)")
     if prediction not in ("eps", "v", "x0"):
@@ -237,7 +258,7 @@ def train(
         lora_alpha=lora_alpha,
         lora_targets=lora_targets,
     )
-    run_training(cfg, resume=resume)
+    run_training(replace(cfg, **kept), resume=resume)
 
 
 # `--model` -> the module that trains it: `train_from_cli(options, command)` reads the command's
@@ -294,7 +315,10 @@ def distill(
     """Distil a model into a few-step student (latent consistency distillation)."""
     from ..distill import DistillConfig
     from ..distill import distill as run_distillation
+    from ..runs import RESUME_SETTINGS
 
+    check_output_folder(out)
+    kept = check_resume(out, dict(locals()), RESUME_SETTINGS) if resume else {}
     cfg = DistillConfig(
         teacher=teacher, out=str(out), data=data,
         data_options=_key_values(data_option or [], "--data-option"), steps=steps,
@@ -303,4 +327,4 @@ def distill(
         precision=precision, device=device, seed=seed, sample_every=sample_every,
         checkpoint_every=checkpoint_every, log_every=log_every, workers=workers, lora=lora,
     )  # fmt: skip
-    run_distillation(cfg, resume=resume)
+    run_distillation(replace(cfg, **kept), resume=resume)

@@ -7,10 +7,12 @@
 - Labels: when every image sits in a first-level subfolder, the subfolder names, sorted,
   are the classes (`label` = index). Images at the top level and in subfolders at once:
   unlabelled, with a warning.
-- Captions: `photo.png` takes its caption from `photo.txt` beside it, when present. When
-  any image has one, every item carries "caption" ("" where the file is missing).
+- Captions: `photo.png` takes its caption from `photo.txt` beside it. When any image has
+  one, every item carries "caption", and an image without one (no .txt, or an empty one)
+  is skipped, as the captioned formats skip an uncaptioned sample.
 - Unreadable files with an image extension and other stray files (not .txt, not hidden)
-  are skipped; `skipped` counts them and one warning names a few.
+  are skipped; `skipped` counts them with the uncaptioned images, and one warning names a
+  few of each.
 - Decoding happens once: small sets (`cache=None` and at most 2,048 images, or
   `cache=True`) are decoded up front; larger ones are checked with Pillow's cheap
   `verify()` at scan time, decoded on first use and memoised while that fits in 1 GiB.
@@ -132,6 +134,11 @@ class FolderDataset(DecodedItems):
             elif p.suffix.lower() != ".txt":
                 stray.append(p)
 
+        captions = {p: caption_beside(p) for p in candidates}
+        uncaptioned = []
+        if any(c is not None for c in captions.values()):
+            uncaptioned = [p for p in candidates if captions[p] is None]
+            candidates = [p for p in candidates if captions[p] is not None]
         preload = cache if cache is not None else len(candidates) <= PRELOAD_MAX_IMAGES
         self.paths: list[Path] = []
         self._cache: dict[int, torch.Tensor] = {}
@@ -148,15 +155,14 @@ class FolderDataset(DecodedItems):
                 bad.append(p)
                 continue
             self.paths.append(p)
-        self.skipped = len(bad)
-        if bad:
-            examples = ", ".join(str(p.relative_to(root)) for p in bad[:3])
-            log.warning(
-                "%s: skipped %d unreadable or non-image file(s) (e.g. %s)",
-                root,
-                len(bad),
-                examples,
-            )
+        self.skipped = len(bad) + len(uncaptioned)
+        for files, what in (
+            (bad, "unreadable or non-image file(s)"),
+            (uncaptioned, "image(s) without a caption (.txt)"),
+        ):
+            if files:
+                examples = ", ".join(str(p.relative_to(root)) for p in files[:3])
+                log.warning("%s: skipped %d %s (e.g. %s)", root, len(files), what, examples)
         if not self.paths:
             raise ValueError(f"no readable images (PNG/JPEG/WebP) in {root}")
         self._memoise = preload or len(self.paths) * channels * size * size <= LAZY_CACHE_MAX_BYTES
@@ -176,18 +182,9 @@ class FolderDataset(DecodedItems):
         elif any(in_sub):
             log.warning("%s: images both at the top level and in subfolders: no labels", root)
 
-        # captions from same-name .txt files
-        captions = []
-        for p in self.paths:
-            t = p.with_suffix(".txt")
-            captions.append(
-                " ".join(t.read_text(encoding="utf-8", errors="replace").split())
-                if t.is_file()
-                else None
-            )
         self.captions: list[str] | None = None
-        if any(c is not None for c in captions):
-            self.captions = [c or "" for c in captions]
+        if uncaptioned or any(captions[p] is not None for p in self.paths):
+            self.captions = [captions[p] for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -197,3 +194,12 @@ class FolderDataset(DecodedItems):
 
     def _name(self, i: int) -> str:
         return str(self.paths[i])
+
+
+def caption_beside(image: Path) -> str | None:
+    """The caption in the same-name .txt file beside an image, as one line (None: no file,
+    or an empty one)."""
+    t = image.with_suffix(".txt")
+    if not t.is_file():
+        return None
+    return " ".join(t.read_text(encoding="utf-8", errors="replace").split()) or None
