@@ -174,8 +174,18 @@ def test_form_follows_the_chosen_model(page, server):
     assert page.locator("#upload").is_hidden() and page.is_disabled("#negative")
     page.select_option("#classes", "7")
     assert page.input_value("#prompt") == "7"
+    page.click("#lang [data-lang=es]")  # the model's hints follow a switch
+    assert page.get_attribute("#prompt", "placeholder") == "el nombre de una clase, p. ej. 0, 1, 7"
+    assert page.text_content("#classes option >> nth=0") == "elige una clase…"
     page.select_option("#model", "noise")
+    assert page.text_content("#prompt-note") == (
+        "Este modelo es incondicional: no tiene en cuenta el texto."
+    )
+    page.click("#lang [data-lang=en]")
     assert page.is_disabled("#prompt") and page.locator("#prompt-note").is_visible()
+    assert (
+        page.text_content("#prompt-note") == "This model is unconditional: it ignores the prompt."
+    )
     assert page.locator("#class-field").is_hidden()
     page.select_option("#model", "default")
     assert page.is_enabled("#prompt") and page.locator("#upload").is_visible()
@@ -258,6 +268,16 @@ def test_api_key(browser):
         page.click("#key-save")
         page.wait_for_selector("#key", state="hidden")
         generate(page, PROMPT, steps=3)
+        context.close()
+
+        context = browser.new_context(locale="es-ES")
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT)
+        page.goto(base_url)
+        page.wait_for_selector("#key", state="visible")
+        assert page.text_content("label[for=key]") == "Esta página necesita una clave de API"
+        assert page.text_content("#key-save") == "Usar clave"
+        assert page.get_attribute("#key", "placeholder") == "clave de API"
         context.close()
 
 
