@@ -1,6 +1,7 @@
 """The served web page, end to end in Debian's chromium against an in-process server.
 
-DIFUSION_SCREENSHOT=docs/serve.png pytest tests/test_serve_page.py saves a screenshot.
+DIFUSION_SCREENSHOT_DIR=docs pytest tests/test_serve_page.py saves a screenshot of the page in
+English (serve.png) and in Spanish (serve_es.png).
 """
 
 import io
@@ -47,9 +48,20 @@ def server():
 
 @pytest.fixture
 def page(browser):
+    yield from new_page(browser, "en-US")
+
+
+@pytest.fixture
+def page_es(browser):
+    yield from new_page(browser, "es-ES")
+
+
+def new_page(browser, locale):
     # Playwright polls wait_for_function with eval, which the page's CSP forbids; the page
     # itself needs no exception (tests/test_serve_hostile.py checks the header)
-    context = browser.new_context(viewport={"width": 1000, "height": 800}, bypass_csp=True)
+    context = browser.new_context(
+        viewport={"width": 1000, "height": 800}, bypass_csp=True, locale=locale
+    )
     page = context.new_page()
     page.set_default_timeout(TIMEOUT)
     errors = []
@@ -115,12 +127,17 @@ def test_generate_shows_progress_and_result(page, server):
         "pixelated"
     )
 
-    if shot := os.environ.get("DIFUSION_SCREENSHOT"):
+    screenshot(page, "serve.png", "a green triangle left of a yellow circle", PROMPT)
+
+
+def screenshot(page, name, first, second):
+    """With DIFUSION_SCREENSHOT_DIR set: two more batches, then the page into that folder."""
+    if folder := os.environ.get("DIFUSION_SCREENSHOT_DIR"):
         page.fill("#seed", "")
-        generate(page, "a green triangle left of a yellow circle", steps=20, n=2)
-        generate(page, PROMPT, steps=20, n=4)
-        Path(shot).parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=shot)
+        generate(page, first, steps=20, n=2)
+        generate(page, second, steps=20, n=4)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=Path(folder) / name)
 
 
 def png(color, size=32):
@@ -157,8 +174,18 @@ def test_form_follows_the_chosen_model(page, server):
     assert page.locator("#upload").is_hidden() and page.is_disabled("#negative")
     page.select_option("#classes", "7")
     assert page.input_value("#prompt") == "7"
+    page.click("#lang [data-lang=es]")  # the model's hints follow a switch
+    assert page.get_attribute("#prompt", "placeholder") == "el nombre de una clase, p. ej. 0, 1, 7"
+    assert page.text_content("#classes option >> nth=0") == "elige una clase…"
     page.select_option("#model", "noise")
+    assert page.text_content("#prompt-note") == (
+        "Este modelo es incondicional: no tiene en cuenta el texto."
+    )
+    page.click("#lang [data-lang=en]")
     assert page.is_disabled("#prompt") and page.locator("#prompt-note").is_visible()
+    assert (
+        page.text_content("#prompt-note") == "This model is unconditional: it ignores the prompt."
+    )
     assert page.locator("#class-field").is_hidden()
     page.select_option("#model", "default")
     assert page.is_enabled("#prompt") and page.locator("#upload").is_visible()
@@ -242,3 +269,96 @@ def test_api_key(browser):
         page.wait_for_selector("#key", state="hidden")
         generate(page, PROMPT, steps=3)
         context.close()
+
+        context = browser.new_context(locale="es-ES")
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT)
+        page.goto(base_url)
+        page.wait_for_selector("#key", state="visible")
+        assert page.text_content("label[for=key]") == "Esta página necesita una clave de API"
+        assert page.text_content("#key-save") == "Usar clave"
+        assert page.get_attribute("#key", "placeholder") == "clave de API"
+        context.close()
+
+
+def visible_texts(page):
+    return {
+        "lang": page.get_attribute("html", "lang"),
+        "generate": page.text_content("#generate"),
+        "cancel": page.text_content("#cancel"),
+        "steps": page.text_content("[data-text=steps]"),
+        "sampler": page.text_content("[data-text=sampler]"),
+        "negative": page.text_content("[data-text=negative]"),
+        "hint": page.get_attribute("#prompt", "placeholder"),
+        "seed": page.get_attribute("#seed", "placeholder"),
+        "progress": page.text_content("#progress"),
+        "legend": page.text_content("#upload legend"),
+    }
+
+
+ENGLISH = {
+    "lang": "en",
+    "generate": "Generate",
+    "cancel": "Cancel",
+    "steps": "Steps",
+    "sampler": "Sampler",
+    "negative": "Negative prompt",
+    "hint": f"describe the image, e.g. {PROMPT}",
+    "seed": "random",
+    "progress": "images appear here",
+    "legend": "Start from an image (optional)",
+}
+SPANISH = {
+    "lang": "es",
+    "generate": "Generar",
+    "cancel": "Cancelar",
+    "steps": "Pasos",
+    "sampler": "Muestreador",
+    "negative": "Texto negativo",
+    "hint": f"describe la imagen en inglés, p. ej. {PROMPT}",
+    "seed": "aleatoria",
+    "progress": "las imágenes aparecerán aquí",
+    "legend": "Partir de una imagen (opcional)",
+}
+
+
+def test_page_follows_the_browser_language(page, page_es, server):
+    open_page(page, server)
+    assert visible_texts(page) == ENGLISH
+    assert page.get_attribute("#lang [data-lang=en]", "aria-pressed") == "true"
+    open_page(page_es, server)
+    assert visible_texts(page_es) == SPANISH
+    assert page_es.get_attribute("#lang [data-lang=es]", "aria-pressed") == "true"
+    assert page_es.get_attribute("#dice", "aria-label") == "semilla aleatoria"
+
+
+def test_language_switch_is_remembered(page, server):
+    open_page(page, server)
+    page.click("#lang [data-lang=es]")
+    assert visible_texts(page) == SPANISH
+    page.reload()
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert visible_texts(page) == SPANISH  # an English browser, Spanish as chosen
+    page.click("#lang [data-lang=en]")
+    page.reload()
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert visible_texts(page) == ENGLISH
+
+
+def test_generate_in_spanish(page_es, server):
+    page = page_es
+    open_page(page, server)
+    page.click("#dice")
+    seed = page.input_value("#seed")
+    generate(page, PROMPT, steps=6)
+    assert page.text_content("#progress").startswith("terminado en ")
+    params = page.locator(".result .params").first.text_content()
+    assert f"semilla {seed}" in params and "6 pasos" in params and PROMPT in params
+    assert page.text_content(".result a.download") == "descargar"
+    # a switch redraws what is already shown: the result's caption and the progress line
+    page.click("#lang [data-lang=en]")
+    params = page.locator(".result .params").first.text_content()
+    assert f"seed {seed}" in params and "6 steps" in params
+    assert page.text_content("#progress").startswith("done in ")
+    page.click("#lang [data-lang=es]")
+    screenshot(page, "serve_es.png", "a green triangle left of a yellow circle", PROMPT)

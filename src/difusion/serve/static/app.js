@@ -3,8 +3,63 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY = "difusion-key";
+const LANG = "difusion-lang";
 let info = null;
 let controller = null; // aborts the running generation
+const captions = []; // redraw each result's caption in the current language
+
+// --- language: the one chosen here before, else the browser's first English or Spanish ---
+
+let lang = "en";
+const shown = new Map(); // element -> [key, ...args] of the message it shows, redrawn on a switch
+
+function t(key, ...args) {
+  const text = STRINGS[lang][key];
+  return typeof text === "function" ? text(...args) : text;
+}
+
+// Shows a message of the page's own in `element`, in the current language and the next.
+function say(element, key, ...args) {
+  shown.set(element, [key, ...args]);
+  element.textContent = t(key, ...args);
+}
+
+// Shows text the page did not write (the server's words), as it is.
+function show(element, text) {
+  shown.delete(element);
+  element.textContent = text;
+}
+
+function browserLanguage() {
+  for (const tag of navigator.languages || [navigator.language || ""]) {
+    const base = tag.toLowerCase().split("-")[0];
+    if (base in STRINGS) return base;
+  }
+  return "en";
+}
+
+function setLanguage(chosen) {
+  lang = chosen in STRINGS ? chosen : "en";
+  document.documentElement.lang = lang;
+  for (const el of document.querySelectorAll("[data-text]")) el.textContent = t(el.dataset.text);
+  for (const attr of ["placeholder", "title", "alt", "aria-label"]) {
+    const data = "data-" + attr;
+    for (const el of document.querySelectorAll(`[${data}]`)) {
+      el.setAttribute(attr, t(el.getAttribute(data)));
+    }
+  }
+  for (const button of document.querySelectorAll("#lang button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.lang === lang));
+  }
+  for (const [element, [key, ...args]] of shown) element.textContent = t(key, ...args);
+  if (info) applyPromptHints();
+  for (const redraw of captions) redraw();
+}
+
+function chooseLanguage(chosen) {
+  localStorage.setItem(LANG, chosen);
+  setLanguage(chosen);
+}
 
 // --- API key: from ?key= or #key=, kept for this tab only -------------------------------
 
@@ -28,7 +83,7 @@ function headers(extra = {}) {
 
 function askKey(detail) {
   $("auth").hidden = false;
-  $("auth-detail").textContent = detail || "";
+  show($("auth-detail"), detail || "");
   $("key").focus();
 }
 
@@ -37,20 +92,27 @@ function saveKey() {
   if (!key) return;
   sessionStorage.setItem(KEY, key);
   $("key").value = "";
-  $("auth-detail").textContent = "";
+  show($("auth-detail"), "");
   loadInfo();
 }
 
 // --- messages ---------------------------------------------------------------------------
 
-function showError(message) {
-  $("error").textContent = message;
+// The server's (or the browser's) words, as they are.
+function showError(text) {
+  show($("error"), text);
+  $("error").hidden = false;
+}
+
+// The page's own words: a key of STRINGS and its arguments.
+function sayError(key, ...args) {
+  say($("error"), key, ...args);
   $("error").hidden = false;
 }
 
 function hideError() {
   $("error").hidden = true;
-  $("error").textContent = "";
+  show($("error"), "");
 }
 
 // The server's {"detail": "..."} (FastAPI's list form too), or the status line.
@@ -91,7 +153,7 @@ async function loadInfo() {
   try {
     response = await fetch("/api/info", { headers: headers() });
   } catch (err) {
-    showError(`cannot reach the server: ${err.message}`);
+    sayError("unreachable", err.message);
     return;
   }
   if (!(await accepted(response))) return;
@@ -100,7 +162,8 @@ async function loadInfo() {
   const names = info.models.map((m) => m.name);
   fillSelect($("model"), names, info.default_model);
   $("model-field").hidden = names.length < 2;
-  $("server-note").textContent = info.auth ? "API key accepted" : "";
+  if (info.auth) say($("server-note"), "keyAccepted");
+  else show($("server-note"), "");
   applyModel();
   $("generate").disabled = controller !== null;
 }
@@ -124,17 +187,26 @@ function applyModel() {
   $("negative").disabled = m.kind !== "text";
   $("guidance").disabled = unconditional;
   $("prompt-note").hidden = !unconditional;
-  $("prompt-note").textContent = "This model is unconditional: it ignores the prompt.";
   $("class-field").hidden = !label;
   if (label) {
     const classes = m.classes || [];
-    const options = classes.map((c) => new Option(c, c));
-    $("classes").replaceChildren(new Option("choose a class…", ""), ...options);
-    $("prompt").placeholder = `a class name, e.g. ${classes.slice(0, 3).join(", ")}`;
-  } else {
-    $("prompt").placeholder = unconditional ? "" : "describe the image, e.g. a red circle above a blue square";
+    const choose = Object.assign(new Option(t("chooseClass"), ""), { id: "choose-class" });
+    $("classes").replaceChildren(choose, ...classes.map((c) => new Option(c, c)));
   }
+  applyPromptHints();
   $("upload").hidden = !m.takes_image;
+}
+
+// The hints that depend on the model's kind, in the current language.
+function applyPromptHints() {
+  const m = currentModel();
+  say($("prompt-note"), "unconditional");
+  if ($("choose-class")) $("choose-class").text = t("chooseClass");
+  if (m.kind === "label") {
+    $("prompt").placeholder = t("classHint", (m.classes || []).slice(0, 3).join(", "));
+  } else {
+    $("prompt").placeholder = m.kind === "unconditional" ? "" : t("promptHint");
+  }
 }
 
 // --- uploads ----------------------------------------------------------------------------
@@ -232,24 +304,28 @@ function setRunning(running) {
   document.body.classList.toggle("running", running);
 }
 
-function setProgress(text, step, total) {
-  $("progress").textContent = text;
+function setProgress(key, args, step, total) {
+  say($("progress"), key, ...args);
   if (total !== undefined) {
     $("bar").max = total;
     $("bar").value = step;
   }
 }
 
+// Seconds with one decimal, written the current language's way (1.5 / 1,5).
+const secondsText = (seconds) =>
+  seconds.toLocaleString(lang, { minimumFractionDigits: 1, maximumFractionDigits: 1 });
+
 function paramsText(p, seconds) {
   const parts = [
-    p.prompt ? `“${p.prompt}”` : "(no prompt)",
-    p.negative_prompt ? `not “${p.negative_prompt}”` : null,
-    `seed ${p.seed}`,
-    `${p.steps} steps`,
-    p.guidance != null ? `guidance ${p.guidance}` : null,
+    p.prompt ? `“${p.prompt}”` : t("noPrompt"),
+    p.negative_prompt ? t("not", p.negative_prompt) : null,
+    t("seedIs", p.seed),
+    t("stepsAre", p.steps),
+    p.guidance != null ? t("guidanceIs", p.guidance) : null,
     p.sampler,
     `${p.width}x${p.height}`,
-    `${seconds.toFixed(1)} s`,
+    `${secondsText(seconds)} s`,
     info.models.length > 1 ? p.model : null,
   ];
   return parts.filter((s) => s !== null && s !== undefined).join(" · ");
@@ -260,20 +336,23 @@ function addResults(done) {
   const batch = done.images.map((src, i) => {
     const result = document.createElement("figure");
     result.className = "result";
-    const img = Object.assign(document.createElement("img"), { src, alt: p.prompt || "image" });
+    const img = Object.assign(document.createElement("img"), { src, alt: p.prompt || t("image") });
     if (p.width < 256) img.className = "pixels"; // scaled up: keep the pixels crisp
     const caption = document.createElement("figcaption");
     caption.className = "params";
     const which = done.images.length > 1 ? ` · #${i + 1}` : "";
-    caption.textContent = paramsText(p, done.seconds) + which;
-    const link = Object.assign(document.createElement("a"), { href: src, textContent: "download" });
+    const redraw = () => (caption.textContent = paramsText(p, done.seconds) + which);
+    captions.push(redraw);
+    redraw();
+    const link = Object.assign(document.createElement("a"), { href: src });
     link.className = "download";
     link.download = `difusion-${p.seed}-${i}.png`;
-    const reuse = Object.assign(document.createElement("button"), {
-      type: "button",
-      textContent: "reuse",
-      title: "put these settings back into the form",
-    });
+    link.dataset.text = "download";
+    const reuse = Object.assign(document.createElement("button"), { type: "button" });
+    Object.assign(reuse.dataset, { text: "reuse", title: "reuseHint" });
+    reuse.textContent = t("reuse");
+    reuse.title = t("reuseHint");
+    link.textContent = t("download");
     reuse.addEventListener("click", () => reuseParams(p));
     const actions = document.createElement("div");
     actions.className = "row";
@@ -300,9 +379,10 @@ function reuseParams(p) {
 
 function handle(event, data) {
   if (event === "queued") {
-    setProgress(data.position > 0 ? `queued: ${data.position} ahead` : "queued: next", 0, 1);
+    if (data.position > 0) setProgress("queued", [data.position], 0, 1);
+    else setProgress("queuedNext", [], 0, 1);
   } else if (event === "start") {
-    setProgress(`step 0 / ${data.steps} · seed ${data.seed}`, 0, data.steps);
+    setProgress("starting", [data.steps, data.seed], 0, data.steps);
   } else if (event === "progress") {
     $("preview").src = data.preview;
     $("preview").hidden = false;
@@ -314,14 +394,15 @@ function handle(event, data) {
         .then(() => $("output").scrollIntoView({ block: "start", behavior: "smooth" }))
         .catch(() => {});
     }
-    setProgress(`step ${data.step} / ${data.total}`, data.step, data.total);
+    setProgress("step", [data.step, data.total], data.step, data.total);
   } else if (event === "done") {
     addResults(data);
-    setProgress(`done in ${data.seconds.toFixed(1)} s`, $("bar").max, $("bar").max);
+    setProgress("doneIn", [secondsText(data.seconds)], $("bar").max, $("bar").max);
     return true;
   } else if (event === "error") {
-    showError(data.detail || "the job failed");
-    setProgress("failed");
+    if (data.detail) showError(data.detail);
+    else sayError("jobFailed");
+    setProgress("failed", []);
     return true;
   }
   return false;
@@ -332,7 +413,7 @@ async function generate(event) {
   if (controller || !info) return;
   controller = new AbortController();
   setRunning(true);
-  setProgress("sending…", 0, 1);
+  setProgress("sending", [], 0, 1);
   let finished = false;
   try {
     const response = await fetch("/api/generate", {
@@ -342,16 +423,16 @@ async function generate(event) {
       signal: controller.signal,
     });
     if (!(await accepted(response))) {
-      setProgress("refused");
+      setProgress("refused", []);
       return;
     }
     hideError();
     for await (const [name, data] of readEvents(response)) {
       if (handle(name, data)) finished = true;
     }
-    if (!finished) showError("the connection closed before the job finished");
+    if (!finished) sayError("closedEarly");
   } catch (err) {
-    if (err.name === "AbortError") setProgress("cancelled");
+    if (err.name === "AbortError") setProgress("cancelled", []);
     else showError(err.message || String(err));
   } finally {
     controller = null;
@@ -373,6 +454,11 @@ function sizePreview() {
 }
 
 function init() {
+  setLanguage(localStorage.getItem(LANG) || browserLanguage());
+  say($("progress"), "imagesAppearHere");
+  for (const button of document.querySelectorAll("#lang button")) {
+    button.addEventListener("click", () => chooseLanguage(button.dataset.lang));
+  }
   takeKeyFromUrl();
   $("preview").addEventListener("load", sizePreview);
   $("form").addEventListener("submit", generate);
