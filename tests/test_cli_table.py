@@ -112,6 +112,7 @@ def run_main(monkeypatch, capsys, args: list[str]) -> tuple[int | None, str]:
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)  # `serve` never blocks here
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: None)
     monkeypatch.setattr(sys, "argv", ["difusion", *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -123,7 +124,10 @@ def run_main(monkeypatch, capsys, args: list[str]) -> tuple[int | None, str]:
 def test_the_small_command_lines_run(monkeypatch, capsys, tmp_path, world, command):
     """What the table's cases start from is valid: a refusal there is the bad value's."""
     run, image, _ = world
-    line = small_command_lines(run, image, tmp_path).get(command, [])
+    lines = small_command_lines(run, image, tmp_path)
+    if command not in lines:
+        pytest.skip(f"{command} needs files of its own kind (a LoRA, an unCLIP model)")
+    line = lines[command]
     code, err = run_main(monkeypatch, capsys, [command, *line])
     assert code in (0, None), err
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import UserError, _check_output
+from .options import UserError, check_output_file
 
 lora_app = typer.Typer(help="LoRA adapters: merge them into a model.", no_args_is_help=True)
 
@@ -25,7 +25,7 @@ def merge(
     from ..model import SHIPPED, DiffusionModel, resolve_checkpoint
     from ..sd import is_sd_checkpoint
 
-    _check_output(out, (".safetensors",))
+    check_output_file(out, (".safetensors",))
     if model not in SHIPPED and is_sd_checkpoint(model):
         raise UserError(
             f"{model}: merging into a Stable Diffusion checkpoint is not supported; apply the "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import Device, UserError, _check_output
+from .options import Device, UserError, check_output_file
 
 
 def unclip(
@@ -74,7 +74,7 @@ def variations(
         raise UserError(f"--weights must be comma-separated numbers, got {weights!r}") from None
     if any(not 0 <= w <= 1 for w in points):
         raise UserError(f"--weights must lie in [0, 1], got {weights!r}")
-    _check_output(output, (".png", ".jpg", ".jpeg", ".webp"))
+    check_output_file(output, (".png", ".jpg", ".jpeg", ".webp"))
     pictures = [load_image(p, 64) for p in (image, mix) if p is not None]
     pipe = unclip_pipeline(model, device)
     kwargs = dict(seed=seed, steps=steps, guidance=guidance, sampler=sampler)
