@@ -405,7 +405,8 @@ def text_encoder_for(
     return encoder
 
 
-SHIPPED = ("default", "default-fast")  # models in the package: the text model, its student
+SHIPPED = ("default", "default-fast", "default-bilingual")  # the text model, its student, and
+# the text model fine-tuned on English and Spanish captions
 
 
 def default_model_path(name: str = "default") -> Path:
