@@ -8,7 +8,8 @@ escena.png: one `shapes` scene at 64 px ("un círculo rojo encima de un cuadrado
 steps.png + steps.json: one prompt, four seeds, by DDPM in 1000 steps, DPM-Solver++ in 20 and
 the distilled model's consistency sampler in 4, each labelled with its measured seconds;
 prompts_es.png, trajectory_es.gif: Spanish prompts and a Spanish prompt's x0 estimate at each
-step (as bench/figures.py makes for the English ones). Every figure is deterministic for its
+step, by the model fine-tuned on English and Spanish captions ("default-bilingual"; as
+bench/figures.py makes the English ones with "default"). Every figure is deterministic for its
 seed; the seconds are this machine's.
 """
 
@@ -68,7 +69,7 @@ def steps_figure(prompt: str) -> None:
 
 
 def spanish_prompts() -> None:
-    pipe = Pipeline.from_pretrained("default")
+    pipe = Pipeline.from_pretrained("default-bilingual")
     x = pipe.sample(PROMPTS_ES, n=4, steps=20, seed=0)
     grid(to_pil(x), cols=4, scale=3).save(TOUR / "prompts_es.png")
     frames: list[torch.Tensor] = []
