@@ -18,10 +18,6 @@ from difusion.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-# pages the README links that are written beside this one and arrive with it; a link to one
-# of them is checked like any other once the file is there
-ARRIVING = {"docs/guide.md", "docs/guia.md", "docs/serving.md"}
-
 FENCE = re.compile(r"^[ \t]*```(\w*)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)  # list items indent
 INLINE = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"!?\[[^\]]*\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)")
@@ -211,8 +207,6 @@ def broken_links(path: Path) -> list[str]:
         file, _, anchor = target.partition("#")
         where = (path.parent / file).resolve() if file else path
         if not where.exists():
-            if where.is_relative_to(ROOT) and str(where.relative_to(ROOT)) in ARRIVING:
-                continue
             broken.append(f"{target}: no such file")
         elif anchor and where.suffix == ".md" and anchor not in anchors(where):
             broken.append(f"{target}: no heading with that anchor")
