@@ -102,6 +102,10 @@ def problems_of(command: Quoted) -> list[str]:
     sub = CLI.commands.get(name)
     if sub is None:
         return [f"no command {name!r}"]
+    while hasattr(sub, "commands"):  # a group (`difusion lora merge`): its command
+        if not args or args[0] not in sub.commands:
+            return [] if not args or args[0] == "--help" else [f"{name} has no command {args[0]}"]
+        name, sub, args = f"{name} {args[0]}", sub.commands[args[0]], args[1:]
     params = sub.get_params(sub.context_class(sub))  # typer's own click: duck-typed
     options = {
         o: p for p in params if p.param_type_name == "option" for o in p.opts + p.secondary_opts

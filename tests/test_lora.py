@@ -188,7 +188,8 @@ def _sha(model: DiffusionModel) -> str:
 def base_model(tmp_path_factory):
     """A tiny random text-to-image model of ours (shapes, scratch text encoder) to adapt."""
     path = tmp_path_factory.mktemp("base") / "model.safetensors"
-    cfg = tiny(path.parent, data="shapes", size=16, cond="text", text_encoder="scratch")
+    cfg = tiny(path.parent, data="shapes", size=16, cond="text", text_encoder="scratch",
+               attention_resolutions=())  # fmt: skip
     data = load_dataset("shapes", 16, length=64)
     encoder = build_text_encoder(cfg, data)
     torch.manual_seed(0)
@@ -197,7 +198,8 @@ def base_model(tmp_path_factory):
 
 
 def lora_run(tmp_path, base, name="lora", **kw):
-    cfg = dict(init=str(base), lora=4, lora_alpha=8, lora_targets="all", lr=1e-2, steps=6)
+    cfg = dict(init=str(base), lora=4, lora_alpha=8, lora_targets="all", lr=1e-2, steps=6,
+               attention_resolutions=())  # fmt: skip
     return tiny(tmp_path, name, data="shapes", **{**cfg, **kw})
 
 

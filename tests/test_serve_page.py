@@ -235,7 +235,9 @@ def test_cancel_stops_the_stream(page, server):
 
 
 def test_phone_screen_has_no_sideways_scroll(browser, server):
-    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True)
+    context = browser.new_context(
+        viewport={"width": 375, "height": 740}, is_mobile=True, bypass_csp=True
+    )
     page = context.new_page()
     open_page(page, server)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
@@ -246,7 +248,7 @@ def test_phone_screen_has_no_sideways_scroll(browser, server):
 def test_api_key(browser):
     app = create_app(ServeSettings(models=("default",), api_key="sekrit"))
     with running(app) as base_url:
-        context = browser.new_context()
+        context = browser.new_context(bypass_csp=True)
         page = context.new_page()
         page.set_default_timeout(TIMEOUT)
         open_page(page, f"{base_url}/?key=sekrit")
@@ -270,7 +272,7 @@ def test_api_key(browser):
         generate(page, PROMPT, steps=3)
         context.close()
 
-        context = browser.new_context(locale="es-ES")
+        context = browser.new_context(locale="es-ES", bypass_csp=True)
         page = context.new_page()
         page.set_default_timeout(TIMEOUT)
         page.goto(base_url)

@@ -309,6 +309,7 @@ def test_layout_map_on_a_model_that_has_one_refits_it_on_the_new_captions(tmp_pa
     """`--init MODEL --layout-map` where MODEL already has a map (new words, another
     language): that map is fitted alone first, then the whole model trains as usual."""
     shapes = dict(data="shapes", size=16, cond="text", text_encoder="minilm")
+    shapes["attention_resolutions"] = (8,)
     mapped = tiny(tmp_path, "mapped", steps=1, layout_map=True, layout_steps=2, **shapes)
     base = train(mapped, progress=False)
     spanish = {"language": "es"}

@@ -315,6 +315,8 @@ def warn_unfamiliar(pipe, model: str, prompts: list[str]) -> None:
 
     if pipe.kind != "text" or (model not in SHIPPED and is_sd_checkpoint(model)):
         return
+    if pipe.model.text_encoder is None:  # unCLIP: the prompt goes to its CLIP and prior
+        return
     captions = training_captions(training_config(resolve_checkpoint(model)))
     for prompt, near in unfamiliar_prompts(pipe.model.text_encoder, prompts, captions or []):
         warnings.warn(

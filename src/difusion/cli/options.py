@@ -203,7 +203,7 @@ def check_resume(out: Path, options: dict[str, Any], may_change: tuple[str, ...]
             )
     kept = {k: stored[k] for k in may_change if k not in given and k in stored and k != "out"}
     steps = options["steps"] if "steps" in given else stored.get("steps", step + 1)
-    if steps <= step:
+    if steps < step:  # equal: a run cut short after its last step finishes its end
         raise UserError(
             f"the run in {out} is at step {step}: --steps {steps} leaves nothing to train "
             f"(give more steps to continue it)"

@@ -199,6 +199,10 @@ def train(
         raise UserError("--text-encoder-path is the folder of --text-encoder clip")
     if not 0 <= cond_drop < 1:
         raise UserError("--cond-drop must be in [0, 1)")
+    if lora_targets not in ("attn", "attn+ff", "all"):
+        raise UserError(f"--lora-targets must be attn, attn+ff or all, got {lora_targets!r}")
+    if not lora and (lora_alpha is not None or lora_targets != "attn"):
+        raise UserError("--lora-alpha and --lora-targets shape an adapter: give --lora RANK too")
     if prediction not in ("eps", "v", "x0"):
         raise UserError(f"--prediction must be eps, v or x0, got {prediction!r}")
     if objective not in ("ddpm", "edm", "flow"):
