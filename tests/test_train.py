@@ -265,6 +265,28 @@ def test_init_refuses_a_model_that_does_not_fit_the_data(tmp_path, digits8):
     assert not (tmp_path / "ft").exists()
 
 
+def test_warm_start_takes_the_trunk_and_leaves_a_new_condition_fresh(tmp_path):
+    """An unconditional model's U-Net starts a text model: every tensor of the same name and shape
+    (lr 0 keeps them as they started), the new condition's own fresh; the architecture is
+    the base's whatever was asked."""
+    shapes = dict(data="shapes", size=16, attention_resolutions=(8,))
+    base = train(tiny(tmp_path, "base", steps=1, **shapes), progress=False)
+    cfg = tiny(tmp_path, "warm", steps=1, lr=0.0, warm_start=str(base), channels=32,
+               cond="text", text_encoder="scratch", layout_map=True, layout_steps=0, **shapes)  # fmt: skip
+    out = train(cfg, progress=False)
+    start, warm = weights(base), weights(out)
+    same = [k for k in warm if k in start and start[k].shape == warm[k].shape]
+    fresh = [k for k in warm if k not in same]
+    assert "conv_in.weight" in same and any("resnets" in k for k in same)
+    assert any("attn2.to_k" in k for k in fresh)
+    assert any("layout_" in k for k in fresh)
+    assert all(torch.equal(start[k], warm[k]) for k in same)
+    stored = json.loads((out / "train_config.json").read_text())
+    assert stored["channels"] == 16 and stored["cond"] == "text"
+    with pytest.raises(TrainingError, match="give one"):
+        train(tiny(tmp_path, "both", init=str(base), warm_start=str(base)), progress=False)
+
+
 def test_init_adds_a_layout_map_that_starts_as_the_same_model(tmp_path, digits8):
     shapes = dict(
         data="shapes", size=16, cond="text", text_encoder="scratch", attention_resolutions=(8,)

@@ -117,6 +117,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the U-Net
     init: str | None = None  # fine-tune: start from this model's weights (and architecture)
     init_sha256: str | None = None  # the file `init` named, when the run started
+    warm_start: str | None = None  # a model whose U-Net trunk starts this one (see warm_start)
     lora: int = 0  # > 0: train a LoRA adapter of this rank on the frozen `init` (see lora.py)
     lora_alpha: float | None = None  # its alpha (default: the rank)
     lora_targets: str = "attn"  # attn, attn+ff or all: the layers it adapts
@@ -190,6 +191,40 @@ def load_init(cfg: TrainConfig) -> tuple[TrainConfig, DiffusionModel, bool]:
         model = with_layout_map(model)
         architecture["layout_map"] = True
     return replace(cfg, **architecture, init_sha256=file_sha256(path)), model, cfg.layout_map
+
+
+# what a warm start takes from its model's architecture: all but the condition's
+WARM_START_KEEPS = (
+    "objective", "backbone", "size", "prediction", "schedule", "zero_terminal_snr", "channels",
+    "channel_mult", "attention_resolutions", "layers_per_block", "head_dim", "dropout",
+    "patch_size", "depth",
+)  # fmt: skip
+
+
+def load_warm_start(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """`--warm-start MODEL`: `cfg` with MODEL's U-Net architecture and objective, and MODEL's
+    U-Net weights, for a new model whose condition (text encoder, image embedding, layout
+    map) may differ: the tensors of the same name and shape start from MODEL's."""
+    try:
+        model = DiffusionModel.load(resolve_checkpoint(cfg.warm_start))
+    except CheckpointError as e:
+        raise TrainingError(f"--warm-start: {e}") from None
+    architecture = architecture_of(model.config)
+    kept = {k: v for k, v in architecture.items() if k in WARM_START_KEEPS}
+    return replace(cfg, **kept), model.unet.state_dict()
+
+
+def warm_started(diffusion: DiffusionModel, weights: dict, name: str) -> str:
+    """Copies `weights` into the U-Net where name and shape match; says how much it took."""
+    own = diffusion.unet.state_dict()
+    taken = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    diffusion.unet.load_state_dict(taken, strict=False)
+    fresh = [k for k in own if k not in taken]
+    share = sum(own[k].numel() for k in taken) / sum(v.numel() for v in own.values())
+    return (
+        f"warm start: {len(taken)} of {len(own)} tensors ({share:.1%} of the U-Net's "
+        f"parameters) from {name}; {len(fresh)} fresh"
+    )
 
 
 def with_layout_map(model: DiffusionModel) -> DiffusionModel:
@@ -538,6 +573,13 @@ def train(
     init, fit_layout = None, cfg.layout_map and not resume
     if cfg.init is not None and not resume:
         cfg, init, fit_layout = load_init(cfg)
+    warm = None
+    if cfg.warm_start is not None and not resume:
+        if cfg.init is not None:
+            raise TrainingError(
+                "--init fine-tunes a model, --warm-start starts a new one: give one"
+            )
+        cfg, warm = load_warm_start(cfg)
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.size, **cfg.data_options)
     check_condition_fits(cfg, dataset)
@@ -577,6 +619,9 @@ def train(
         diffusion = DiffusionModel(
             model_config, text_encoder=text_encoder, image_encoder=image_encoder
         )
+        if warm is not None:
+            taken = warm_started(diffusion, warm, cfg.warm_start)
+            print(taken, file=sys.stderr, flush=True) if rank == 0 else None
     if cfg.lora:  # the base frozen, an adapter to train (its weights come back on resume)
         add_trainable(diffusion, cfg.lora, cfg.lora_alpha, cfg.lora_targets)
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs

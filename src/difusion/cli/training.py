@@ -138,6 +138,14 @@ def train(
             "file), keeping its architecture, condition and objective."
         ),
     ] = None,
+    warm_start: Annotated[
+        str | None,
+        typer.Option(
+            help="Start a new model from this one's U-Net (its architecture and objective; "
+            "every weight whose name and shape fit): e.g. another text encoder or condition "
+            "over a trained trunk."
+        ),
+    ] = None,
     lora: Annotated[
         int,
         typer.Option(
@@ -212,6 +220,9 @@ def train(
     given = given_options(dict(locals()), train, FIXED_BY_INIT) if init is not None else []
     if given:
         raise UserError(f"{', '.join(given)}: --init keeps the model's own; leave them out")
+    given = given_options(dict(locals()), train, FIXED_BY_WARM_START) if warm_start else []
+    if given:
+        raise UserError(f"{', '.join(given)}: --warm-start keeps the model's own; leave them out")
     cfg = TrainConfig(
         data=data,
         out=str(out),
@@ -253,6 +264,7 @@ def train(
         latent=latent,
         data_options=_key_values(data_option or [], "--data-option"),
         init=init,
+        warm_start=warm_start,
         workers=workers,
         crop=crop,
         flip=flip,
@@ -273,11 +285,11 @@ TRAINERS = {
 }  # fmt: skip
 
 # the training options that set a model's architecture, condition and objective
-FIXED_BY_INIT = (
+FIXED_BY_WARM_START = (
     "size", "prediction", "objective", "backbone", "patch_size", "depth", "head_dim", "schedule",
-    "zero_terminal_snr", "cond", "text_encoder",
-    "channels", "channel_mult", "attention", "layers_per_block", "dropout", "latent",
+    "zero_terminal_snr", "channels", "channel_mult", "attention", "layers_per_block", "dropout",
 )  # fmt: skip
+FIXED_BY_INIT = (*FIXED_BY_WARM_START, "cond", "text_encoder", "latent")
 
 
 def distill(
