@@ -275,14 +275,8 @@ def test_lora_training_needs_init(tmp_path):
 # --- the server -------------------------------------------------------------------------------
 
 
-def test_server_lora_tags(tmp_path):
-    import httpx
-    from serve_util import running
-    from test_serve import decode, same
-
-    from difusion.serve import ServeSettings, create_app
-    from difusion.serve.models import load_models
-
+def shipped_model_lora(path, **metadata: str) -> None:
+    """A small random LoRA file (rank RANK, the attention layers) for the shipped model."""
     model = DiffusionModel.load(resolve_checkpoint("default"))
     lora.add_trainable(model, RANK, None, "attn")
     with torch.no_grad():
@@ -290,7 +284,18 @@ def test_server_lora_tags(tmp_path):
             layer.lora_B[lora.TRAIN].weight.normal_(
                 0, 0.05, generator=torch.Generator().manual_seed(0)
             )
-    lora.save_lora(model, tmp_path / "dots.safetensors", trigger="dots")
+    lora.save_lora(model, path, **metadata)
+
+
+def test_server_lora_tags(tmp_path):
+    import httpx
+    from serve_util import running
+    from test_serve import decode, read_events, same
+
+    from difusion.serve import ServeSettings, create_app
+    from difusion.serve.models import load_models
+
+    shipped_model_lora(tmp_path / "dots.safetensors", trigger="dots")
     models = load_models(["default"])
     body = {"prompt": "a red circle", "seed": 3, "steps": 4, "width": 32, "height": 32}
     with running(create_app(ServeSettings(lora_dir=str(tmp_path)), models)) as base:
@@ -311,6 +316,11 @@ def test_server_lora_tags(tmp_path):
         assert same(adapted, expected("a red circle", seed=3, steps=4)[0])
         assert not same(adapted, plain)
         assert same(image("a red circle"), plain)  # the next request: the base, bit for bit
+        stream = {"prompt": "a red circle <lora:dots:0.8>", "seed": 3, "steps": 4}
+        with httpx.stream("POST", f"{base}/api/generate", json=stream, timeout=120) as r:
+            event, done = read_events(r)[-1]  # the page's route takes the tags too
+        assert event == "done" and done["parameters"]["prompt"] == "a red circle"
+        assert same(decode(done["images"][0]), adapted)
         r = httpx.post(f"{base}/sdapi/v1/txt2img", json={**body, "prompt": "<lora:nope:1> a"})
         assert r.status_code == 422 and "no LoRA named 'nope'" in r.text and "prompt" in r.text
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from serve_util import running
 
+from difusion import sizes
 from difusion.serve import ServeSettings, create_app
 from difusion.serve.models import load_models
 
@@ -270,6 +271,50 @@ def test_bad_json_and_wrong_content_are_4xx(url):
         assert r.status_code == 422 and r.json()["detail"].startswith("body:"), r.text
     r = httpx.post(f"{url}{GENERATIONS}", content=b"prompt=x")
     assert r.status_code == 422
+
+
+# --- sizes: the pipeline's one rule -------------------------------------------------------
+
+
+def pipeline_refusal(pipe, width: int, height: int, n: int = 1) -> str | None:
+    try:
+        pipe.check_size(height, width, n)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("size", ["32x32", "64x64", "16x16", "32x64", "256x256", "512x512"])
+def test_server_and_pipeline_take_and_refuse_the_same_sizes(url, pipe, size):
+    width, height = map(int, size.split("x"))
+    refusal = pipeline_refusal(pipe, width, height)
+    assert (refusal is None) == (size == "32x32")  # the shipped model makes its own size only
+    by_openai = httpx.post(f"{url}{GENERATIONS}", json={"prompt": PROMPT, "size": size, "steps": 1})
+    by_a1111 = httpx.post(
+        f"{url}{TXT2IMG}", json={"prompt": PROMPT, "width": width, "height": height, "steps": 1}
+    )
+    if refusal is None:
+        assert (by_openai.status_code, by_a1111.status_code) == (200, 200), by_openai.text
+    else:
+        assert by_openai.status_code == by_a1111.status_code == 422
+        assert by_openai.json()["detail"] == f"size: {refusal}"
+        assert by_a1111.json()["detail"] == f"width: {refusal}"
+
+
+def test_offered_sizes_are_the_pipelines(url, pipe):
+    (info,) = httpx.get(f"{url}/api/info").json()["models"]
+    assert info["sizes"] == pipe.sizes() == ["32x32"] and info["default_size"] == "32x32"
+
+
+def test_a_request_past_the_free_memory_is_a_422_with_the_pipelines_message(url, pipe, monkeypatch):
+    monkeypatch.setattr(sizes, "available_memory", lambda device: 2**23)  # 8 MiB free
+    refusal = pipeline_refusal(pipe, 32, 32, n=8)
+    assert refusal is not None and "8 image(s) of 32x32 needs at least" in refusal
+    assert pipeline_refusal(pipe, 32, 32, n=1) is None  # one image fits in 8 MiB, eight do not
+    r = httpx.post(f"{url}{GENERATIONS}", json={"prompt": PROMPT, "n": 8, "steps": 1})
+    assert r.status_code == 422 and r.json()["detail"] == f"size: {refusal}", r.text
+    r = httpx.post(f"{url}{TXT2IMG}", json={"prompt": PROMPT, "batch_size": 8, "steps": 1})
+    assert r.status_code == 422 and r.json()["detail"] == f"width: {refusal}", r.text
 
 
 def upload_cases():

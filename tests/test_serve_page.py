@@ -364,3 +364,70 @@ def test_generate_in_spanish(page_es, server):
     assert page.text_content("#progress").startswith("done in ")
     page.click("#lang [data-lang=es]")
     screenshot(page, "serve_es.png", "a green triangle left of a yellow circle", PROMPT)
+
+
+# --- LoRAs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory):
+    """A server with a key and a --lora-dir of one LoRA file made for the shipped model."""
+    from test_lora import shipped_model_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    shipped_model_lora(folder / "dots.safetensors")
+    settings = ServeSettings(models=("default",), lora_dir=str(folder), api_key="sekrit")
+    with running(create_app(settings)) as base_url:
+        yield base_url
+
+
+def loras_listed(page):
+    """Waits until the page has the server's list of LoRAs (or knows it has none)."""
+    page.wait_for_function(
+        "document.querySelector('#lora-field').getAttribute('aria-busy') === 'false'"
+    )
+
+
+def test_lora_control_puts_the_tag_into_the_prompt(page, lora_server):
+    prompts = []
+    page.on(
+        "request",
+        lambda r: r.url.endswith("/api/generate") and prompts.append(r.post_data_json["prompt"]),
+    )
+    open_page(page, f"{lora_server}/?key=sekrit")  # the list is behind the key too
+    loras_listed(page)
+    assert page.locator("#lora-field").is_visible()
+    assert page.locator("#lora option").all_text_contents() == ["none", "dots"]
+    assert page.text_content("[data-text=lora]") == "LoRA"
+    assert page.text_content("[data-text=loraScale]") == "LoRA scale"
+    scale = page.locator("#lora-scale")
+    assert [scale.get_attribute(a) for a in ("min", "max", "step")] == ["-2", "2", "0.05"]
+    assert scale.input_value() == "1"
+
+    page.select_option("#lora", "dots")
+    page.fill("#lora-scale", "0.5")
+    generate(page, PROMPT, steps=2)
+    assert prompts == [f"{PROMPT} <lora:dots:0.5>"]
+    assert page.locator("#error").is_hidden()  # the server found and applied it
+    assert f"“{PROMPT}”" in page.locator(".result .params").first.text_content()
+
+    page.select_option("#lora", "")
+    generate(page, PROMPT, steps=2)
+    assert prompts[-1] == PROMPT
+
+    page.click("#lang [data-lang=es]")
+    assert page.text_content("[data-text=loraScale]") == "Escala de la LoRA"
+    assert page.locator("#lora option").all_text_contents() == ["ninguna", "dots"]
+
+
+def test_no_lora_control_without_loras(page, server, lora_server):
+    open_page(page, server)  # no --lora-dir: an empty list
+    loras_listed(page)
+    assert page.locator("#lora-field").is_hidden()
+
+    for answer in (lambda route: route.fulfill(status=500), lambda route: route.abort()):
+        page.route("**/sdapi/v1/loras", answer)
+        open_page(page, f"{lora_server}/?key=sekrit")
+        loras_listed(page)
+        assert page.locator("#lora-field").is_hidden()
+        page.unroute("**/sdapi/v1/loras")

@@ -14,7 +14,7 @@ from .denoiser import Cond
 from .images import to_pil
 from .model import SHIPPED, DiffusionModel, resolve_checkpoint
 from .sd import is_sd_checkpoint, load_checkpoint
-from .sizes import FLEXIBLE_SIDES, check_memory, makes_size, sampling_bytes, size_rule
+from .sizes import FLEXIBLE_SIDES, check_memory, makes_size, sampling_bytes, size_rule, sizes_made
 
 StepCallback = Callable[[int, float, torch.Tensor], None]
 ImageInput = Image.Image | torch.Tensor
@@ -157,6 +157,10 @@ class Pipeline:
     def flexible_size(self) -> bool:
         """Whether it makes sizes besides its own: a latent model trained at 256 px or more."""
         return self.vae is not None and self.image_size >= FLEXIBLE_SIDES[0]
+
+    def sizes(self) -> list[str]:
+        """The sizes this model names ("WxH"), its own first: what a face offers to choose."""
+        return [f"{w}x{h}" for w, h in sizes_made(self.image_size, self.flexible_size)]
 
     def size_rule(self) -> str:
         """The sizes this model makes, in words ("this model makes 32x32")."""

@@ -29,8 +29,6 @@ MAX_N = 8
 MAX_STEPS = 1000
 MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**63 - 1
-FLEXIBLE_SIDES = range(256, 1025, 64)  # Stable Diffusion-sized models: any WxH of these
-COMMON_SIZES = ("512x512", "768x768", "512x768", "768x512", "256x256", "1024x1024")
 
 
 @dataclass
@@ -93,13 +91,13 @@ SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})", re.ASCII | re.IGNORECASE)
 
 def parse_size(size: str | None, model: ServedModel) -> tuple[int | None, int | None]:
     """ "WxH" in ASCII digits -> (W, H); None, "" and "auto": the model's own. A side of 0 is
-    refused here (the model's check refuses what it cannot make)."""
+    refused here (`Pipeline.check_size` refuses what the model cannot make)."""
     if size in (None, "", "auto"):
         return None, None
     match = SIZE.fullmatch(size)
     if match is None or 0 in (w := int(match[1]), h := int(match[2])):
         shown = size if len(size) <= 40 else f"{size[:40]}..."
-        raise APIError(422, f"{shown!r} is not WxH; {model.size_rule()}", "size")
+        raise APIError(422, f"{shown!r} is not WxH; {model.pipe.size_rule()}", "size")
     return w, h
 
 
@@ -138,36 +136,12 @@ class ServedModel:
 
     # --- what it can make -----------------------------------------------------------------
 
-    @property
-    def default_size(self) -> tuple[int, int]:
-        return self.pipe.image_size, self.pipe.image_size
-
-    @property
-    def flexible_size(self) -> bool:
-        return self.pipe.vae is not None and self.pipe.image_size >= FLEXIBLE_SIDES[0]
-
-    def sizes(self) -> list[str]:
-        w, h = self.default_size
-        native = f"{w}x{h}"
-        if not self.flexible_size:
-            return [native]
-        return list(dict.fromkeys([native, *COMMON_SIZES]))
-
-    def size_rule(self) -> str:
-        if not self.flexible_size:
-            return f"this model makes {self.sizes()[0]}"
-        lo, hi, step = FLEXIBLE_SIDES[0], FLEXIBLE_SIDES[-1], FLEXIBLE_SIDES.step
-        return (
-            f"this model makes {', '.join(self.sizes())}, or any WxH with both sides multiples "
-            f"of {step} from {lo} to {hi}"
-        )
-
     def info(self) -> dict:
         return {
             "name": self.name,
             "kind": self.pipe.kind,
-            "sizes": self.sizes(),
-            "default_size": self.sizes()[0],
+            "sizes": self.pipe.sizes(),
+            "default_size": self.pipe.sizes()[0],
             "default_steps": self.pipe.model.config.steps,
             "default_guidance": self.pipe.default_guidance,
             "guidance_range": list(self.pipe.model.guidance_range),
@@ -224,13 +198,10 @@ class ServedModel:
             seed = secrets.randbelow(2**31)
         elif not 0 <= seed <= MAX_SEED:
             refuse("seed", f"must be from 0 to {MAX_SEED} (or -1 for a random one), got {seed}")
-        w, h = self.default_size
-        width = w if g.width is None else g.width
-        height = h if g.height is None else g.height
-        if f"{width}x{height}" not in self.sizes() and not (
-            self.flexible_size and width in FLEXIBLE_SIDES and height in FLEXIBLE_SIDES
-        ):
-            refuse("size", f"{width}x{height} is not a size {self.size_rule()}")
+        try:  # the one rule of sizes, memory included, that `difusion generate` uses too
+            height, width = self.pipe.check_size(g.height, g.width, g.n)
+        except ValueError as e:
+            refuse("size", str(e))
         strength = g.strength
         if strength is not None:
             if g.image is None:

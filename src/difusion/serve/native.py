@@ -16,7 +16,7 @@ from .body import CheckedRoute
 from .codec import base64_images, data_url, encode_all
 from .jobs import Job, Stopped, abandon
 from .models import GenerationOptions
-from .server import in_pool, server
+from .server import checked, in_pool, server
 
 router = APIRouter(prefix="/api", tags=["native"], route_class=CheckedRoute)
 log = logging.getLogger("difusion.serve")
@@ -56,7 +56,7 @@ async def generate(body: GenerateRequest, request: Request) -> StreamingResponse
     s = server(request)
     model = s.model(body.model)
     image, mask = await in_pool(request, base64_images, body.image, body.mask)
-    g = model.check(body.generation(model, body.prompt, image=image, mask=mask))
+    g = checked(request, model, body.generation(model, body.prompt, image=image, mask=mask))
     worker = s.workers[model.name]
     job = Job(g)
     events: asyncio.Queue = asyncio.Queue()

@@ -138,13 +138,19 @@ def public_url(request: Request, path: str) -> str:
     return base.rstrip("/") + path
 
 
+def checked(request: Request, model: ServedModel, g: Generation) -> Generation:
+    """The request with its prompt's <lora:NAME:SCALE> tags taken out, checked against the
+    model (every route that generates goes through here)."""
+    return model.check(take_lora_tags(g, server(request).settings.lora_dir))
+
+
 async def run_generation(
     request: Request, model: ServedModel, g: Generation, partial_ok: bool = False
 ) -> tuple[list[Image.Image], Generation, Job]:
     """Check the request against the model, queue it, wait for its images (the job stops if
     the client leaves), and note its timings for the log line. `partial_ok`: an interrupted
     job gives the images as far as it got (AUTOMATIC1111's way), not a 409."""
-    g = model.check(take_lora_tags(g, server(request).settings.lora_dir))
+    g = checked(request, model, g)
     worker = server(request).workers[model.name]
     job = Job(g)
     future = worker.submit(job)

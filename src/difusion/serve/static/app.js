@@ -166,6 +166,33 @@ async function loadInfo() {
   else show($("server-note"), "");
   applyModel();
   $("generate").disabled = controller !== null;
+  loadLoras();
+}
+
+// The server's LoRA files (--lora-dir), offered as AUTOMATIC1111's page does: a chosen one
+// goes into the prompt as <lora:NAME:SCALE>. No list, or an empty one: no control.
+async function loadLoras() {
+  $("lora-field").setAttribute("aria-busy", "true");
+  let names = [];
+  try {
+    const response = await fetch("/sdapi/v1/loras", { headers: headers() });
+    const listed = response.ok ? await response.json() : [];
+    if (Array.isArray(listed)) names = listed.map((l) => l.name).filter((n) => n);
+  } catch (err) {
+    // no list: the control stays hidden
+  }
+  const none = $("lora").options[0];
+  $("lora").replaceChildren(none, ...names.map((n) => new Option(n, n)));
+  $("lora-field").hidden = names.length === 0;
+  $("lora-field").setAttribute("aria-busy", "false");
+}
+
+// " <lora:NAME:SCALE>" for the chosen LoRA, "" for none (an empty scale is 1).
+function loraTag() {
+  const name = $("lora-field").hidden ? "" : $("lora").value;
+  if (!name) return "";
+  const scale = $("lora-scale").value === "" ? 1 : Number($("lora-scale").value);
+  return ` <lora:${name}:${Number.isFinite(scale) ? scale : 1}>`;
 }
 
 function applyModel() {
@@ -255,7 +282,7 @@ async function requestBody() {
   const mask = image ? $("mask").files[0] : undefined;
   return {
     model: m.name,
-    prompt: $("prompt").disabled ? "" : $("prompt").value,
+    prompt: ($("prompt").disabled ? "" : $("prompt").value) + loraTag(),
     negative_prompt: $("negative").disabled ? "" : $("negative").value,
     steps: number("steps") ?? m.default_steps,
     guidance: number("guidance"),
