@@ -13,7 +13,7 @@
   --clip`).
 
 - with `--study WORK`: text models guided by MiniLM, by this CLIP and by an encoder trained
-  with them, trained from scratch for the same minutes, on the 200 + 200 alignment prompts
+  with them, trained for equal CPU time, on the 200 + 200 alignment prompts
   in English and Spanish (bench/equal_time.py's `clip`, `minilm` and `scratch` designs,
   trained and measured in WORK where they are not there yet).
 
@@ -124,9 +124,9 @@ def study_section(args) -> list[str]:
     lines = [
         "## MiniLM, our CLIP and a scratch encoder guiding the shipped U-Net, at equal time",
         "",
-        f"`python bench/equal_time.py --clip CLIP --minutes {args.minutes:g} --designs "
-        f"{','.join(ENCODERS)}`: each path from the shipped model, {args.minutes:g} minutes on "
-        "one thread on `shapes` captioned in English and Spanish. MiniLM: the shipped model "
+        f"`python bench/equal_time.py --clip CLIP --steps {args.steps} --designs "
+        f"{','.join(ENCODERS)}`: each path from the shipped model, {args.steps} steps of batch "
+        f"{args.batch_size} on one thread on `shapes` captioned in English and Spanish. MiniLM: the shipped model "
         "fine-tuned whole (`--init`); our CLIP and the scratch encoder: a new text model "
         f"warm-started from `{args.start}`'s U-Net (`--warm-start`; the cross-attention's keys "
         "and values and a new layout map start fresh), reading the encoder's per-token "

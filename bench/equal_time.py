@@ -1,18 +1,22 @@
-"""Text-to-image designs trained for the same minutes on `shapes` and measured alike.
+"""Text-to-image designs trained for equal CPU time on `shapes` and measured alike.
 
-    .venv/bin/python bench/equal_time.py --clip src/difusion/weights/clip --minutes 15 \\
+    .venv/bin/python bench/equal_time.py --clip src/difusion/weights/clip --steps 250 \\
         --designs clip,unclip,minilm,scratch
 
 Every design starts from the shipped model's U-Net (`--from`, default `default`) and trains
-for `--minutes` on `shapes` captioned in English and Spanish (`language=both`), with the
-recipe of the shipped model's last fine-tunes (batch 32, lr 2e-4, plain v loss, bf16):
+the same `--steps` of its U-Net on `shapes` captioned in English and Spanish
+(`language=both`), with the recipe of the shipped model's last fine-tunes (batch 32, lr 2e-4,
+plain v loss, bf16) and an EMA short enough for a short run (0.99). Equal steps of one
+U-Net cost equal CPU time; each run's CPU seconds are measured beside it (the machine may be
+shared, so steps are the budget rather than wall-clock minutes):
 
 - `minilm`: the shipped MiniLM model itself fine-tuned (`--init`), the cheaper path;
 - `clip`, `scratch`: a text model reading the per-token states of `--clip`'s text tower, or
   of an encoder trained with it, through a new layout map: `--warm-start` gives it the
   shipped U-Net's weights, its cross-attention's keys and values and the map start fresh;
-- `unclip`: an unCLIP prior over `--clip` (from scratch, `--prior-share` of the minutes) and
-  a decoder warm-started the same way, packed into one model.
+- `unclip`: an unCLIP prior over `--clip` (from scratch, `--prior-steps`) and a decoder
+  warm-started the same way for the steps the prior's CPU time leaves of the budget,
+  packed into one model.
 
 Each design is measured on the 200 + 200 alignment prompts in English and Spanish (the exact
 `shapes` scorer, and the CLIP score: the cosine of the prompt's and the image's embeddings
@@ -43,7 +47,7 @@ from difusion.unclip import frozen_clip, pack
 
 DESIGNS = ("unclip", "clip", "minilm", "scratch")
 LANGUAGES = ("en", "es")
-HUGE = 10**9  # steps: the minutes stop every run
+HUGE = 10**9  # never reached: no sample grids
 DATA_OPTIONS = {"language": "both", "two_object_prob": 0.75}
 
 
@@ -56,8 +60,8 @@ def timed(fn, *args, **kwargs):
 
 def recipe(args) -> dict:
     return dict(
-        data="shapes", steps=HUGE, minutes=args.minutes, batch_size=args.batch_size, lr=2e-4,
-        warmup=50, min_snr_gamma=0.0, precision="bf16", log_every=25, sample_every=HUGE,
+        data="shapes", steps=args.steps, batch_size=args.batch_size, lr=2e-4, ema_decay=0.99,
+        warmup=20, min_snr_gamma=0.0, precision="bf16", log_every=25, sample_every=HUGE,
         checkpoint_every=250, data_options=DATA_OPTIONS, seed=args.seed,
     )  # fmt: skip
 
@@ -74,21 +78,23 @@ def text_model(args, folder: Path, encoder: str) -> None:
     train(cfg, progress=False)
 
 
-def unclip_model(args, folder: Path) -> None:
-    prior_minutes = args.minutes * args.prior_share
-    train_prior(
+def unclip_model(args, folder: Path, seconds_per_step: float) -> None:
+    """The prior, then the decoder for the U-Net steps the prior's CPU time leaves."""
+    _, prior_cpu, _ = timed(
+        train_prior,
         PriorTrainConfig(
-            data="shapes", clip=str(args.clip), out=str(folder / "prior"), steps=HUGE,
-            minutes=prior_minutes, batch_size=args.prior_batch_size, data_options=DATA_OPTIONS,
-            log_every=50, sample_every=HUGE, checkpoint_every=500, seed=args.seed,
+            data="shapes", clip=str(args.clip), out=str(folder / "prior"), steps=args.prior_steps,
+            batch_size=args.prior_batch_size, data_options=DATA_OPTIONS, log_every=50,
+            sample_every=HUGE, checkpoint_every=500, seed=args.seed,
         ),
         progress=False,
     )  # fmt: skip
-    decoder = {**recipe(args), "minutes": args.minutes - prior_minutes}
+    steps = max(1, args.steps - round(prior_cpu / seconds_per_step))
+    print(f"prior: {prior_cpu:.0f} CPU s; decoder: {steps} steps", file=sys.stderr, flush=True)
     train(
         TrainConfig(
             out=str(folder / "decoder"), cond="image", clip=str(args.clip),
-            warm_start=args.start, **decoder,
+            warm_start=args.start, **{**recipe(args), "steps": steps},
         ),
         progress=False,
     )  # fmt: skip
@@ -104,9 +110,13 @@ def trained(args, work: Path, design: str) -> dict:
     times_file = work / design / "times.json"
     if not times_file.is_file():
         print(f"training {design} ...", file=sys.stderr, flush=True)
-        job = unclip_model if design == "unclip" else lambda a, f: text_model(a, f, design)
+        if design == "unclip":  # the text model's CPU time a step prices the prior's
+            text = trained(args, work, "clip")
+            job = lambda a, f: unclip_model(a, f, text["cpu_s"] / args.steps)  # noqa: E731
+        else:
+            job = lambda a, f: text_model(a, f, design)  # noqa: E731
         _, cpu, wall = timed(job, args, work / design)
-        times_file.write_text(json.dumps({"cpu_s": cpu, "wall_s": wall, "minutes": args.minutes}))
+        times_file.write_text(json.dumps({"cpu_s": cpu, "wall_s": wall, "steps": args.steps}))
     return json.loads(times_file.read_text())
 
 
@@ -180,11 +190,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     """How the designs are trained and measured."""
-    p.add_argument("--minutes", type=float, default=15.0, help="training budget of each design")
+    p.add_argument("--steps", type=int, default=250, help="U-Net steps of each design")
     p.add_argument(
         "--from", dest="start", default="default", help="the model every design starts from"
     )
-    p.add_argument("--prior-share", type=float, default=0.25, help="of unCLIP's budget")
+    p.add_argument("--prior-steps", type=int, default=500, help="unCLIP's prior's steps")
     p.add_argument("--n-single", type=int, default=200)
     p.add_argument("--n-double", type=int, default=200)
     p.add_argument("--diversity-prompts", type=int, default=9, help="of each kind")

@@ -1,7 +1,7 @@
 """docs/unclip/report.md: unCLIP (prior + decoder) against a direct text model on the same
-CLIP, trained for the same minutes, in one command:
+CLIP, trained for equal CPU time, in one command:
 
-    .venv/bin/python bench/unclip_report.py --clip src/difusion/weights/clip --minutes 20
+    .venv/bin/python bench/unclip_report.py --clip src/difusion/weights/clip --steps 250
 
 Trains (or reuses, from `--work`) the `unclip` and `clip` designs of bench/equal_time.py and
 writes, for both: alignment on the 200 + 200 prompts in English and Spanish by the exact
@@ -12,6 +12,7 @@ variations of held-out images and an interpolation strip.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -39,6 +40,10 @@ def pictures(unclip: Pipeline, out: Path, seed: int) -> None:
     a, b = sources[0]["image"], sources[3]["image"]
     strip = unclip.variations(a, mix=b, weights=[i / 7 for i in range(8)], seed=seed)
     grid(strip, cols=len(strip), scale=scale).save(out / "interpolation.png")
+
+
+def steps_of(run: Path) -> int:
+    return json.loads((run / "train_config.json").read_text())["steps"]
 
 
 def pct(v) -> str:
@@ -76,14 +81,16 @@ def write_report(path: Path, args, times: dict, results: dict, command: str) -> 
         "",
         "## Training at equal time",
         "",
-        "Budgets are wall-clock minutes on this machine (each run stops when its `--minutes`"
-        " are spent); the CPU seconds each design used are measured beside them.",
+        f"The budget is {args.steps} steps of batch {args.batch_size} of the U-Net; unCLIP's "
+        "prior trains first and its CPU time, priced at the text model's CPU time a step, is "
+        "taken from the decoder's steps. The CPU seconds each design used are measured beside.",
         "",
-        "| design | budget (min) | CPU s | wall s |",
+        "| design | steps | CPU s | wall s |",
         "| --- | --- | --- | --- |",
-        f"| unCLIP: prior ({args.prior_share:.0%}) + decoder | {args.minutes:g} | "
+        f"| unCLIP: prior + decoder | {steps_of(args.work / 'unclip' / 'prior')} + "
+        f"{steps_of(args.work / 'unclip' / 'decoder')} | "
         f"{times['unclip']['cpu_s']:.0f} | {times['unclip']['wall_s']:.0f} |",
-        f"| direct text model | {args.minutes:g} | {times['clip']['cpu_s']:.0f} | "
+        f"| direct text model | {steps_of(args.work / 'clip')} | {times['clip']['cpu_s']:.0f} | "
         f"{times['clip']['wall_s']:.0f} |",
         "",
         "## Alignment (exact `shapes` scorer) and CLIP score",
