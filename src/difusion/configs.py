@@ -36,11 +36,11 @@ class DictConfig:
 
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        types_ = field_types(cls)
-        unknown = set(d) - types_.keys()
+        kinds = field_types(cls)
+        unknown = set(d) - kinds.keys()
         if unknown and cls.strict:
             raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-        return cls(**{k: from_json(types_[k], v) for k, v in d.items() if k in types_})
+        return cls(**{k: from_json(kinds[k], v) for k, v in d.items() if k in kinds})
 
 
 @cache
