@@ -92,7 +92,9 @@ def test_lists_become_tuples_and_missing_keys_defaults():
     unet = UNetConfig.from_dict({"block_out_channels": [8, 16], "attention_levels": [0, 1]})
     assert unet.block_out_channels == (8, 16) and unet.attention_levels == (False, True)
     # a list-typed field stays a list, a dict-typed one a dict
-    model = ModelConfig.from_dict({"class_names": ["a", "b"], "latent": {"vae": {}}})
+    model = ModelConfig.from_dict(
+        {"unet": {}, "schedule": {}, "class_names": ["a", "b"], "latent": {"vae": {}}}
+    )
     assert model.class_names == ["a", "b"] and model.latent == {"vae": {}}
     assert PriorConfig.from_dict({}) == PriorConfig()
 
@@ -106,6 +108,10 @@ def test_nested_configs():
     # an older file, before the DiT backbone: the U-Net model it was
     old = {k: v for k, v in d.items() if k not in ("backbone", "dit")}
     assert ModelConfig.from_dict(old) == replace(model, backbone="unet", dit=None)
+    # a dict without a network or a schedule is not a model's configuration
+    for key in ("unet", "schedule"):
+        with pytest.raises(ValueError, match=f"ModelConfig needs {key}"):
+            ModelConfig.from_dict({k: v for k, v in d.items() if k != key})
     # the nested U-Net stays strict, the model around it does not
     with pytest.raises(ValueError, match="unknown UNetConfig fields"):
         ModelConfig.from_dict({**d, "unet": {**d["unet"], "levels": 3}})

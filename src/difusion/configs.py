@@ -3,8 +3,8 @@
 A config class inherits `DictConfig`: `to_dict` gives its fields (tuples as lists, nested
 configs as their dicts) and `from_dict` rebuilds it from such a dict, however old or new the
 file: keys it does not know are ignored (or refused, with `strict`), missing ones take the
-field's default, lists become tuples where the field is a tuple, and dicts become the nested
-config where the field is one.
+field's default (those it names `required` are an error), lists become tuples where the field
+is a tuple, and dicts become the nested config where the field is one.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class DictConfig:
     # True: a key that is not a field is an error (a network this version cannot build),
     # not ignored
     strict: ClassVar[bool] = False
+    # keys every file holds: without them a dict is not such a config, and no default serves
+    required: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -40,6 +42,9 @@ class DictConfig:
         unknown = set(d) - kinds.keys()
         if unknown and cls.strict:
             raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        missing = [k for k in cls.required if k not in d]
+        if missing:
+            raise ValueError(f"{cls.__name__} needs {', '.join(missing)}")
         return cls(**{k: from_json(kinds[k], v) for k, v in d.items() if k in kinds})
 
 

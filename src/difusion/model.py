@@ -43,6 +43,8 @@ BACKBONES = ("unet", "dit")
 
 @dataclass
 class ModelConfig(DictConfig):
+    required = ("unet", "schedule")
+
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction: str = "eps"
