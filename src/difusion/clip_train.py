@@ -33,7 +33,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from .batches import restore_stream, stream_metadata, training_batches
 from .checkpoints import atomic_save, read_safetensors
 from .clip import MAX_LOGIT_SCALE, Clip, ClipConfig, contrastive_loss
 from .clip_eval import EVAL_SETS, HELDOUT_SPLITS, heldout_set, item_keys, key_ids, retrieval, rgb
+from .configs import DictConfig
 from .data import ShapesDataset, load_dataset, option_names
 from .data.language import caption_languages
 from .loop import Stop, TrainLoop
@@ -66,7 +67,7 @@ CLIP_FOLDER = "clip"
 
 
 @dataclass
-class ClipTrainConfig:
+class ClipTrainConfig(DictConfig):
     data: str = "shapes,emoji,fashion"
     out: str = "runs/clip"
     size: int | None = None  # image size (None: 32)
@@ -93,14 +94,6 @@ class ClipTrainConfig:
     keep: int = 0
     workers: int = 0
     model: str = "clip"  # marks the run folder's train_config.json
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ClipTrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def clip_config(self) -> ClipConfig:
         width = self.channels

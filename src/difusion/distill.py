@@ -29,7 +29,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from .batches import Batches, restore_stream, stream_metadata, training_batches
 from .checkpoints import file_sha256, read_safetensors
+from .configs import DictConfig
 from .data import load_dataset
 from .denoiser import Denoiser, bind, clamped, consistency, guided
 from .loop import Stop, TrainLoop
@@ -64,7 +65,7 @@ GUIDANCE_EMBED_DIM = 64
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(DictConfig):
     teacher: str = "default"  # "default", a run folder or a model file
     out: str = "runs/distill"
     data: str | None = None  # default: the teacher run's data ("shapes" for "default")
@@ -89,13 +90,6 @@ class DistillConfig:
     workers: int = 0  # DataLoader worker processes decoding the data (0: in the training one)
     model: str = "distill"  # marks the run folder's train_config.json
     lora: int = 0  # > 0: distil into a LoRA adapter of this rank on the frozen teacher (LCM-LoRA)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DistillConfig:
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
 def teacher_data(teacher: str) -> str:

@@ -21,7 +21,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from .batches import Batches, restore_stream, stream_metadata, training_batches
 from .checkpoints import read_safetensors
+from .configs import DictConfig
 from .images import auto_scale, grid, to_pil
 from .loop import Stop, TrainLoop
 from .nn.gan import GAN, Discriminator, GANConfig, Generator, d_loss, g_loss, parameter_count
@@ -51,7 +52,7 @@ from .runs import (
 
 
 @dataclass
-class GANTrainConfig:
+class GANTrainConfig(DictConfig):
     data: str = "digits"
     out: str = "runs/gan"
     size: int | None = None
@@ -73,14 +74,6 @@ class GANTrainConfig:
     keep: int = 0  # step-numbered copies of the last `keep` checkpoints, in checkpoints/
     workers: int = 0  # DataLoader worker processes decoding the data (0: in the training one)
     model: str = "gan"  # marks the run folder's train_config.json
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GANTrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 ARCHITECTURE = ("data", "out", "size", "z_dim", "channels", "d_channels")

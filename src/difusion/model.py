@@ -10,7 +10,7 @@ JSON, so a checkpoint is self-describing and never unpickled.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, atomic_save, read_safetensors
+from .configs import DictConfig
 from .denoiser import (
     GUIDANCE_RANGE,
     Cond,
@@ -41,7 +42,9 @@ BACKBONES = ("unet", "dit")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
+    required = ("unet", "schedule")
+
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prediction: str = "eps"
@@ -63,22 +66,6 @@ class ModelConfig:
     clip: dict | None = None  # for cond="image": the CLIP (embed_dim, sha256) it was trained on
     backbone: str = "unet"  # or "dit": the network is `dit`'s, and `unet` is not used
     dit: DiTConfig | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["unet"] = self.unet.to_dict()
-        d["schedule"] = self.schedule.to_dict()
-        d["dit"] = self.dit.to_dict() if self.dit is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        d = dict(d)
-        d["unet"] = UNetConfig.from_dict(d["unet"])
-        d["schedule"] = ScheduleConfig.from_dict(d["schedule"])
-        if d.get("dit") is not None:
-            d["dit"] = DiTConfig.from_dict(d["dit"])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     @property
     def network(self) -> UNetConfig | DiTConfig:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoints import CheckpointError, atomic_save, read_safetensors
+from .configs import DictConfig
 from .denoiser import Cond, Denoiser, DenoiserFn, bind, check_guidance, guided
 from .errors import first_line
 from .nn.unet import timestep_embedding
@@ -33,7 +34,7 @@ FORMAT = "difusion-prior/1"
 
 
 @dataclass
-class PriorConfig:
+class PriorConfig(DictConfig):
     embed_dim: int = 128  # CLIP's embedding size D
     text_width: int = 192  # the width of CLIP's per-token text states
     context_length: int = 32  # CLIP's text window, the tokens the prior reads
@@ -45,17 +46,6 @@ class PriorConfig:
     steps: int = 25
     guidance: float = 2.0
     clip: dict | None = None  # the CLIP it was trained on: embed_dim, sha256
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["schedule"] = self.schedule.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PriorConfig:
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        d["schedule"] = ScheduleConfig.from_dict(d.get("schedule", {}))
-        return cls(**d)
 
 
 class PriorTransformer(nn.Module):

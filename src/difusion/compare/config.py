@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+from ..configs import DictConfig
 
 HEADLINE = ("dpmpp_2m", 20)
 SPEED_CONFIGS = (("ddpm", 1000), ("ddim", 50), ("dpmpp_2m", 20), ("dpmpp_2m", 10))
@@ -79,7 +81,7 @@ def recipe_settings(recipe: str) -> dict:
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(DictConfig):
     data: tuple[str, ...] = ("digits", "fashion", "shapes")
     out: str = "compare"
     budget_minutes: float = 5.0  # training wall time per model and seed
@@ -158,14 +160,6 @@ class CompareConfig:
     def seeds_for(self, data: str) -> int:
         """How many training seeds `data` gets."""
         return len(self.seed_list(data))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CompareConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def steps_grid(self) -> dict[str, tuple[int, ...]]:

@@ -17,13 +17,14 @@ zero, so that each block starts as the identity and the network's output as 0.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configs import DictConfig
 from .attention import Attention
 from .unet import TimestepEmbedding, guidance_embedding, timestep_embedding
 
@@ -31,7 +32,7 @@ TIME_DIM = 256  # sinusoidal timestep features, as in DiT and PixArt
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(DictConfig):
     in_channels: int = 3
     out_channels: int = 3
     sample_size: int = 32
@@ -62,13 +63,6 @@ class DiTConfig:
     @property
     def text(self) -> bool:
         return self.context_dim is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any]) -> DiTConfig:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, atomic_save, read_safetensors
+from ..configs import DictConfig
 
 FORMAT = "difusion-gan/1"
 
 
 @dataclass
-class GANConfig:
+class GANConfig(DictConfig):
     image_size: int = 32
     channels: int = 1
     z_dim: int = 100
@@ -53,14 +54,6 @@ class GANConfig:
     def levels(self) -> int:
         """Stride-2 layers between 4x4 and the image size."""
         return int(math.log2(self.image_size // 4))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GANConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def init_dcgan(module: nn.Module) -> None:

@@ -14,13 +14,14 @@ loads with `load_state_dict(strict=True)` and Stable Diffusion's weights by key 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configs import DictConfig
 from .attention import Attention, LayoutMap, LayoutMaps, PreparedContext, TransformerBlock
 
 # diffusers options that this U-Net has only in their default form
@@ -51,7 +52,9 @@ DIFFUSERS_FIXED = {
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(DictConfig):
+    strict = True  # an unknown key is a network this version cannot build
+
     in_channels: int = 3
     out_channels: int = 3
     sample_size: int = 32  # the training resolution, informative only: any size works
@@ -105,20 +108,6 @@ class UNetConfig:
 
     def heads(self, channels: int) -> int:
         return self.num_heads or max(1, channels // self.attention_head_dim)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        d["attention_levels"] = list(self.attention_levels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown UNetConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
     def to_diffusers_kwargs(self) -> dict[str, Any]:
         """Config of the equivalent diffusers model: `UNet2DConditionModel` when `context_dim`

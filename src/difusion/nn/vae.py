@@ -15,7 +15,7 @@ with f = 2 ** (len(block_out_channels) - 1). The diffusion model sees the scaled
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from difusion.nn.attention import Attention
 from difusion.nn.unet import norm_silu
 
+from ..configs import DictConfig
+
 EPS = 1e-6  # every GroupNorm of diffusers' VAE
 ENCODER_BLOCK = "DownEncoderBlock2D"
 DECODER_BLOCK = "UpDecoderBlock2D"
@@ -33,7 +35,9 @@ DIFFUSERS_IGNORED = {"force_upcast"}
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(DictConfig):
+    strict = True  # an unknown key is a network this version cannot build
+
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
@@ -54,19 +58,6 @@ class VAEConfig:
     def downscale(self) -> int:
         """Image pixels per latent pixel along each axis."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown VAEConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
     def to_diffusers_kwargs(self) -> dict[str, Any]:
         """Config of the equivalent diffusers `AutoencoderKL`."""
