@@ -386,6 +386,17 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.unet.state_dict().items() if ".lora_" in k}
 
 
+def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """`adapter_state`'s tensors back into a model given the same adapter (`add_trainable`)."""
+    missing, unexpected = model.unet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".lora_" in k]
+    if missing or unexpected:
+        raise LoraError(
+            f"the adapter's weights do not fit the model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]})"
+        )
+
+
 def diffusers_layout(model: nn.Module, name: str = TRAIN) -> dict[str, Tensor]:
     """Adapter `name` of `model` in diffusers' layout (alpha / rank baked into lora_B)."""
     out = {}
@@ -403,8 +414,12 @@ def save_lora(model: nn.Module, path: str | Path, name: str = TRAIN, **metadata:
     atomic_save(diffusers_layout(model, name), path, {"format": "pt", **metadata})
 
 
-def save_run_model(model: nn.Module, path: Path, step: int) -> None:
+def save_run_model(model: nn.Module, path: Path, step: int, merge: bool = True) -> None:
     """A LoRA run's checkpoint: the model with its adapter merged (a plain model file, which
-    every command reads) at `path`, and the adapter alone beside it (LORA_FILE)."""
-    merged(model).save(path, {"step": str(step)})
+    every command reads) at `path`, and the adapter alone beside it (LORA_FILE). Without
+    `merge` (a Stable Diffusion base, not ours to copy), `path` holds the adapter too."""
+    if merge:
+        merged(model).save(path, {"step": str(step)})
+    else:
+        save_lora(model, path, step=str(step))
     save_lora(model, path.parent / LORA_FILE, step=str(step))
