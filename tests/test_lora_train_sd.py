@@ -67,7 +67,14 @@ def _files_sha(folder) -> str:
     return h.hexdigest()
 
 
-def test_sd_adapter_trains_resumes_and_loads_in_diffusers(sd, tmp_path):
+@pytest.fixture
+def no_previews(monkeypatch):
+    """The end-of-run sample grid (18 pictures of 20 steps: most of a tiny run's time) left out
+    where a test does not look at it; test_sd_lora_on_a_single_file draws it."""
+    monkeypatch.setattr("difusion.train.preview", lambda *args, **kwargs: None)
+
+
+def test_sd_adapter_trains_resumes_and_loads_in_diffusers(sd, tmp_path, no_previews):
     root, pipe = sd
     base_sha = _files_sha(root / "folder")
     out = train(sd_run(root, tmp_path / "whole"), progress=False)
@@ -119,14 +126,15 @@ def test_sd_lora_on_a_single_file(sd, tmp_path):
     write_single_file(single, path, v2=False)
     out = train(sd_run(root, tmp_path / "run", init=str(path), size=32, steps=2), progress=False)
     written = read_safetensors(out / lora.LORA_FILE)[0]
-    folder = read_safetensors(tmp_path / "run" / "model.safetensors")[0]
-    assert written.keys() == folder.keys() and all(".lora_" in k for k in written)
+    model_file = read_safetensors(out / "model.safetensors")[0]
+    assert written.keys() == model_file.keys() and all(".lora_" in k for k in written)
+    assert Image.open(out / "samples.png").size[0] >= 6 * 32  # six prompts' columns, 32 px
     # the adapter fits the folder's U-Net too (the same names, the same weights' shapes)
     ours = Pipeline.from_pretrained(root / "folder", lora=[str(out / lora.LORA_FILE)])
     assert sum(1 for _ in lora.lora_layers(ours.model.unet)) == len(written) // 2
 
 
-def test_sd_cli_and_bad_input(sd, tmp_path, monkeypatch, capsys):
+def test_sd_cli_and_bad_input(sd, tmp_path, monkeypatch, capsys, no_previews):
     root, _ = sd
     common = ["train", "--init", root / "folder", "--data", root / "pictures", "--steps", "1",
               "--batch-size", "2", "--sample-every", "1000", "--device", "cpu"]  # fmt: skip
