@@ -109,6 +109,8 @@ def test_sd_adapter_trains_resumes_and_loads_in_diffusers(sd, tmp_path, no_previ
         pipe.unload_lora_weights()
     assert rel_err(base, ref) > 10 * TOL  # the adapter changes the latents
     assert rel_err(ours, ref) < TOL
+    # the run folder as a model: its adapter on the checkpoint it names
+    assert torch.equal(Pipeline.from_pretrained(out).sample(PROMPTS, **kw), ours)
 
 
 def test_sd_lora_on_a_single_file(sd, tmp_path):
@@ -142,6 +144,10 @@ def test_sd_cli_and_bad_input(sd, tmp_path, monkeypatch, capsys, no_previews):
                        tmp_path / "ok")  # fmt: skip
     assert code == 0, err
     assert (tmp_path / "ok" / lora.LORA_FILE).is_file()
+    picture = tmp_path / "cat.png"
+    code, _, err = cli(monkeypatch, capsys, "generate", "a photo of a cat", "--model",
+                       tmp_path / "ok", "--steps", "2", "-n", "1", "-o", picture)  # fmt: skip
+    assert code == 0 and Image.open(picture).size[0] >= 32, err
     uncaptioned = tmp_path / "uncaptioned"
     uncaptioned.mkdir()
     Image.new("RGB", (32, 32)).save(uncaptioned / "0.png")

@@ -216,7 +216,7 @@ def load_sd_init(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, StableDif
     if resume and digest != cfg.init_sha256:
         raise TrainingError(f"--init {cfg.init}: not the checkpoint this run started from")
     architecture = architecture_of(sd.model.config, sd.vae.config.downscale)
-    size = cfg.size or architecture.pop("size")
+    size = cfg.size or architecture["size"]
     return replace(cfg, **{**architecture, "size": size}, init_sha256=digest), sd
 
 
@@ -492,7 +492,8 @@ def save_state(
         **stream_metadata(batches),
     )
     if cfg.lora:
-        write_model = lambda path: save_run_model(ema, path, step, merge=not sd)  # noqa: E731
+        base = str(Path(cfg.init).resolve()) if sd else None
+        write_model = lambda path: save_run_model(ema, path, step, base)  # noqa: E731
     else:
         write_model = lambda path: ema.save(path, {"step": str(step)})  # noqa: E731
     save_checkpoint(run, step, write_model, tensors, metadata, cfg.keep)
