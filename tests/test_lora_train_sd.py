@@ -113,6 +113,22 @@ def test_sd_adapter_trains_resumes_and_loads_in_diffusers(sd, tmp_path, no_previ
     assert torch.equal(Pipeline.from_pretrained(out).sample(PROMPTS, **kw), ours)
 
 
+def test_sd2_v_prediction(sd, tmp_path_factory, no_previews):
+    """An SD 2.x-style checkpoint (v-prediction, linear projections): trained on v, and the run
+    applies to it."""
+    import json
+
+    root, _ = sd
+    sd2 = tmp_path_factory.mktemp("sd2")
+    build(sd2, v2=True)
+    out = train(sd_run(root, sd2 / "run", init=str(sd2 / "folder"), steps=2), progress=False)
+    assert json.loads((out / "train_config.json").read_text())["prediction"] == "v"
+    kw = dict(steps=2, sampler="ddim", guidance=GUIDANCE, latents=_latents((1, 4, 16, 16)))
+    adapted = Pipeline.from_pretrained(out).sample(PROMPTS[:1], decode=False, **kw)
+    base = Pipeline.from_pretrained(sd2 / "folder").sample(PROMPTS[:1], decode=False, **kw)
+    assert rel_err(adapted, base) > 10 * TOL
+
+
 def test_sd_lora_on_a_single_file(sd, tmp_path):
     """One original checkpoint, with no tokenizer beside it (open_clip's BPE vocabulary: the
     tiny text encoder's table padded to its size), at --size 32 (its guessed resolution is
