@@ -51,7 +51,10 @@ def train(
     grad_accum: Annotated[
         int, typer.Option(help="Batches whose gradients make one step (a larger global batch).")
     ] = 1,
-    size: Annotated[int | None, typer.Option(help="Image size (default: the data set's).")] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(help="Image size (default: the data set's; a Stable Diffusion --init's own)."),
+    ] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
     warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 200,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the sampling weights.")] = 0.999,
