@@ -670,7 +670,10 @@ def train(
             run.dir.mkdir(parents=True, exist_ok=True)
             generator = torch.Generator().manual_seed(cfg.seed + 7919)
             pretrain_layout(diffusion, dataset, cfg, generator, run, progress, stop)
-        ema = copy.deepcopy(diffusion).requires_grad_(False)
+        # frozen weights (an adapter's base, a frozen text encoder) are shared, not copied:
+        # the EMA never moves them, and Stable Diffusion's would double the memory
+        frozen = {id(p): p for p in diffusion.parameters() if not p.requires_grad}
+        ema = copy.deepcopy(diffusion, memo=frozen).requires_grad_(False)
         gen_device = device if device.type == "cuda" else torch.device("cpu")
         generators = training_generators(cfg.seed, rank, gen_device)
         multiple = 2 ** (len(cfg.channel_mult) - 1) if cfg.backbone == "unet" else cfg.patch_size
