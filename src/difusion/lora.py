@@ -40,6 +40,7 @@ from .checkpoints import atomic_save
 from .errors import first_line
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves and loads
+LORA_BASE = "lora_base"  # metadata of a run's model file that is an adapter: its base's path
 TRAIN = "trained"  # the adapter being trained (not "train": ModuleDict keys are attributes)
 TARGETS = {  # --lora-targets: the layers an adapter is trained on (None: every one)
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
@@ -386,6 +387,17 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.unet.state_dict().items() if ".lora_" in k}
 
 
+def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """`adapter_state`'s tensors back into a model given the same adapter (`add_trainable`)."""
+    missing, unexpected = model.unet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".lora_" in k]
+    if missing or unexpected:
+        raise LoraError(
+            f"the adapter's weights do not fit the model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]})"
+        )
+
+
 def diffusers_layout(model: nn.Module, name: str = TRAIN) -> dict[str, Tensor]:
     """Adapter `name` of `model` in diffusers' layout (alpha / rank baked into lora_B)."""
     out = {}
@@ -403,8 +415,13 @@ def save_lora(model: nn.Module, path: str | Path, name: str = TRAIN, **metadata:
     atomic_save(diffusers_layout(model, name), path, {"format": "pt", **metadata})
 
 
-def save_run_model(model: nn.Module, path: Path, step: int) -> None:
+def save_run_model(model: nn.Module, path: Path, step: int, base: str | None = None) -> None:
     """A LoRA run's checkpoint: the model with its adapter merged (a plain model file, which
-    every command reads) at `path`, and the adapter alone beside it (LORA_FILE)."""
-    merged(model).save(path, {"step": str(step)})
+    every command reads) at `path`, and the adapter alone beside it (LORA_FILE). With `base`
+    (a Stable Diffusion checkpoint's path: not ours to copy), `path` holds the adapter too,
+    naming its base (LORA_BASE) for `Pipeline.from_pretrained` to apply it to."""
+    if base is None:
+        merged(model).save(path, {"step": str(step)})
+    else:
+        save_lora(model, path, step=str(step), **{LORA_BASE: base})
     save_lora(model, path.parent / LORA_FILE, step=str(step))

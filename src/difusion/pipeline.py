@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpoints import read_metadata
 from .denoiser import Cond
 from .images import to_pil
+from .lora import LORA_BASE
 from .model import SHIPPED, DiffusionModel, resolve_checkpoint
 from .sd import is_sd_checkpoint, load_checkpoint
 from .sizes import FLEXIBLE_SIDES, check_memory, makes_size, sampling_bytes, size_rule, sizes_made
@@ -265,6 +267,9 @@ class Pipeline:
         if is_unclip(name_or_path):  # a folder of prior, decoder and CLIP
             return UnclipPipeline.load(name_or_path, device, dtype)
         path = resolve_checkpoint(name_or_path)
+        base = read_metadata(path).get(LORA_BASE)
+        if base is not None:  # a LoRA run on Stable Diffusion: its adapter on that checkpoint
+            return cls.from_pretrained(base, device, dtype, lora=[(path, 1.0), *lora])
         model = DiffusionModel.load(path, device)
         if model.config.cond == "image":
             raise ValueError(f"{path}: an unCLIP decoder; pack it with its prior (difusion unclip)")

@@ -35,9 +35,10 @@ from .checkpoints import CheckpointError, file_sha256, read_metadata, read_safet
 from .configs import DictConfig
 from .data import load_dataset
 from .denoiser import PRECONDITIONED
+from .errors import first_line
 from .layout_fit import pretrain_layout
 from .loop import Stop, TrainLoop
-from .lora import adapter_state, add_trainable, save_run_model
+from .lora import adapter_state, add_trainable, load_adapter_state, save_run_model
 from .model import BACKBONES, DiffusionModel, ModelConfig, resolve_checkpoint
 from .nn.dit import DiTConfig
 from .nn.unet import UNetConfig
@@ -60,6 +61,7 @@ from .runs import (
     write_run_config,
 )
 from .schedule import ScheduleConfig
+from .sd import StableDiffusion
 
 OBJECTIVES = ("ddpm", "edm", "flow")
 
@@ -124,11 +126,15 @@ class TrainConfig(DictConfig):
     lora_targets: str = "attn"  # attn, attn+ff or all: the layers it adapts
 
 
-def architecture_of(config: ModelConfig) -> dict:
+def architecture_of(config: ModelConfig, downscale: int = 1) -> dict:
     """The TrainConfig fields that fix the model's weights' shapes, objective and condition,
-    as they rebuild `config` (the inverse of `model_config_for`)."""
-    if config.latent is not None:
-        raise TrainingError("--init: fine-tuning a latent model is not supported")
+    as they rebuild `config` (the inverse of `model_config_for`). The size is in image pixels:
+    `downscale` of them a latent pixel (a latent model of ours says its own)."""
+    latent = config.latent
+    if latent is not None:
+        if not latent.get("path"):
+            raise TrainingError("--init: a latent model without its VAE's path")
+        downscale = 2 ** (len(latent["vae"]["block_out_channels"]) - 1)
     unet, text = config.unet, config.text_encoder or {}
     base = unet.block_out_channels[0]
     objective = config.prediction if config.prediction in PRECONDITIONED else "ddpm"
@@ -140,7 +146,7 @@ def architecture_of(config: ModelConfig) -> dict:
     return {
         "objective": objective,
         "backbone": config.backbone,
-        "size": config.image_size,
+        "size": config.image_size * downscale,
         "prediction": "eps" if objective != "ddpm" else config.prediction,
         "schedule": config.schedule.kind,
         "zero_terminal_snr": config.schedule.zero_terminal_snr,
@@ -156,7 +162,7 @@ def architecture_of(config: ModelConfig) -> dict:
         "head_dim": unet.attention_head_dim,
         "dropout": unet.dropout,
         "layout_map": unet.layout_map,
-        "latent": None,
+        "latent": latent["path"] if latent else None,
         **dit,
     }
 
@@ -214,6 +220,67 @@ def warm_started(diffusion: DiffusionModel, weights: dict, name: str) -> str:
         f"warm start: {len(taken)} of {len(own)} tensors ({share:.1%} of the U-Net's "
         f"parameters) from {name}; {len(fresh)} fresh"
     )
+
+
+def load_sd_init(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, StableDiffusion]:
+    """`--init` of a Stable Diffusion checkpoint (a diffusers folder or a single file): an
+    adapter trained on its frozen U-Net, in its VAE's latents, at its resolution or `--size`.
+    A resumed run reloads it, refused if it is no longer the same."""
+    from .sd import load_checkpoint
+
+    if not cfg.lora:
+        raise TrainingError("--init: a Stable Diffusion checkpoint trains a LoRA: give --lora RANK")
+    if cfg.layout_map:
+        raise TrainingError("--layout-map is for models of ours, not a Stable Diffusion --init")
+    try:
+        sd = load_checkpoint(cfg.init)
+    except (CheckpointError, ValueError, OSError) as e:
+        raise TrainingError(f"--init: {first_line(e)}") from None
+    digest = sd_sha256(Path(cfg.init))
+    if resume and digest != cfg.init_sha256:
+        raise TrainingError(f"--init {cfg.init}: not the checkpoint this run started from")
+    architecture = architecture_of(sd.model.config, sd.vae.config.downscale)
+    size = cfg.size or architecture["size"]
+    return replace(cfg, **{**architecture, "size": size}, init_sha256=digest), sd
+
+
+def sd_sha256(path: Path) -> str:
+    """A Stable Diffusion checkpoint's identity: its file's, or its folder's U-Net weights'."""
+    if path.is_dir():
+        unet = path / "unet"
+        path = next(iter(sorted(unet.glob("*.safetensors*"))), unet / "config.json")
+    return file_sha256(path)
+
+
+def uses_sd(cfg: TrainConfig) -> bool:
+    """Whether a run adapts a Stable Diffusion checkpoint (whose base it does not save)."""
+    from .sd import is_sd_checkpoint
+
+    return cfg.init is not None and is_sd_checkpoint(cfg.init)
+
+
+def check_sd_fits(cfg: TrainConfig, dataset: Dataset, sd: StableDiffusion) -> None:
+    """The data's pictures are ones a Stable Diffusion U-Net and VAE take."""
+    vae = sd.vae.config
+    if dataset.channels != vae.in_channels:
+        raise TrainingError(
+            f"{cfg.data!r} has {dataset.channels}-channel images; the VAE of --init takes "
+            f"{vae.in_channels}"
+        )
+    f = vae.downscale * 2 ** (len(sd.model.config.unet.block_out_channels) - 1)
+    if dataset.size % f:
+        raise TrainingError(
+            f"image size {dataset.size} does not fit --init {cfg.init}: its sizes are "
+            f"multiples of {f}"
+        )
+
+
+def restore_weights(model: DiffusionModel, state: dict[str, torch.Tensor]) -> None:
+    """A model's weights, or (a Stable Diffusion run's state) its adapter's alone."""
+    if state and all(".lora_" in k for k in state):
+        load_adapter_state(model, state)
+    else:
+        model.load_weights(state)
 
 
 def with_layout_map(model: DiffusionModel) -> DiffusionModel:
@@ -437,7 +504,8 @@ def save_state(
     generators: dict[str, torch.Generator],
     batches: Batches,
 ) -> None:
-    modules = {"model": model.weights()}
+    sd = uses_sd(cfg)
+    modules = {"model": adapter_state(model) if sd else model.weights()}
     if cfg.lora:  # the adapter's EMA (the model file holds it merged into the base)
         modules["ema_lora"] = adapter_state(ema)
     tensors, metadata = training_state(modules, {"model": opt}, generators)
@@ -448,7 +516,8 @@ def save_state(
         **stream_metadata(batches),
     )
     if cfg.lora:
-        write_model = lambda path: save_run_model(ema, path, step)  # noqa: E731
+        base = str(Path(cfg.init).resolve()) if sd else None
+        write_model = lambda path: save_run_model(ema, path, step, base)  # noqa: E731
     else:
         write_model = lambda path: ema.save(path, {"step": str(step)})  # noqa: E731
     save_checkpoint(run, step, write_model, tensors, metadata, cfg.keep)
@@ -464,7 +533,7 @@ def load_state(
     """The step a run stopped at, with its weights, optimizer, generators and place in the
     data restored (a run saved before the data's place was kept starts its data afresh)."""
     tensors, metadata = read_safetensors(run.state_path)
-    model.load_weights(module_state(tensors, "model"))
+    restore_weights(model, module_state(tensors, "model"))
     restore_training_state(tensors, metadata, {"model": opt}, generators)
     restore_stream(batches, metadata)
     return int(metadata["step"])
@@ -559,8 +628,11 @@ def train(
         torch.cuda.set_device(device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise TrainingError("fp16 training needs a CUDA device; use bf16 on a CPU")
-    init, fit_layout = None, cfg.layout_map and not resume
-    if cfg.init is not None and not resume:
+    init, sd, fit_layout = None, None, cfg.layout_map and not resume
+    if uses_sd(cfg):
+        cfg, sd = load_sd_init(cfg, resume)
+        init = sd.model
+    elif cfg.init is not None and not resume:
         cfg, init, fit_layout = load_init(cfg)
     warm = None
     if cfg.warm_start is not None and not resume:
@@ -588,7 +660,7 @@ def train(
         image_encoder = frozen_clip(cfg.clip)
         if resume:  # the run continues only through the CLIP it started with
             check_clip(image_encoder, stored_model_config(run).get("clip"), "decoder run")
-    vae, latent = None, None
+    vae, latent = (sd.vae.to(device) if sd else None), None
     if cfg.latent is not None:
         from .vae_train import latent_spec
 
@@ -600,14 +672,20 @@ def train(
                 raise TrainingError(
                     f"{cfg.latent}: not the VAE this run was trained with (sha256 differs)"
                 )
-    model_config = model_config_for(cfg, dataset, text_encoder, latent, image_encoder)
-    if init is not None:
-        check_init_fits(init, model_config, cfg)
+    if sd is not None:  # its own configuration, not one of ours to rebuild
+        check_sd_fits(cfg, dataset, sd)
+        side = dataset.size // vae.config.downscale  # previews at the training size
+        init.config = replace(init.config, image_size=side)
         diffusion = init.train()
     else:
-        diffusion = DiffusionModel(
-            model_config, text_encoder=text_encoder, image_encoder=image_encoder
-        )
+        model_config = model_config_for(cfg, dataset, text_encoder, latent, image_encoder)
+        if init is not None:
+            check_init_fits(init, model_config, cfg)
+            diffusion = init.train()
+        else:
+            diffusion = DiffusionModel(
+                model_config, text_encoder=text_encoder, image_encoder=image_encoder
+            )
         if warm is not None:
             taken = warm_started(diffusion, warm, cfg.warm_start)
             print(taken, file=sys.stderr, flush=True) if rank == 0 else None
@@ -626,7 +704,10 @@ def train(
             run.dir.mkdir(parents=True, exist_ok=True)
             generator = torch.Generator().manual_seed(cfg.seed + 7919)
             pretrain_layout(diffusion, dataset, cfg, generator, run, progress, stop)
-        ema = copy.deepcopy(diffusion).requires_grad_(False)
+        # frozen weights (an adapter's base, a frozen text encoder) are shared, not copied:
+        # the EMA never moves them, and Stable Diffusion's would double the memory
+        frozen = {id(p): p for p in diffusion.parameters() if not p.requires_grad}
+        ema = copy.deepcopy(diffusion, memo=frozen).requires_grad_(False)
         gen_device = device if device.type == "cuda" else torch.device("cpu")
         generators = training_generators(cfg.seed, rank, gen_device)
         multiple = 2 ** (len(cfg.channel_mult) - 1) if cfg.backbone == "unet" else cfg.patch_size
@@ -640,7 +721,7 @@ def train(
         step = 0
         if resume:
             step = load_state(run, diffusion, opt, generators, batches)
-            ema.load_weights(ema_weights(run, cfg))
+            restore_weights(ema, ema_weights(run, cfg))
             if rank == 0:
                 run.truncate_log(step)
         run.dir.mkdir(parents=True, exist_ok=True)
@@ -731,7 +812,7 @@ def train(
                 started = time.monotonic()
                 run.plot_loss()
                 preview(ema, run.dir / "samples" / f"step_{loop.step:06d}.png", vae=vae)
-                if tracks_alignment(cfg):
+                if vae is None and tracks_alignment(cfg):
                     run.append_log({"step": loop.step, **alignment_probe(ema)})
                     run.plot_alignment()
                 drawing = time.monotonic() - started

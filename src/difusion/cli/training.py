@@ -51,7 +51,10 @@ def train(
     grad_accum: Annotated[
         int, typer.Option(help="Batches whose gradients make one step (a larger global batch).")
     ] = 1,
-    size: Annotated[int | None, typer.Option(help="Image size (default: the data set's).")] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(help="Image size (default: the data set's; a Stable Diffusion --init's own)."),
+    ] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
     warmup: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 200,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the sampling weights.")] = 0.999,
@@ -135,7 +138,8 @@ def train(
         str | None,
         typer.Option(
             help='Fine-tune: start from this model ("default", a run folder or a .safetensors '
-            "file), keeping its architecture, condition and objective."
+            "file, a latent one too), keeping its architecture, condition and objective; or "
+            "train a --lora on a Stable Diffusion checkpoint (a diffusers folder or one file)."
         ),
     ] = None,
     warm_start: Annotated[
@@ -175,6 +179,7 @@ def train(
 ) -> None:
     """Train a diffusion model (on one process, or several under torchrun), a DCGAN or a VAE."""
     from ..runs import RESUME_SETTINGS, given_options, pick_device
+    from ..sd import is_sd_checkpoint
     from ..sizes import check_training_size
     from ..train import TrainConfig
     from ..train import train as run_training
@@ -217,7 +222,8 @@ def train(
         raise UserError(f"--objective must be ddpm, edm or flow, got {objective!r}")
     if backbone not in ("unet", "dit"):
         raise UserError(f"--backbone must be unet or dit, got {backbone!r}")
-    given = given_options(dict(locals()), train, FIXED_BY_INIT) if init is not None else []
+    fixed = FIXED_BY_INIT[1:] if init is not None and is_sd_checkpoint(init) else FIXED_BY_INIT
+    given = given_options(dict(locals()), train, fixed) if init is not None else []
     if given:
         raise UserError(f"{', '.join(given)}: --init keeps the model's own; leave them out")
     given = given_options(dict(locals()), train, FIXED_BY_WARM_START) if warm_start else []
@@ -284,7 +290,8 @@ TRAINERS = {
     "prior": "..prior_train", "decoder": "..decoder_train",
 }  # fmt: skip
 
-# the training options that set a model's architecture, condition and objective
+# the training options that set a model's architecture and objective, and with them its
+# condition (a Stable Diffusion --init takes all but the first: any size its U-Net and VAE take)
 FIXED_BY_WARM_START = (
     "size", "prediction", "objective", "backbone", "patch_size", "depth", "head_dim", "schedule",
     "zero_terminal_snr", "channels", "channel_mult", "attention", "layers_per_block", "dropout",
