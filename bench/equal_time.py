@@ -194,7 +194,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--from", dest="start", default="default", help="the model every design starts from"
     )
-    p.add_argument("--prior-steps", type=int, default=500, help="unCLIP's prior's steps")
+    p.add_argument("--prior-steps", type=int, default=200, help="unCLIP's prior's steps")
     p.add_argument("--n-single", type=int, default=200)
     p.add_argument("--n-double", type=int, default=200)
     p.add_argument("--diversity-prompts", type=int, default=9, help="of each kind")

@@ -125,7 +125,36 @@ def server(request: Request) -> Server:
 async def in_pool(request: Request, fn: Callable[..., T], *args) -> T:
     """fn(*args) in the codec pool: decoding and encoding images never hold the event loop."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(server(request).codec, partial(fn, *args))
+    return await loop.run_in_executor(server(request).codec, partial(then_release, fn, *args))
+
+
+def then_release(fn: Callable[..., T], *args) -> T:
+    """fn(*args), then the freed heap handed back to the system: glibc keeps what a pool
+    thread freed in that thread's arena, and a few 4096x4096 uploads decoded by different
+    threads would otherwise hold their peak for good."""
+    try:
+        return fn(*args)
+    finally:
+        malloc_trim()
+
+
+def malloc_trim() -> None:
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to hand back this way
+        return None
+
+
+_libc = _glibc()
 
 
 def public_url(request: Request, path: str) -> str:
