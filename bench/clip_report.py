@@ -42,6 +42,7 @@ from difusion.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 KEPT = {
+    "study": "*Not measured yet: `bench/clip_report.py --study WORK`.*",
     "alignment": "*To be filled: the shipped MiniLM model fine-tuned on bilingual captions.*",
     "grid": "*To be filled: a grid of Spanish prompts and their images.*",
 }
@@ -115,17 +116,40 @@ def clip_score_section(clip, model_name: str, prompts: int) -> list[str]:
 
 
 ENCODERS = {"minilm": "MiniLM", "clip": "our CLIP", "scratch": "scratch encoder"}
+MARKED = (  # sections kept from the report unless this run makes them
+    (
+        "study",
+        "MiniLM, our CLIP and a scratch encoder guiding the shipped U-Net, at equal CPU time",
+    ),
+    ("alignment", "The shipped MiniLM model fine-tuned on bilingual captions"),
+    ("grid", "Spanish prompts and their images"),
+)
+
+
+def only_study(args) -> None:
+    """`--only-study`: the report as it is, with its study section made again."""
+    text = args.out.read_text()
+    body = "\n".join(study_section(args)).strip()
+    marked = re.compile(r"(<!-- begin: study -->\n).*?(<!-- end: study -->)", re.S)
+    if marked.search(text):
+        text = marked.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    else:  # before the first kept section
+        title = dict(MARKED)["study"]
+        first = text.rfind("## ", 0, text.index("<!-- begin: alignment -->"))
+        block = f"## {title}\n\n<!-- begin: study -->\n{body}\n<!-- end: study -->\n\n"
+        text = text[:first] + block + text[first:]
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
 
 
 def study_section(args) -> list[str]:
     """Text models of each encoder at equal time, from bench/equal_time.py's WORK folder."""
-    times = {name: equal_time.trained(args, args.study, name) for name in ENCODERS}
-    results = {name: equal_time.measured(args, args.study, name) for name in ENCODERS}
+    times = {name: equal_time.trained(args, args.study, name) for name in args.encoders}
+    results = {name: equal_time.measured(args, args.study, name) for name in args.encoders}
+    steps = times[args.encoders[0]].get("steps", args.steps)  # what the runs were given
     lines = [
-        "## MiniLM, our CLIP and a scratch encoder guiding the shipped U-Net, at equal time",
-        "",
-        f"`python bench/equal_time.py --clip CLIP --steps {args.steps} --designs "
-        f"{','.join(ENCODERS)}`: each path from the shipped model, {args.steps} steps of batch "
+        f"`python bench/equal_time.py --clip CLIP --steps {steps} --designs "
+        f"{','.join(args.encoders)}`: each path from the shipped model, {steps} steps of batch "
         f"{args.batch_size} on one thread on `shapes` captioned in English and Spanish. MiniLM: the shipped model "
         "fine-tuned whole (`--init`); our CLIP and the scratch encoder: a new text model "
         f"warm-started from `{args.start}`'s U-Net (`--warm-start`; the cross-attention's keys "
@@ -136,7 +160,8 @@ def study_section(args) -> list[str]:
         "| encoder | CPU minutes | language | one object | two objects | n | CLIP score |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, title in ENCODERS.items():
+    for name in args.encoders:
+        title = ENCODERS[name]
         for lang in equal_time.LANGUAGES:
             r = results[name][lang]
             lines.append(
@@ -145,7 +170,9 @@ def study_section(args) -> list[str]:
                 f"{r['clip_score']:.3f} |"
             )
     best = {
-        lang: max(ENCODERS, key=lambda n: results[n][lang]["single"] + results[n][lang]["double"])
+        lang: max(
+            args.encoders, key=lambda n: results[n][lang]["single"] + results[n][lang]["double"]
+        )
         for lang in equal_time.LANGUAGES
     }
     lines += [
@@ -167,8 +194,17 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=200, help="prompts of each kind per language")
     p.add_argument("--out", type=Path, default=ROOT / "docs/clip/report.md")
     p.add_argument("--study", type=Path, help="bench/equal_time.py's folder: encoders compared")
+    p.add_argument("--only-study", action="store_true", help="remake the --study section alone")
+    p.add_argument("--encoders", default=",".join(ENCODERS), help="compared in --study")
     equal_time.add_study_arguments(p)
     args = p.parse_args()
+    args.encoders = [e for e in args.encoders.split(",") if e]
+    if not args.encoders or set(args.encoders) - set(ENCODERS):
+        p.error(f"--encoders: a comma-separated list of {', '.join(ENCODERS)}")
+    if args.only_study:
+        if args.study is None or not args.out.is_file():
+            p.error("--only-study needs --study WORK and an existing report")
+        return only_study(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
     start = time.monotonic()
@@ -209,11 +245,8 @@ def main() -> None:
     ]
     lines += clip_score_section(clip, args.model, args.prompts)
     if args.study is not None:
-        lines += study_section(args)
-    for name, title in (
-        ("alignment", "The shipped MiniLM model fine-tuned on bilingual captions"),
-        ("grid", "Spanish prompts and their images"),
-    ):
+        kept["study"] = "\n".join(study_section(args)).strip()
+    for name, title in MARKED:
         lines += [
             f"## {title}",
             "",
