@@ -99,7 +99,7 @@ def test_sample_is_deterministic_for_a_seed(monkeypatch, capsys, tmp_path, run_d
         (["train", "--cond", "pixels", "--out", "{tmp}/r"], "--cond must be"),
         (["train", "--prediction", "score", "--out", "{tmp}/r"], "--prediction must be"),
         (["train", "--precision", "fp16", "--device", "cpu", "--out", "{tmp}/r", "--size", "8"], "fp16 training needs a CUDA device"),
-        (["train", "--init", "{run}", "--channels", "32", "--cond", "text", "--out", "{tmp}/r"], "--cond, --channels: --init keeps the model's own"),
+        (["train", "--init", "{run}", "--channels", "32", "--cond", "text", "--out", "{tmp}/r"], "--channels, --cond: --init keeps the model's own"),
         (["train", "--init", "{tmp}/none", "--out", "{tmp}/r"], "--init: {tmp}/none: no such checkpoint"),
         (["train", "--data-option", "two_object_prob", "--out", "{tmp}/r"], "--data-option must be KEY=VALUE"),
         (["train", "--data-option", "colour=red", "--out", "{tmp}/r"], "has no option colour"),
