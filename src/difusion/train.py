@@ -214,11 +214,10 @@ def warm_started(diffusion: DiffusionModel, weights: dict, name: str) -> str:
     own = diffusion.unet.state_dict()
     taken = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     diffusion.unet.load_state_dict(taken, strict=False)
-    fresh = [k for k in own if k not in taken]
     share = sum(own[k].numel() for k in taken) / sum(v.numel() for v in own.values())
     return (
         f"warm start: {len(taken)} of {len(own)} tensors ({share:.1%} of the U-Net's "
-        f"parameters) from {name}; {len(fresh)} fresh"
+        f"parameters) from {name}; {len(own) - len(taken)} fresh"
     )
 
 
@@ -688,7 +687,8 @@ def train(
             )
         if warm is not None:
             taken = warm_started(diffusion, warm, cfg.warm_start)
-            print(taken, file=sys.stderr, flush=True) if rank == 0 else None
+            if rank == 0:
+                print(taken, file=sys.stderr, flush=True)
     if cfg.lora:  # the base frozen, an adapter to train (its weights come back on resume)
         add_trainable(diffusion, cfg.lora, cfg.lora_alpha, cfg.lora_targets)
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
