@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from harness import ROOT, markdown_table, parser
 
+from difusion.machine import cpu_model
+
 BENCH = Path(__file__).resolve().parent
 SCRIPTS = [  # (script, arguments)
     ("flops.py", []),
@@ -44,7 +46,6 @@ SCRIPTS = [  # (script, arguments)
     ("sampler_overhead.py", []),
 ]
 OPTIONAL = [("loader.py", []), ("generation.py", [])]  # run when present
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def run_script(script: str, args: list[str], json_path: Path, quick: bool) -> dict:
@@ -75,19 +76,6 @@ def run_script(script: str, args: list[str], json_path: Path, quick: bool) -> di
 def records(results: list[dict]) -> list[dict]:
     """The records of the scripts that succeeded."""
     return [r for res in results if "failed" not in res for r in res.get("records", [])]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return platform.processor() or "unknown"
-    info = dict(line.split(":", 1) for line in lines if ":" in line)
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    flags = set(info.get("flags", "").split())
-    present = [f for f in CPU_FLAGS if f in flags]
-    return f"{info.get('model name', 'unknown')} ({', '.join(present) or 'no AVX2'})"
 
 
 def git_version() -> str:

@@ -1,5 +1,8 @@
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -549,3 +552,66 @@ def test_recipes_sweep_end_to_end_on_digits(monkeypatch, capsys, tmp_path):
     assert "| 0.05 | dit-flow (20 steps) |" in report and "| 0.05 | GAN |" in report
     assert (folder / "fid_vs_minutes.png").is_file()
     assert "classifier FID, lowest: at 0.02 min" in report
+
+
+def test_wall_seconds_is_the_union_of_the_starts():
+    from difusion.compare.sweep import wall_seconds
+
+    # an older start of 60 s, two overlapping starts (0-100, 50-150) and a later one
+    assert wall_seconds([[None, 60.0], [50.0, 100.0], [0.0, 100.0], [300.0, 10.0]]) == 220.0
+    assert wall_seconds([[0.0, 100.0], [10.0, 20.0]]) == 100.0  # one inside the other
+    assert wall_seconds([]) == 0.0
+
+
+def test_a_held_run_lock_is_not_taken_by_another_handle(tmp_path):
+    from difusion.compare.sweep import run_lock
+
+    path = tmp_path / "seed0" / "gan.lock"
+    with run_lock(path) as first, run_lock(path) as second:  # another open file, as a process
+        assert first and not second
+    with run_lock(path) as again:
+        assert again  # released when the holder left
+
+
+def test_two_starts_at_once_share_a_sweep(tmp_path):
+    """The same command twice at once: each run and budget is trained and measured by one
+    start only, each run continues from its own last budget, and the report holds them all."""
+    out = tmp_path / "shared"
+    args = [sys.executable, "-m", "difusion", "compare", "--data", "digits", "--recipes",
+            "unet-v", "--budgets", "0.02,0.04", "--seeds", "1", "--out", str(out), "--preset",
+            "tiny", "--samples", "16", "--no-inception"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    starts = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env) for _ in "ab"]
+    logs = [p.communicate(timeout=600)[0] for p in starts]
+    assert [p.returncode for p in starts] == [0, 0], logs
+    trained = re.findall(r"training the (\S+) to (\S+) min", "".join(logs))
+    each_once = sorted((k, m) for k in ("gan", "unet-v") for m in ("0.02", "0.04"))
+    assert sorted(trained) == each_once, logs  # by one start or the other
+    folder = out / "digits" / "recipes"
+    sweep = json.loads((folder / "sweep.json").read_text())
+    runs = {(r["kind"], r["budget_minutes"]): r for r in sweep["runs"]}
+    assert len(runs) == 4
+    for kind in ("gan", "unet-v"):
+        assert runs[kind, 0.04]["start_step"] == runs[kind, 0.02]["steps"] > 0
+    env_ = sweep["environment"]
+    assert len(env_["starts"]) == 2 and env_["seconds"] < sum(env_["starts_seconds"])  # at once
+    assert "2 starts, some of them at once" in (folder / "sweep.md").read_text()
+
+
+def test_the_report_names_the_cpu_of_each_budget(tmp_path):
+    from difusion.compare.sweep_report import on_what
+
+    sweep = synthetic_sweep()
+    assert on_what(sweep) == "cpu"  # results from before the CPU was noted
+    for r in sweep["runs"]:
+        r["cpu"] = "AMD EPYC (avx512_bf16)"
+    assert on_what(sweep) == "cpu (AMD EPYC (avx512_bf16))"
+    for r in sweep["runs"]:
+        if r["budget_minutes"] == 4.0:
+            r["cpu"] = "Intel Xeon (amx_bf16)"  # the sweep went on on another machine
+    sweep["summary"] = summarize(sweep)
+    text = write_sweep_report(sweep, tmp_path).read_text()
+    assert (
+        "on cpu, budgets measured on several CPUs: AMD EPYC (avx512_bf16) (1 min); "
+        "Intel Xeon (amx_bf16) (4 min), with 2 threads"
+    ) in text

@@ -232,7 +232,12 @@ NOT_TRAINING_NOR_MEASURING = ("inception", "inception_samples")
 
 
 def environment(device: torch.device) -> dict:
-    return {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    from ..machine import cpu_model
+
+    return {
+        "device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }  # fmt: skip
 
 
 def earlier_starts(results_file: Path) -> list[float]:

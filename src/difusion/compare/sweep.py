@@ -20,6 +20,12 @@ With `recipes` ("unet-v,unet-edm,unet-flow,dit-flow": `config.parse_recipes`), e
 is a family of its own beside the GAN, its runs in `seed<k>/<recipe>/`, and the sweep lives
 in `<out>/<data>/recipes/`: one table and one plot with every recipe and the GAN (no
 students: `distill_minutes` must be 0).
+
+Starts on one folder at once share its work, one core each: a start trains and measures a run
+(one family and seed) only while it holds that run's lock (`seed<k>/<family>.lock`), takes
+the next budget whose earlier ones are measured, and waits when every such run is held by
+another start. The report is rewritten from the results on disk after every budget, and the
+wall time is the union of the starts' intervals.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +42,7 @@ from pathlib import Path
 import torch
 
 from ..evaluate import draw
+from ..machine import cpu_model
 from ..runs import Run
 from .config import CompareConfig, check_settings, parse_recipes, recipe_settings
 from .evaluation import Scorer, measure_model, measure_samples, real_sample, scorers_for
@@ -42,10 +50,8 @@ from .study import (
     dataset_info,
     describe_diffusion,
     describe_models,
-    earlier_starts,
     environment,
     train_run,
-    write_results,
 )
 from .sweep_report import summarize, write_sweep_report
 
@@ -54,6 +60,9 @@ NOT_FOR_SWEEP = (
     "data", "out", "seeds", "budget_minutes", "curve_points", "curve_samples",
     "steps_samples", "speed_batch", "speed_repeats",
 )  # fmt: skip
+
+
+WAIT_SECONDS = 5.0  # how often a start looks again when every run it could take is held
 
 
 def parse_budgets(text: str) -> tuple[float, ...]:
@@ -258,6 +267,7 @@ def budget_result(
         result["student"] = measure_student(student_dir, *scorers, scfg, device)
         wall["measure_student"] = time.monotonic() - began
     result["wall_seconds"] = wall
+    result["cpu"] = cpu_model()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
@@ -273,8 +283,7 @@ def sweep_data(data: str, scfg: SweepConfig, device: torch.device, say) -> Path:
     folder = out / Path(data).name / scfg.folder_name
     defaults = scfg.settings(CompareConfig())
     check_settings(folder, scfg.settings(cfg), defaults, (), "sweep")
-    earlier = earlier_starts(folder / "sweep.json")
-    began = time.monotonic()
+    began = time.time()
     dataset = load_dataset(data)
     real = real_sample(dataset, max(cfg.samples, cfg.inception_samples if cfg.inception else 0))
     scorer, inception, note = scorers_for(data, dataset, real, cfg, out, device)
@@ -292,29 +301,93 @@ def sweep_data(data: str, scfg: SweepConfig, device: torch.device, say) -> Path:
         "info": dataset_info(dataset, real, scorer, inception, note),
         "runs": [],
     }
-    for minutes in scfg.budgets:
-        for seed in seeds:
-            for kind in scfg.kinds:
-                sweep["runs"].append(
+    items = [(m, seed, kind) for m in scfg.budgets for seed in seeds for kind in scfg.kinds]
+    todo = list(items)
+    while todo:
+        for minutes, seed, kind in ready(todo, folder, scfg.budgets):
+            with run_lock(folder / f"seed{seed}" / f"{kind}.lock") as mine:
+                if mine:
                     budget_result(
-                        kind,
-                        data,
-                        dataset,
-                        seed,
-                        minutes,
-                        folder,
-                        (scorer, inception),
-                        scfg,
-                        device,
-                        say,
+                        kind, data, dataset, seed, minutes, folder, (scorer, inception),
+                        scfg, device, say,
                     )  # fmt: skip
-                )
+                    break
+        else:
+            time.sleep(WAIT_SECONDS)  # every run this start could take is another's
+            continue
+        todo = [i for i in todo if not result_path(folder, i[1], i[2], i[0]).is_file()]
+        sweep["runs"] = [
+            json.loads(path.read_text())
+            for path in (result_path(folder, s, k, m) for m, s, k in items)
+            if path.is_file()
+        ]
         sweep["models"] = describe_models(*load_models(folder / f"seed{seeds[0]}", device), cfg)
         sweep["models"].update(describe_recipes(folder / f"seed{seeds[0]}", scfg, device))
         sweep["summary"] = summarize(sweep)
-        report = write_results(sweep, folder / "sweep.json", earlier, began, write_sweep_report)
+        report = write_sweep(sweep, folder, began)
     say(f"wrote {report}")
     return report
+
+
+def ready(todo: list[tuple], folder: Path, budgets: tuple[float, ...]) -> list[tuple]:
+    """The items of `todo` (minutes, seed, kind) whose run has every earlier budget measured."""
+    return [
+        (m, seed, kind)
+        for m, seed, kind in todo
+        if all(result_path(folder, seed, kind, b).is_file() for b in budgets if b < m)
+    ]
+
+
+@contextmanager
+def run_lock(path: Path, wait: bool = False):
+    """Yields whether this process holds the lock file `path` (taken at once, or after
+    waiting with `wait`); the lock goes with the process if it dies. Without `fcntl` (not a
+    POSIX system) every lock is taken: one start at a time there."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def wall_seconds(starts: list[list]) -> float:
+    """The wall time of starts [began, seconds] (began None: an older start, run alone): the
+    length of the union of their intervals."""
+    total = sum(s for b, s in starts if b is None)
+    end = -math.inf
+    for b, s in sorted((b, s) for b, s in starts if b is not None):
+        total += max(0.0, b + s - max(b, end))
+        end = max(end, b + s)
+    return total
+
+
+def write_sweep(sweep: dict, folder: Path, began: float) -> Path:
+    """Write sweep.json and the report, this start's interval (since epoch `began`) merged
+    with those of the other starts the file holds; returns the report's path."""
+    results_file = folder / "sweep.json"
+    with run_lock(folder / "report.lock", wait=True):
+        stored = json.loads(results_file.read_text()).get("environment", {}) \
+            if results_file.is_file() else {}  # fmt: skip
+        starts = stored.get("starts") or [[None, s] for s in stored.get("starts_seconds", [])]
+        starts = [s for s in starts if s[0] != began] + [[began, time.time() - began]]
+        sweep["environment"].update(
+            seconds=wall_seconds(starts), starts=starts, starts_seconds=[s for _, s in starts]
+        )
+        tmp = results_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(sweep, indent=2))
+        tmp.replace(results_file)
+        return write_sweep_report(sweep, folder)
 
 
 def describe_recipes(folder: Path, scfg: SweepConfig, device) -> dict:

@@ -305,6 +305,21 @@ def _mean_wall(runs: list[dict], keys: tuple[str, ...]) -> float:
     return sum(walls) / len(walls) if walls else 0.0
 
 
+def on_what(sweep: dict) -> str:
+    """The device and the CPU of the runs; where budgets were measured on several CPUs (a
+    sweep continued on another machine), which budgets on which."""
+    cpus: dict[str, list[float]] = {}
+    for r in sweep["runs"]:
+        if "cpu" in r and r["budget_minutes"] not in cpus.setdefault(r["cpu"], []):
+            cpus[r["cpu"]].append(r["budget_minutes"])
+    env = sweep["environment"]
+    if len(cpus) <= 1:
+        cpu = next(iter(cpus), env.get("cpu"))
+        return f"{env['device']} ({cpu})" if cpu and env["device"] == "cpu" else env["device"]
+    parts = [f"{cpu} ({', '.join(f'{b:g}' for b in sorted(b))} min)" for cpu, b in cpus.items()]
+    return f"{env['device']}, budgets measured on several CPUs: {'; '.join(parts)},"
+
+
 def _header(sweep: dict) -> list[str]:
     """Title, verdicts, models, how things were measured and the sweep's wall time."""
     cfg, env, summary, seeds = (
@@ -322,7 +337,7 @@ def _header(sweep: dict) -> list[str]:
         f"budgets: {sweep['data']}",
         "",
         f"Made by `difusion compare {command}`, "
-        f"on {env['device']} with {env['threads']} thread{'s' if env['threads'] != 1 else ''} "
+        f"on {on_what(sweep)} with {env['threads']} thread{'s' if env['threads'] != 1 else ''} "
         f"(torch {env['torch']}); preset `{cfg['preset']}`; {len(seeds)} seed"
         f"{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}) per model and budget. "
         "A budget is a run's total training time: each run continued from its checkpoint at "
@@ -371,7 +386,12 @@ def _header(sweep: dict) -> list[str]:
     starts = env.get("starts_seconds", [env.get("seconds", 0.0)])
     took = f"- The sweep took {env.get('seconds', 0.0) / 60:.1f} minutes of wall time"
     if len(starts) > 1:
-        took += f" ({' + '.join(f'{s / 60:.1f}' for s in starts)} over {len(starts)} starts)"
+        at_once = sum(starts) > env.get("seconds", 0.0) + 1.0
+        took += (
+            f" ({' + '.join(f'{s / 60:.1f}' for s in starts)} over {len(starts)} starts"
+            + (", some of them at once" if at_once else "")
+            + ")"
+        )
     return [*lines, took + ".", ""]
 
 
