@@ -166,6 +166,21 @@ def test_resume_is_exact(trained, tmp_path):
     assert timeless(out) == timeless(trained)
 
 
+def test_cli_resume_keeps_the_runs_own_options(monkeypatch, capsys, trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for args, message in [
+        (["--lr", "0.5"], f"--lr 0.5: the run in {run} was made with 0.002"),
+        (["--batch-size", "8"], f"--batch-size 8: the run in {run} was made with 24"),
+        (["--steps", "30"], f"the run in {run} is at step 40: --steps 30 leaves nothing"),
+    ]:
+        code, _, err = cli(monkeypatch, capsys, "train", "--model", "clip", "--data",
+                           "shapes,emoji", "--out", run, "--resume", *args)  # fmt: skip
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_trains_and_evaluates(monkeypatch, capsys, trained, tmp_path):
     code, _, err = cli(
         monkeypatch, capsys, "train", "--model", "clip", "--data", "shapes,digits",

@@ -202,6 +202,27 @@ def test_bad_inputs_get_one_line(monkeypatch, capsys, tmp, model_dir, decoder_ru
         UnclipPipeline(Prior.load(prior_run[0]), pipe_decoder(decoder_run[0]), frozen_clip(other))
 
 
+def test_cli_resume_keeps_the_runs_own_options(monkeypatch, capsys, tmp, prior_run,
+                                               decoder_run):  # fmt: skip
+    import shutil
+
+    prior, decoder = tmp / "prior-again", tmp / "decoder-again"
+    shutil.copytree(prior_run[0], prior)
+    shutil.copytree(decoder_run[0], decoder)
+    clip = ("--clip", tmp / "clip")
+    for args, says in [
+        (("--model", "prior", "--out", prior, "--lr", "0.5"), "--lr 0.5: the run in"),
+        (("--model", "decoder", "--out", decoder, "--batch-size", "4"), "--batch-size 4: the"),
+        (("--model", "decoder", "--out", decoder, "--steps", "10"), "is at step 24"),
+    ]:
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--data", "shapes", *clip, *args,
+                               "--resume")  # fmt: skip
+        assert code == 1 and says in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--model", "decoder", *clip,
+                             "--out", decoder, "--resume", "--steps", "26")  # fmt: skip
+    assert code == 0 and "stopped at step 26" in out + err, err
+
+
 def pipe_decoder(folder):
     from difusion.model import DiffusionModel
 

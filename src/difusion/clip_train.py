@@ -54,7 +54,7 @@ from .runs import (
     open_run,
     options_for_model,
     pick_device,
-    plot_series,
+    plot_log,
     restore_training_state,
     run_folder_errors,
     save_checkpoint,
@@ -275,18 +275,12 @@ def stored_clip_config(out: str | Path) -> ClipTrainConfig:
 
 def plot_clip(run: Run) -> None:
     records = run.read_log()
-    losses = [r for r in records if "loss" in r]
-    if len(losses) >= 2:
-        series = {"contrastive loss": ([r["step"] for r in losses], [r["loss"] for r in losses])}
-        plot_series(run.dir / "loss.png", series, "loss (mean between log steps)", log=False)
-    probes = [r for r in records if any(k.startswith("probe_") for k in r)]
-    if len(probes) >= 2:
-        names = [k for k in probes[-1] if k.startswith("probe_")]
-        series = {
-            k.removeprefix("probe_"): ([r["step"] for r in probes], [r.get(k) for r in probes])
-            for k in names
-        }
-        plot_series(run.dir / "probe.png", series, "held-out text-to-image R@1", log=False)
+    loss = {"contrastive loss": "loss"}
+    plot_log(run.dir / "loss.png", records, loss, "loss (mean between log steps)")
+    names = sorted({k for r in records for k in r if k.startswith("probe_")})
+    if names:
+        probes = {k.removeprefix("probe_"): k for k in names}
+        plot_log(run.dir / "probe.png", records, probes, "held-out text-to-image R@1")
 
 
 # --- training ---------------------------------------------------------------------------------

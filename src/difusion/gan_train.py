@@ -38,7 +38,7 @@ from .runs import (
     TrainingError,
     module_state,
     options_for_model,
-    plot_series,
+    plot_log,
     restore_training_state,
     run_folder_errors,
     save_checkpoint,
@@ -142,15 +142,8 @@ def stored_gan_config(out: str | Path) -> GANTrainConfig:
 
 
 def plot_gan_loss(run: Run) -> None:
-    records = [r for r in run.read_log() if "loss_d" in r]
-    if len(records) < 2:
-        return
-    steps = [r["step"] for r in records]
-    series = {
-        "discriminator": (steps, [r["loss_d"] for r in records]),
-        "generator (non-saturating)": (steps, [r["loss_g"] for r in records]),
-    }
-    plot_series(run.dir / "loss.png", series, "loss (mean between log steps)", log=False)
+    keys = {"discriminator": "loss_d", "generator (non-saturating)": "loss_g"}
+    plot_log(run.dir / "loss.png", run.read_log(), keys, "loss (mean between log steps)")
 
 
 def gan_preview(ema: GAN, path: Path, seed: int = 0) -> None:

@@ -36,7 +36,7 @@ from .runs import (
     TrainingError,
     module_state,
     options_for_model,
-    plot_series,
+    plot_log,
     restore_training_state,
     run_folder_errors,
     save_checkpoint,
@@ -122,18 +122,10 @@ def probe(prior: Prior, clip, batch: dict) -> dict:
 
 
 def plot_prior(run: Run) -> None:
-    losses = [r for r in run.read_log() if "loss" in r]
-    probes = [r for r in run.read_log() if "probe_cos" in r]
-    if len(losses) >= 2:
-        series = {"x0 MSE": ([r["step"] for r in losses], [r["loss"] for r in losses])}
-        plot_series(run.dir / "loss.png", series, "loss", log=True)
-    if len(probes) >= 2:
-        steps = [r["step"] for r in probes]
-        series = {
-            "cos(drawn, image's)": (steps, [r["probe_cos"] for r in probes]),
-            "cos(drawn, caption's)": (steps, [r["probe_text_cos"] for r in probes]),
-        }
-        plot_series(run.dir / "probe.png", series, "cosine", log=False)
+    records = run.read_log()
+    plot_log(run.dir / "loss.png", records, {"x0 MSE": "loss"}, "loss", log=True)
+    probes = {"cos(drawn, image's)": "probe_cos", "cos(drawn, caption's)": "probe_text_cos"}
+    plot_log(run.dir / "probe.png", records, probes, "cosine")
 
 
 def train_prior(

@@ -129,15 +129,8 @@ class Run:
         plot_series(self.dir / "loss.png", series, "MSE", log=True)
 
     def plot_alignment(self) -> None:
-        records = [r for r in self.read_log() if "align_single" in r]
-        if not records:
-            return
-        steps = [r["step"] for r in records]
-        series = {
-            "one-object prompts": (steps, [r["align_single"] for r in records]),
-            "two-object prompts": (steps, [r["align_double"] for r in records]),
-        }
-        plot_series(self.dir / "alignment.png", series, "prompts satisfied", log=False)
+        keys = {"one-object prompts": "align_single", "two-object prompts": "align_double"}
+        plot_log(self.dir / "alignment.png", self.read_log(), keys, "prompts satisfied", at_least=1)
 
 
 def log_line(record: dict) -> str:
@@ -150,6 +143,19 @@ def write_whole(path: Path, write: Callable[[Path], None]) -> None:
     staged = path.with_name(f"next_{path.name}")
     write(staged)
     os.replace(staged, path)
+
+
+def plot_log(
+    path: Path, records: list[dict], keys: dict[str, str], ylabel: str, log: bool = False,
+    at_least: int = 2,
+) -> None:  # fmt: skip
+    """Plot, by step, the log `records` that hold the first of `keys` ({label: log key}), when
+    there are `at_least` of them."""
+    records = [r for r in records if next(iter(keys.values())) in r]
+    if len(records) >= at_least:
+        steps = [r["step"] for r in records]
+        series = {label: (steps, [r.get(key) for r in records]) for label, key in keys.items()}
+        plot_series(path, series, ylabel, log)
 
 
 def plot_series(

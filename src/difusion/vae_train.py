@@ -40,7 +40,7 @@ from .runs import (
     TrainingError,
     module_state,
     options_for_model,
-    plot_series,
+    plot_log,
     restore_training_state,
     run_folder_errors,
     save_checkpoint,
@@ -216,15 +216,8 @@ def reconstruction_grid(vae: AutoencoderKL, dataset: Dataset, path: Path, n: int
 
 
 def plot_vae_loss(run: Run) -> None:
-    records = [r for r in run.read_log() if "loss" in r]
-    if len(records) < 2:
-        return
-    steps = [r["step"] for r in records]
-    series = {
-        "loss (L1 + KL term)": (steps, [r["loss"] for r in records]),
-        "L1 reconstruction": (steps, [r["rec"] for r in records]),
-    }
-    plot_series(run.dir / "loss.png", series, "per-value error", log=True)
+    keys = {"loss (L1 + KL term)": "loss", "L1 reconstruction": "rec"}
+    plot_log(run.dir / "loss.png", run.read_log(), keys, "per-value error", log=True)
 
 
 def train_vae(

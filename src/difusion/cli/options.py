@@ -190,7 +190,9 @@ def check_resume(out: Path, options: dict[str, Any], may_change: tuple[str, ...]
     if not run.exists():
         return {}  # the trainer says there is nothing to resume
     metadata = read_metadata(run.state_path)
-    stored = {"model": "unet", **json.loads(metadata.get("train_config", "{}"))}
+    stored = json.loads(metadata.get("train_config", "{}"))
+    # train.py's configuration has no "model": its cond tells a decoder from a U-Net
+    stored.setdefault("model", "decoder" if stored.get("cond") == "image" else "unet")
     step = int(metadata.get("step", 0))
     given = given_on_command_line(list(options))
     for name in sorted(given - {*may_change, "out", "resume"}):
