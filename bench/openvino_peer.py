@@ -34,6 +34,7 @@ the same sampling loop with that U-Net converted to OpenVINO through diffusers'
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -69,11 +70,17 @@ VARIANTS = {  # name: (conversion, OpenVINO precision)
     "OpenVINO bf16": ("timestep", "bf16"),
     "OpenVINO bf16, sinusoid fed in f32": ("sinusoid", "bf16"),
 }
-OURS = {"ours fp32": torch.float32, "ours bf16 weights": torch.bfloat16}
-GROUPS = {
-    "fp32": ["ours fp32", "OpenVINO f32"],
-    "bf16": ["ours bf16 weights", "OpenVINO bf16", "OpenVINO bf16, sinusoid fed in f32"],
+OURS = {  # name: (weights' dtype, compiled: torch.compile with Inductor's freezing)
+    "ours fp32": (torch.float32, False),
+    "ours fp32, compiled": (torch.float32, True),
+    "ours bf16 weights": (torch.bfloat16, False),
+    "ours bf16 weights, compiled": (torch.bfloat16, True),
 }
+GROUPS = {
+    "fp32": ["ours fp32", "ours fp32, compiled", "OpenVINO f32"],
+    "bf16": ["ours bf16 weights", "ours bf16 weights, compiled", "OpenVINO bf16",
+             "OpenVINO bf16, sinusoid fed in f32"],
+}  # fmt: skip
 
 
 class Traceable(nn.Module):
@@ -184,8 +191,11 @@ def worker(impl: str, config: dict, size: int, out: Path) -> None:
     x, context = step_inputs(size, config)
     t = torch.full((2,), TIMESTEP)
     if impl in OURS:
-        model = build("ours", config).to(OURS[impl])
-        x, context = x.to(OURS[impl]), context.to(OURS[impl])
+        dtype, compiled = OURS[impl]
+        model = build("ours", config).to(dtype)
+        x, context = x.to(dtype), context.to(dtype)
+        if compiled:  # as Pipeline.compile does on a CPU
+            model.compile(options={"freezing": True})
 
         def step() -> torch.Tensor:
             with torch.no_grad():
@@ -195,7 +205,9 @@ def worker(impl: str, config: dict, size: int, out: Path) -> None:
         compiled = compile_cpu(str(out / f"{conversion}.xml"), precision)
         step = openvino_step(compiled, conversion, config, x, t, context)
     loaded = rss_mib()
-    y = step()  # the warm-up step
+    t0 = time.perf_counter()
+    y = step()  # the warm-up step (and the compilation)
+    first = time.perf_counter() - t0
     err = relative_error(y, torch.load(out / "reference.pt", weights_only=True))
     print("ready", flush=True)
     for line in sys.stdin:
@@ -205,7 +217,7 @@ def worker(impl: str, config: dict, size: int, out: Path) -> None:
         step()
         print(f"seconds {time.perf_counter() - t0}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {"rel_err": err, "loaded_mib": loaded, "peak_mib": peak}
+    result = {"rel_err": err, "loaded_mib": loaded, "peak_mib": peak, "first_step_s": first}
     (out / f"{impl}.json").write_text(json.dumps(result))
 
 
@@ -288,20 +300,29 @@ def pipeline_table(args) -> tuple[str, list[dict]]:
     rows, records = [], []
     for precision, ov_precision in (("fp32", "f32"), ("bf16", "bf16")):
         mine = Pipeline(without_layout_map(ours.model)).to(dtype=DTYPES[precision])
+        built = copy.deepcopy(mine.model)
+        fast = Pipeline(built).to(dtype=DTYPES[precision]).compile()
         unet = OpenVINOUNet(compile_cpu(model, ov_precision), config)
         theirs = Pipeline(DiffusionModel(ours.model.config, unet, ours.model.text_encoder))
         runs = {"ours": lambda p=mine: p.sample(prompts, **kw),
+                "compiled": lambda p=fast: p.sample(prompts, **kw),
                 "openvino": lambda p=theirs: p.sample(prompts, **kw)}  # fmt: skip
+        t0 = time.perf_counter()
         diff = {k: (run() - reference).abs().mean().item() for k, run in runs.items()}
+        first = time.perf_counter() - t0  # with the compilation
         times = median_times(runs, args.warmup, args.reps)
-        o, v = times["ours"], times["openvino"]
+        o, c, v = times["ours"], times["compiled"], times["openvino"]
         records.append({"kind": "openvino_pipeline", "precision": precision, "batch": args.batch,
-                        "steps": args.steps, "ours_s": o, "openvino_s": v, "flops": flops,
-                        "ours_from_fp32": diff["ours"], "openvino_from_fp32": diff["openvino"]})  # fmt: skip
-        rows.append([precision, f"{args.batch / o:.2f}", f"{args.batch / v:.2f}", f"{v / o:.2f}",
-                     f"{diff['ours']:.1e} / {diff['openvino']:.1e}"])  # fmt: skip
-    headers = ["precision", "Pipeline images/s", "OpenVINO U-Net images/s", "OpenVINO/ours",
-               "ours / OpenVINO vs ours fp32: mean abs diff"]  # fmt: skip
+                        "steps": args.steps, "ours_s": o, "ours_compiled_s": c, "openvino_s": v,
+                        "flops": flops, "ours_from_fp32": diff["ours"],
+                        "ours_compiled_from_fp32": diff["compiled"],
+                        "openvino_from_fp32": diff["openvino"], "first_runs_s": first})  # fmt: skip
+        rows.append([precision, f"{args.batch / o:.2f}", f"{args.batch / c:.2f}",
+                     f"{args.batch / v:.2f}", f"{v / c:.2f}",
+                     f"{diff['ours']:.1e} / {diff['compiled']:.1e} / {diff['openvino']:.1e}"])  # fmt: skip
+    headers = ["precision", "Pipeline images/s", "compiled Pipeline images/s",
+               "OpenVINO U-Net images/s", "OpenVINO/compiled (time)",
+               "ours / compiled / OpenVINO vs ours fp32: mean abs diff"]  # fmt: skip
     return markdown_table(headers, rows), records
 
 
@@ -379,13 +400,22 @@ def unet_table(args, out: Path) -> tuple[list[str], list[list], list[dict], list
     for impls in GROUPS.values():
         res.update(run_group(impls, args, out))
     flops = unet_flops(UNetConfig.from_diffusers_config(config), 2, args.size, 77)
-    rows = [[impl, f"{r['seconds']:.2f}", f"{r['rel_err']:.1e}", f"{r['loaded_mib']:,.0f} MiB",
-             f"{r['peak_mib']:,.0f} MiB"] for impl, r in res.items()]  # fmt: skip
+    rows = [[impl, f"{r['seconds']:.2f}", f"{r['first_step_s']:.1f}", f"{r['rel_err']:.1e}",
+             f"{r['loaded_mib']:,.0f} MiB", f"{r['peak_mib']:,.0f} MiB"]
+            for impl, r in res.items()]  # fmt: skip
     records = []
-    for precision, (mine, *theirs) in GROUPS.items():
+    for precision, impls in GROUPS.items():
+        (eager, compiled), theirs = (
+            [k for k in impls if k in OURS],
+            [k for k in impls if k not in OURS],
+        )
         rec = {"kind": "openvino_unet_step", "precision": precision, "weights": precision,
-               "batch": 2, "size": args.size, "flops": flops, "ours_s": res[mine]["seconds"],
-               "ours_rel_err": res[mine]["rel_err"], "ours_peak_mib": res[mine]["peak_mib"],
+               "batch": 2, "size": args.size, "flops": flops, "ours_s": res[eager]["seconds"],
+               "ours_rel_err": res[eager]["rel_err"], "ours_peak_mib": res[eager]["peak_mib"],
+               "ours_compiled_s": res[compiled]["seconds"],
+               "ours_compiled_rel_err": res[compiled]["rel_err"],
+               "ours_compiled_peak_mib": res[compiled]["peak_mib"],
+               "ours_compile_s": res[compiled]["first_step_s"] - res[eager]["first_step_s"],
                "openvino_s": res[theirs[0]]["seconds"],
                "openvino_rel_err": res[theirs[0]]["rel_err"],
                "openvino_peak_mib": res[theirs[0]]["peak_mib"],
@@ -397,9 +427,10 @@ def unet_table(args, out: Path) -> tuple[list[str], list[list], list[dict], list
         f"median of {args.reps} steps after one warm-up, each implementation in its own "
         "process, the processes of a precision interleaved step by step; peak RSS: getrusage's "
         "maxrss of that process (OpenVINO's read the converted model from disk: conversion "
-        f"not included); {flops / 1e9:.1f} GFLOP a step",
+        f"not included); {flops / 1e9:.1f} GFLOP a step; the first step of a compiled U-Net "
+        "includes its compilation (Inductor, freezing: Pipeline.compile on a CPU)",
     ]
-    headers = ["", "s/step", "error vs diffusers fp32", "RSS loaded", "peak RSS"]
+    headers = ["", "s/step", "first step (s)", "error vs diffusers fp32", "RSS loaded", "peak RSS"]
     return headers, rows, records, notes
 
 

@@ -184,3 +184,9 @@ def test_compiled_pipeline_matches_eager():
     compiled = model.sample(2, steps=3, seed=0)
     assert pipe.model.unet._compiled_call_impl is not None
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    # frozen weights: a change of them undoes the compilation rather than being ignored
+    with torch.no_grad():
+        model.unet.conv_in.weight.mul_(1.5)
+    pipe.to(dtype=torch.float32)
+    assert pipe.model.unet._compiled_call_impl is None
+    assert not torch.allclose(model.sample(2, steps=3, seed=0), eager, atol=1e-3)

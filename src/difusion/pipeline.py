@@ -197,18 +197,27 @@ class Pipeline:
         return next(self.model.unet.parameters()).dtype
 
     def compile(self, mode: str | None = None) -> Pipeline:
-        """torch.compile the U-Net in place. The first generation of each batch shape compiles
-        (about a minute for a small U-Net on a CPU), later ones run the compiled code. On a
-        GPU the default mode is "reduce-overhead" (CUDA graphs: the shapes of a generation do
-        not change from step to step)."""
-        if mode is None:
-            mode = "reduce-overhead" if self.model.device.type == "cuda" else "default"
-        self.model.unet.compile(mode=mode)
+        """torch.compile the U-Net in place, for generation. The first generation of each
+        batch shape compiles (about a minute for a small U-Net on a CPU), later ones run the
+        compiled code. On a CPU, Inductor freezes the weights: it folds them into the graph as
+        constants and lays them out for oneDNN once, and fuses the norms and element-wise
+        work around the convolutions. The weights must not change afterwards: `to` and
+        `with_loras` undo the compilation (compile after them). On a GPU the default mode is
+        "reduce-overhead" (CUDA graphs: the shapes of a generation do not change from step to
+        step); a `mode` given is used as it is."""
+        if mode is None and self.model.device.type != "cuda":
+            self.model.unet.compile(options={"freezing": True})
+        else:
+            self.model.unet.compile(mode=mode or "reduce-overhead")
         return self
+
+    def _uncompile(self) -> None:
+        self.model.unet._compiled_call_impl = None  # what nn.Module.compile set
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """Move the pipeline; `dtype` (e.g. torch.bfloat16) is the U-Net's and the VAE's,
         the text encoder and the sampler's arithmetic stay float32."""
+        self._uncompile()
         if device is not None:
             self.model.to(device)
             if self.vae is not None:
@@ -285,6 +294,7 @@ class Pipeline:
         if loras:
             from .lora import apply_loras, parse_spec
 
+            self._uncompile()
             apply_loras(self.model, [parse_spec(x) if isinstance(x, str) else x for x in loras])
         return self
 
