@@ -377,8 +377,9 @@ def write_sweep(sweep: dict, folder: Path, began: float) -> Path:
     with those of the other starts the file holds; returns the report's path."""
     results_file = folder / "sweep.json"
     with run_lock(folder / "report.lock", wait=True):
-        stored = json.loads(results_file.read_text()).get("environment", {}) \
-            if results_file.is_file() else {}  # fmt: skip
+        stored = {}
+        if results_file.is_file():
+            stored = json.loads(results_file.read_text()).get("environment", {})
         starts = stored.get("starts") or [[None, s] for s in stored.get("starts_seconds", [])]
         starts = [s for s in starts if s[0] != began] + [[began, time.time() - began]]
         sweep["environment"].update(
