@@ -218,14 +218,11 @@ def test_minutes_cover_the_layout_map_pre_fit(tmp_path):
     shapes = dict(data="shapes", size=16, cond="text", text_encoder="scratch", layout_map=True,
                   attention_resolutions=(8,))  # fmt: skip
     cfg = tiny(tmp_path, steps=10**6, minutes=0.02, layout_steps=5000, log_every=25, **shapes)
-    start = time.monotonic()
     run = Run(train(cfg, progress=False))
-    took = time.monotonic() - start
     fitted = [r["layout_step"] for r in run.read_log() if "layout_loss" in r]
     assert 0 < fitted[-1] < 5000  # the pre-fit stopped with the budget
     # the main loop got what was left (nothing): its state is saved at step 0, and resumes
     assert state_step(run) == model_step(run) == 0 and logged_steps(run) == []
-    assert took < 60, took
     train(tiny(tmp_path, steps=2), resume=True, progress=False)
     assert state_step(run) == 2 and logged_steps(run) == [1, 2]
     assert [r["layout_step"] for r in run.read_log() if "layout_loss" in r] == fitted

@@ -592,23 +592,8 @@ def tracks_alignment(cfg: TrainConfig) -> bool:
     return cfg.data == "shapes" and cfg.cond == "text" and cfg.latent is None
 
 
-def train(
-    cfg: TrainConfig,
-    resume: bool = False,
-    dataset: Dataset | None = None,
-    progress: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
-) -> Path:
-    """Train (or continue) the run in cfg.out; returns the folder."""
-    run = Run(cfg.out)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    check_run_folder(run, resume)
-    if resume:
-        cfg = resumed_config(cfg, stored_train_config(run.dir))
+def check_options(cfg: TrainConfig) -> None:
+    """The options whose values alone can be wrong, each refused in one line."""
     check_budget(cfg)
     check_objective(cfg)
     if cfg.layout_steps < 0:
@@ -621,12 +606,16 @@ def train(
         raise TrainingError("--lora trains an adapter for a model: name it with --init MODEL")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16")
-    device = pick_device(cfg.device)
-    if distributed and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise TrainingError("fp16 training needs a CUDA device; use bf16 on a CPU")
+
+
+def build_model(
+    cfg: TrainConfig, run: Run, resume: bool, dataset: Dataset | None, rank: int
+) -> tuple[TrainConfig, Dataset, DiffusionModel, torch.nn.Module | None, bool]:
+    """The model a run trains, on the CPU: new, fine-tuned from `--init` (ours or a Stable
+    Diffusion checkpoint), warm-started, or as a resumed run left it; with its encoders, its
+    VAE (None for pixels) and a LoRA adapter where asked. Returns the configuration as the
+    model's source completed it, the data set, the model, the VAE and whether a new layout
+    map is to be fitted first."""
     init, sd, fit_layout = None, None, cfg.layout_map and not resume
     if uses_sd(cfg):
         cfg, sd = load_sd_init(cfg, resume)
@@ -659,12 +648,11 @@ def train(
         image_encoder = frozen_clip(cfg.clip)
         if resume:  # the run continues only through the CLIP it started with
             check_clip(image_encoder, stored_model_config(run).get("clip"), "decoder run")
-    vae, latent = (sd.vae.to(device) if sd else None), None
+    vae, latent = (sd.vae if sd else None), None
     if cfg.latent is not None:
         from .vae_train import latent_spec
 
         latent, vae = latent_spec(cfg.latent)
-        vae = vae.to(device)
         if resume:  # the run continues only with the VAE it started with
             stored_latent = stored_model_config(run).get("latent") or {}
             if stored_latent.get("sha256") != latent["sha256"]:
@@ -691,8 +679,37 @@ def train(
                 print(taken, file=sys.stderr, flush=True)
     if cfg.lora:  # the base frozen, an adapter to train (its weights come back on resume)
         add_trainable(diffusion, cfg.lora, cfg.lora_alpha, cfg.lora_targets)
+    return cfg, dataset, diffusion, vae, fit_layout
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Path:
+    """Train (or continue) the run in cfg.out; returns the folder."""
+    run = Run(cfg.out)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    check_run_folder(run, resume)
+    if resume:
+        cfg = resumed_config(cfg, stored_train_config(run.dir))
+    check_options(cfg)
+    device = pick_device(cfg.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise TrainingError("fp16 training needs a CUDA device; use bf16 on a CPU")
+    cfg, dataset, diffusion, vae, fit_layout = build_model(cfg, run, resume, dataset, rank)
     # channels_last: on CPU, oneDNN's NCHW kernels are up to 17x slower for 32-channel convs
     diffusion = diffusion.to(device, memory_format=torch.channels_last)
+    vae = vae.to(device) if vae is not None else None
     trainable = [p for p in diffusion.parameters() if p.requires_grad]
     # before the clock starts: the first AdamW of a process imports torch._dynamo (about 2 s)
     opt = torch.optim.AdamW(
