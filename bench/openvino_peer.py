@@ -191,10 +191,10 @@ def worker(impl: str, config: dict, size: int, out: Path) -> None:
     x, context = step_inputs(size, config)
     t = torch.full((2,), TIMESTEP)
     if impl in OURS:
-        dtype, compiled = OURS[impl]
+        dtype, frozen = OURS[impl]
         model = build("ours", config).to(dtype)
         x, context = x.to(dtype), context.to(dtype)
-        if compiled:  # as Pipeline.compile does on a CPU
+        if frozen:  # compiled with frozen weights, as Pipeline.compile does on a CPU
             model.compile(options={"freezing": True})
 
         def step() -> torch.Tensor:

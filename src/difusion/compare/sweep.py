@@ -43,7 +43,7 @@ import torch
 
 from ..evaluate import draw
 from ..machine import cpu_model
-from ..runs import Run
+from ..runs import Run, write_whole
 from .config import CompareConfig, check_settings, parse_recipes, recipe_settings
 from .evaluation import Scorer, measure_model, measure_samples, real_sample, scorers_for
 from .study import (
@@ -385,9 +385,7 @@ def write_sweep(sweep: dict, folder: Path, began: float) -> Path:
         sweep["environment"].update(
             seconds=wall_seconds(starts), starts=starts, starts_seconds=[s for _, s in starts]
         )
-        tmp = results_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(sweep, indent=2))
-        tmp.replace(results_file)
+        write_whole(results_file, lambda staged: staged.write_text(json.dumps(sweep, indent=2)))
         return write_sweep_report(sweep, folder)
 
 
