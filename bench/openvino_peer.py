@@ -53,6 +53,7 @@ from sd_unet import SD15_UNET, build, rss_mib, step_inputs
 from torch import nn
 
 from difusion.nn.unet import UNetConfig, timestep_embedding
+from difusion.pipeline import compile_frozen
 
 TINY_UNET = {  # SD 1.5's U-Net shrunk for smoke runs and tests: every kind of block, 2 levels
     **SD15_UNET,
@@ -76,10 +77,12 @@ OURS = {  # name: (weights' dtype, compiled: torch.compile with Inductor's freez
     "ours bf16 weights": (torch.bfloat16, False),
     "ours bf16 weights, compiled": (torch.bfloat16, True),
 }
-GROUPS = {
+DIFFUSERS = {"diffusers fp32": torch.float32, "diffusers bf16 weights": torch.bfloat16}
+GROUPS = {  # each group's processes live side by side: its memory must fit the machine
     "fp32": ["ours fp32", "ours fp32, compiled", "OpenVINO f32"],
     "bf16": ["ours bf16 weights", "ours bf16 weights, compiled", "OpenVINO bf16",
              "OpenVINO bf16, sinusoid fed in f32"],
+    "diffusers": list(DIFFUSERS),
 }  # fmt: skip
 
 
@@ -195,11 +198,18 @@ def worker(impl: str, config: dict, size: int, out: Path) -> None:
         model = build("ours", config).to(dtype)
         x, context = x.to(dtype), context.to(dtype)
         if frozen:  # compiled with frozen weights, as Pipeline.compile does on a CPU
-            model.compile(options={"freezing": True})
+            compile_frozen(model)
 
         def step() -> torch.Tensor:
             with torch.no_grad():
                 return model(x, t, context=context)
+    elif impl in DIFFUSERS:
+        model = build("diffusers", config).to(DIFFUSERS[impl])
+        x, context = x.to(DIFFUSERS[impl]), context.to(DIFFUSERS[impl])
+
+        def step() -> torch.Tensor:
+            with torch.no_grad():
+                return model(x, t, context, return_dict=False)[0]
     else:
         conversion, precision = VARIANTS[impl]
         compiled = compile_cpu(str(out / f"{conversion}.xml"), precision)
@@ -334,9 +344,11 @@ PROFILE_KINDS = {
     "norms": ("group_norm", "layer_norm", "GroupNorm", "MVN"),
     "attention": ("scaled_dot_product", "flash_attention", "bf16_attention", "softmax", "bmm",
                   "ScaledDotProductAttention", "Softmax", "Subgraph"),
-    "matmul": ("addmm", "aten::mm", "aten::linear", "aten::matmul", "MatMul", "FullyConnected"),
+    "matmul": ("addmm", "aten::mm", "aten::linear", "aten::matmul", "_linear", "MatMul",
+               "FullyConnected"),
     "reorders and copies": ("copy_", "_to_copy", "contiguous", "clone", "Reorder", "Transpose",
                             "Reshape", "Concat", "Interpolate", "Gather"),
+    "fused element-wise (Inductor)": ("cpp_fused",),
 }  # fmt: skip
 
 
@@ -345,24 +357,32 @@ def kind_of(name: str) -> str:
 
 
 def profile(args) -> None:
-    """One step of ours (torch.profiler) and of OpenVINO (its performance counters) at f32,
-    each kernel's own time summed by kind; OpenVINO's slowest node types listed."""
+    """One step of ours, eager and compiled (torch.profiler), and of OpenVINO (its performance
+    counters) at f32, each kernel's own time summed by kind; OpenVINO's slowest node types
+    listed."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     config = TINY_UNET if args.quick else SD15_UNET
     x, context = step_inputs(args.size, config, args.batch)
     t = torch.full((args.batch,), TIMESTEP)
+    torch._inductor.config.cpp.enable_kernel_profile = True  # the fused kernels, by name
     ours = build("ours", config)
-    with torch.no_grad():
-        ours(x, t, context=context)
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
+    profiles, kinds, ours_s = {}, {}, {}
+    for variant in ("ours", "ours, compiled"):
+        if variant == "ours, compiled":
+            compile_frozen(ours)
+        with torch.no_grad():
             ours(x, t, context=context)
-            ours_s = time.perf_counter() - t0
-    mine: dict[str, float] = {}
-    for e in prof.key_averages():
-        mine[kind_of(e.key)] = mine.get(kind_of(e.key), 0.0) + e.self_cpu_time_total / 1e6
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                ours(x, t, context=context)
+                ours_s[variant] = time.perf_counter() - t0
+        kinds[variant] = by_kind = {}
+        for e in prof.key_averages():
+            kind = kind_of(e.key)
+            by_kind[kind] = by_kind.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+        profiles[variant] = prof
     del ours
     model = convert(build("diffusers", config), x, t, context, "timestep", config)
     request = compile_cpu(model, "f32", profile=True).create_infer_request()
@@ -377,14 +397,18 @@ def profile(args) -> None:
         theirs[kind_of(info.node_type)] = theirs.get(kind_of(info.node_type), 0.0) + secs
         key = f"{info.node_type} ({info.exec_type})"
         by_type[key] = [by_type.get(key, [0, 0])[0] + secs, by_type.get(key, [0, 0])[1] + 1]
-    rows = [[k, f"{mine.get(k, 0):.3f}", f"{theirs.get(k, 0):.3f}"]
+    rows = [[k, *(f"{kinds[v].get(k, 0):.3f}" for v in kinds), f"{theirs.get(k, 0):.3f}"]
             for k in [*PROFILE_KINDS, "other"]]  # fmt: skip
-    rows.append(["step (wall clock)", f"{ours_s:.3f}", f"{ov_s:.3f}"])
+    rows.append(["step (wall clock)", *(f"{s:.3f}" for s in ours_s.values()), f"{ov_s:.3f}"])
     print(
         f"\nf32, batch {args.batch}, 4x{args.size}x{args.size}, {torch.get_num_threads()} threads"
     )
-    print(markdown_table(["kernels (own time, s)", "ours", "OpenVINO f32"], rows))
-    print("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(markdown_table(["kernels (own time, s)", *kinds, "OpenVINO f32"], rows))
+    for variant, prof in profiles.items():
+        print(
+            f"\n{variant}\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        )
     top = sorted(by_type.items(), key=lambda kv: -kv[1][0])[:15]
     print("\n" + markdown_table(["OpenVINO node type (kernel)", "s", "nodes"],
                                 [[k, f"{s:.3f}", n] for k, (s, n) in top]))  # fmt: skip
@@ -404,7 +428,8 @@ def unet_table(args, out: Path) -> tuple[list[str], list[list], list[dict], list
              f"{r['loaded_mib']:,.0f} MiB", f"{r['peak_mib']:,.0f} MiB"]
             for impl, r in res.items()]  # fmt: skip
     records = []
-    for precision, impls in GROUPS.items():
+    for precision, diffusers in zip(("fp32", "bf16"), DIFFUSERS, strict=True):
+        impls = GROUPS[precision]
         (eager, compiled), theirs = (
             [k for k in impls if k in OURS],
             [k for k in impls if k not in OURS],
@@ -419,13 +444,16 @@ def unet_table(args, out: Path) -> tuple[list[str], list[list], list[dict], list
                "openvino_s": res[theirs[0]]["seconds"],
                "openvino_rel_err": res[theirs[0]]["rel_err"],
                "openvino_peak_mib": res[theirs[0]]["peak_mib"],
+               "diffusers_s": res[diffusers]["seconds"],
+               "diffusers_rel_err": res[diffusers]["rel_err"],
                "variants": {k: res[k] for k in theirs}}  # fmt: skip
         records.append(rec)
     notes = [
         "conversions checked at f32 before timing: relative error against diffusers' fp32 "
         + ", ".join(f"{k} input {v:.1e}" for k, v in checked.items()),
         f"median of {args.reps} steps after one warm-up, each implementation in its own "
-        "process, the processes of a precision interleaved step by step; peak RSS: getrusage's "
+        "process, the processes of a precision (and diffusers' two) interleaved step by "
+        "step; peak RSS: getrusage's "
         "maxrss of that process (OpenVINO's read the converted model from disk: conversion "
         f"not included); {flops / 1e9:.1f} GFLOP a step; the first step of a compiled U-Net "
         "includes its compilation (Inductor, freezing: Pipeline.compile on a CPU)",

@@ -91,6 +91,28 @@ def test_attention_layer_uses_it_for_inference_only(monkeypatch):
     assert len(calls) == 1
 
 
+@needs_kernel
+@pytest.mark.parametrize("loaded", [True, False])
+def test_compiled_layer_keeps_the_kernel_loaded_before_tracing(monkeypatch, loaded):
+    from torch._inductor.utils import run_and_get_code
+
+    from difusion.pipeline import compile_frozen
+
+    torch.manual_seed(0)
+    layer = Attention(64, heads=4, context_dim=32).bfloat16().eval()
+    x, ctx = torch.randn(2, 50, 64).bfloat16(), torch.randn(2, 7, 32).bfloat16()
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = layer(x, ctx, mask)
+        compile_frozen(layer)  # loads the kernel: bf16 weights on a CPU
+        monkeypatch.setattr(bf16_attention, "loaded", loaded)
+        compiled, code = run_and_get_code(layer, x, ctx, mask)
+    assert ("attention_bf16" in code[0]) is loaded
+    assert ("scaled_dot_product" in code[0]) is not loaded
+    assert (compiled.float() - eager.float()).abs().max() < 0.05
+
+
 def test_off_by_environment(monkeypatch):
     monkeypatch.setenv("DIFUSION_BF16_ATTENTION", "0")
     assert bf16_attention.kernel.__wrapped__() is False

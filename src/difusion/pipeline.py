@@ -15,6 +15,7 @@ from .denoiser import Cond
 from .images import to_pil
 from .lora import LORA_BASE
 from .model import SHIPPED, DiffusionModel, resolve_checkpoint
+from .nn import bf16_attention
 from .sd import is_sd_checkpoint, load_checkpoint
 from .sizes import FLEXIBLE_SIDES, check_memory, makes_size, sampling_bytes, size_rule, sizes_made
 
@@ -43,6 +44,13 @@ def _cast_input_hook(dtype: torch.dtype):
         return args, kwargs
 
     return hook
+
+
+def compile_frozen(unet: torch.nn.Module) -> None:
+    """torch.compile `unet` in place for CPU inference with Inductor's freezing; bf16 weights
+    keep the bf16 attention kernel, loaded before the tracing."""
+    bf16_attention.load_for(unet)
+    unet.compile(options={"freezing": True})
 
 
 def img2img_strength(strength: float | None, inpainting: bool) -> float:
@@ -201,12 +209,13 @@ class Pipeline:
         batch shape compiles (about a minute for a small U-Net on a CPU), later ones run the
         compiled code. On a CPU, Inductor freezes the weights: it folds them into the graph as
         constants and lays them out for oneDNN once, and fuses the norms and element-wise
-        work around the convolutions. The weights must not change afterwards: `to` and
+        work around the convolutions; in bf16 the attention stays the AVX512-BF16 kernel
+        (`compile_frozen`). The weights must not change afterwards: `to` and
         `with_loras` undo the compilation (compile after them). On a GPU the default mode is
         "reduce-overhead" (CUDA graphs: the shapes of a generation do not change from step to
         step); a `mode` given is used as it is."""
         if mode is None and self.model.device.type != "cuda":
-            self.model.unet.compile(options={"freezing": True})
+            compile_frozen(self.model.unet)
         else:
             self.model.unet.compile(mode=mode or "reduce-overhead")
         return self

@@ -5,8 +5,10 @@ Diffusion's head dim of 40; this kernel runs both of attention's products at the
 the machine's dot-product instruction (bench/sd_unet.py measures the step).  It is built
 once per machine with the C++ compiler PyTorch's extensions use (`make install` builds it;
 otherwise the first bf16 generation does) into ~/.cache/difusion.
-Without a compiler, on other CPUs, with `DIFUSION_BF16_ATTENTION=0`, under autograd or
-torch.compile, attention is PyTorch's `scaled_dot_product_attention`.
+Without a compiler, on other CPUs, with `DIFUSION_BF16_ATTENTION=0` or under autograd,
+attention is PyTorch's `scaled_dot_product_attention`. torch.compile keeps the kernel as an
+opaque operator (`difusion::attention_bf16`) when it was loaded before the compilation
+traced the model: `load_for` does that.
 
 `main()` builds it and says whether it is used here (`make install` calls it).
 """
@@ -27,6 +29,7 @@ from ..errors import first_line
 SOURCE = Path(__file__).parent / "csrc" / "bf16_attention.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 STALE_LOCK_S = 600  # a build killed midway leaves torch's lock file, which would block forever
+loaded = False  # what torch.compile's tracing reads: it must not build or load anything
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -82,7 +85,15 @@ def kernel() -> bool:
             flush=True,
         )
         return False
+    global loaded
+    loaded = True
     return True
+
+
+def load_for(module: torch.nn.Module) -> bool:
+    """Load the kernel if `module` computes in bf16 on a CPU, before torch.compile traces it."""
+    p = next(module.parameters(), None)
+    return p is not None and p.dtype == torch.bfloat16 and p.device.type == "cpu" and kernel()
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -94,8 +105,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
         and not (
             torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         )
-        and not torch.compiler.is_compiling()
-        and kernel()
+        and (loaded if torch.compiler.is_compiling() else kernel())
     )
 
 
@@ -103,11 +113,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     """softmax(q k^T / sqrt(d)) v of q [B, H, N, d], k and v [B, H, L, d], mask [B, L] (True =
     attend; a query with no key to attend to gets zeros).  Returns [B, H, N, d] as a view of
     [B, N, H, d], so that merging the heads copies nothing."""
+    return attention_bf16(q, k, v, mask)
+
+
+@torch.library.custom_op("difusion::attention_bf16", mutates_args=())
+def attention_bf16(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     B, H, N, d = q.shape
     out = torch.empty(B, N, H, d, dtype=q.dtype).transpose(1, 2)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     torch.ops.difusion.bf16_attention(q, k, v, out, mask, d**-0.5)
     return out
+
+
+@attention_bf16.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    B, H, N, d = q.shape
+    return q.new_empty(B, N, H, d).transpose(1, 2)
 
 
 def main() -> int:
