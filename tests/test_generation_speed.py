@@ -171,6 +171,8 @@ def test_generate_and_serve_take_dtype(monkeypatch, capsys, tmp_path):
 def test_compiled_pipeline_matches_eager():
     """Pipeline.compile (torch.compile, Inductor: tens of seconds of C++ compilation here,
     so the smallest model) samples what the eager model samples."""
+    from torch._inductor.utils import run_and_get_code
+
     from difusion.model import ModelConfig
 
     unet = UNetConfig(
@@ -181,8 +183,10 @@ def test_compiled_pipeline_matches_eager():
     model = DiffusionModel(ModelConfig(unet=unet, image_size=8, channels=1)).eval()
     eager = model.sample(2, steps=3, seed=0)
     pipe = Pipeline(model).compile()
-    compiled = model.sample(2, steps=3, seed=0)
+    compiled, code = run_and_get_code(model.sample, 2, steps=3, seed=0)
     assert pipe.model.unet._compiled_call_impl is not None
+    # frozen: the convolutions are prepacked oneDNN calls, their weights constants
+    assert "mkldnn._convolution_pointwise" in "".join(code)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     # frozen weights: a change of them undoes the compilation rather than being ignored
     with torch.no_grad():

@@ -47,10 +47,19 @@ def _cast_input_hook(dtype: torch.dtype):
 
 
 def compile_frozen(unet: torch.nn.Module) -> None:
-    """torch.compile `unet` in place for CPU inference with Inductor's freezing; bf16 weights
-    keep the bf16 attention kernel, loaded before the tracing."""
+    """torch.compile `unet` in place for CPU inference with Inductor's freezing (weights folded
+    in as constants, convolutions and linear layers prepacked for oneDNN / MKL with their
+    activations fused); bf16 weights keep the bf16 attention kernel, loaded before tracing."""
     bf16_attention.load_for(unet)
-    unet.compile(options={"freezing": True})
+    compiled = torch.compile(unet._call_impl)  # as nn.Module.compile does
+
+    def frozen(*args, **kwargs):
+        # Inductor reads `freezing` when a call compiles: given as torch.compile's option it
+        # is not seen there, and the weights stay graph inputs, unpacked
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    unet._compiled_call_impl = frozen
 
 
 def img2img_strength(strength: float | None, inpainting: bool) -> float:
