@@ -52,8 +52,8 @@ from harness import DTYPES, markdown_table, median_times, parser, report, unet_f
 from sd_unet import SD15_UNET, build, rss_mib, step_inputs
 from torch import nn
 
+from difusion.frozen import compile_frozen
 from difusion.nn.unet import UNetConfig, timestep_embedding
-from difusion.pipeline import compile_frozen
 
 TINY_UNET = {  # SD 1.5's U-Net shrunk for smoke runs and tests: every kind of block, 2 levels
     **SD15_UNET,

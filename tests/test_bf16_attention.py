@@ -96,7 +96,7 @@ def test_attention_layer_uses_it_for_inference_only(monkeypatch):
 def test_compiled_layer_keeps_the_kernel_loaded_before_tracing(monkeypatch, loaded):
     from torch._inductor.utils import run_and_get_code
 
-    from difusion.pipeline import compile_frozen
+    from difusion.frozen import compile_frozen
 
     torch.manual_seed(0)
     layer = Attention(64, heads=4, context_dim=32).bfloat16().eval()

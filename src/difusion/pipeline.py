@@ -12,10 +12,10 @@ from PIL import Image
 
 from .checkpoints import read_metadata
 from .denoiser import Cond
+from .frozen import compile_frozen
 from .images import to_pil
 from .lora import LORA_BASE
 from .model import SHIPPED, DiffusionModel, resolve_checkpoint
-from .nn import bf16_attention
 from .sd import is_sd_checkpoint, load_checkpoint
 from .sizes import FLEXIBLE_SIDES, check_memory, makes_size, sampling_bytes, size_rule, sizes_made
 
@@ -44,22 +44,6 @@ def _cast_input_hook(dtype: torch.dtype):
         return args, kwargs
 
     return hook
-
-
-def compile_frozen(unet: torch.nn.Module) -> None:
-    """torch.compile `unet` in place for CPU inference with Inductor's freezing (weights folded
-    in as constants, convolutions and linear layers prepacked for oneDNN / MKL with their
-    activations fused); bf16 weights keep the bf16 attention kernel, loaded before tracing."""
-    bf16_attention.load_for(unet)
-    compiled = torch.compile(unet._call_impl)  # as nn.Module.compile does
-
-    def frozen(*args, **kwargs):
-        # Inductor reads `freezing` when a call compiles: given as torch.compile's option it
-        # is not seen there, and the weights stay graph inputs, unpacked
-        with torch._inductor.config.patch(freezing=True):
-            return compiled(*args, **kwargs)
-
-    unet._compiled_call_impl = frozen
 
 
 def img2img_strength(strength: float | None, inpainting: bool) -> float:
@@ -217,9 +201,9 @@ class Pipeline:
         """torch.compile the U-Net in place, for generation. The first generation of each
         batch shape compiles (about a minute for a small U-Net on a CPU), later ones run the
         compiled code. On a CPU, Inductor freezes the weights: it folds them into the graph as
-        constants and lays them out for oneDNN once, and fuses the norms and element-wise
-        work around the convolutions; in bf16 the attention stays the AVX512-BF16 kernel
-        (`compile_frozen`). The weights must not change afterwards: `to` and
+        constants and lays them out for oneDNN once (convolutions and linear layers), and fuses
+        the norms and element-wise work around them; in bf16 the attention stays the
+        AVX512-BF16 kernel (`compile_frozen`). The weights must not change afterwards: `to` and
         `with_loras` undo the compilation (compile after them). On a GPU the default mode is
         "reduce-overhead" (CUDA graphs: the shapes of a generation do not change from step to
         step); a `mode` given is used as it is."""

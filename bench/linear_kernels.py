@@ -1,0 +1,116 @@
+"""The fp32 linear layers of SD 1.5's U-Net, one kernel each: what Inductor's freezing packs
+them into (MKL's packed sgemm), oneDNN's packed inner product (what it uses for bf16), eager
+`F.linear`, and OpenVINO's MatMul on the same weights.
+
+The frozen profile (`openvino_peer.py --profile`) puts the whole remaining f32 gap to OpenVINO
+in the linear layers; this times them one shape at a time, interleaved, to find the kernel
+that closes it. Shapes are (rows, in, out) at batch 2, 64x64 latents, and how many times one
+U-Net step runs each.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/linear_kernels.py [--reps 20]
+"""
+
+import argparse
+import time
+
+import numpy as np
+import openvino as ov
+import torch
+import torch.nn.functional as F
+from openvino import opset13 as ops
+
+# (rows, in, out): how many per U-Net step, at batch 2 (77 text tokens, 4096 latent pixels)
+SHAPES = {
+    # 5 transformer blocks at 64x64, 5 at 32x32, 5 at 16x16 (2 down, 3 up) and 1 at 8x8 (mid);
+    # each has 6 C -> C projections (self q, k, v, out; cross q, out), GEGLU in, feed-forward out
+    (8192, 320, 320): 5 * 6,
+    (8192, 320, 2560): 5,
+    (8192, 1280, 320): 5,
+    (2048, 640, 640): 5 * 6,
+    (2048, 640, 5120): 5,
+    (2048, 2560, 640): 5,
+    (512, 1280, 1280): 5 * 6,
+    (512, 1280, 10240): 5,
+    (512, 5120, 1280): 5,
+    (128, 1280, 1280): 6,
+    (128, 1280, 10240): 1,
+    (128, 5120, 1280): 1,
+    (154, 768, 320): 5 * 2,  # cross-attention k, v on the text
+    (154, 768, 640): 5 * 2,
+    (154, 768, 1280): 6 * 2,
+}
+
+
+def kernels(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict:
+    rows = x.shape[0]
+    mkl_packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    onednn_packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    core = ov.Core()
+    p = ops.parameter(list(x.shape), np.float32)
+    mm = ops.matmul(p, ops.constant(w.numpy()), False, True)
+    ov_model = ov.Model([ops.add(mm, ops.constant(b.numpy()))], [p])
+    compiled = core.compile_model(
+        ov_model,
+        "CPU",
+        {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        },
+    )
+    request = compiled.create_infer_request()
+    xn = x.numpy()
+    return {
+        "eager F.linear": lambda: F.linear(x, w, b),
+        "MKL packed (Inductor)": lambda: torch.ops.mkl._mkl_linear(x, mkl_packed, w, b, rows),
+        "oneDNN packed": lambda: torch.ops.mkldnn._linear_pointwise(
+            x, onednn_packed, b, "none", [], ""
+        ),
+        "OpenVINO MatMul": lambda: request.infer({0: xn}, share_inputs=True),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    totals: dict[str, float] = {}
+    print(f"{torch.get_num_threads()} threads; ms per call, best of {args.reps}")
+    header = None
+    for (rows, k, n), count in SHAPES.items():
+        x, w, b = torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+        ref = F.linear(x.double(), w.double(), b.double()).float()
+        fns = kernels(x, w, b)
+        for name, fn in fns.items():
+            out = fn()
+            out = torch.from_numpy(next(iter(out.values()))) if not torch.is_tensor(out) else out
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert err < 1e-5, f"{name} on {(rows, k, n)}: error {err:.1e}"
+        best = {name: float("inf") for name in fns}
+        for _ in range(args.reps):
+            for name, fn in fns.items():  # interleaved, so drift falls on every kernel alike
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+        if header is None:
+            header = "| rows x in x out | per step | " + " | ".join(fns) + " |"
+            print(header + "\n|" + " --- |" * (len(fns) + 2))
+        print(
+            f"| {rows} x {k} x {n} | {count} | "
+            + " | ".join(f"{1e3 * t:.2f}" for t in best.values())
+            + " |"
+        )
+        for name, t in best.items():
+            totals[name] = totals.get(name, 0.0) + count * t
+    print(
+        "| one step's linear layers, s | | "
+        + " | ".join(f"{t:.3f}" for t in totals.values())
+        + " |"
+    )
+
+
+if __name__ == "__main__":
+    main()
