@@ -13,13 +13,14 @@ dim), and how many times one U-Net step runs each.
 
 import argparse
 import functools
-import time
 
 import numpy as np
-import openvino as ov
 import torch
 import torch.nn.functional as F
+from harness import KernelCalls, kernel_table
+from openvino import Model
 from openvino import opset13 as ops
+from openvino_peer import compile_cpu
 
 BATCH, HEADS = 2, 8
 SHAPES = {  # (queries, keys, head dim): per step; 5 transformer blocks a level, 1 in the middle
@@ -44,14 +45,18 @@ def openvino_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     scale = ops.constant(np.float32(q.shape[-1] ** -0.5))
     scores = ops.multiply(ops.matmul(params[0], params[1], False, True), scale)
     out = ops.matmul(ops.softmax(scores, -1), params[2], False, False)
-    config = {
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-        "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    request = ov.Core().compile_model(ov.Model([out], params), "CPU", config).create_infer_request()
+    request = compile_cpu(Model([out], params), "f32").create_infer_request()
     inputs = {i: t.contiguous().numpy() for i, t in enumerate((q, k, v))}
     return lambda: torch.from_numpy(request.infer(inputs, share_inputs=True)[0])
+
+
+def kernels(n: int, m: int, d: int) -> tuple[KernelCalls, torch.Tensor]:
+    q, k, v = tokens(n, d), tokens(m, d), tokens(m, d)
+    fns = {
+        "PyTorch SDPA": functools.partial(F.scaled_dot_product_attention, q, k, v),
+        "OpenVINO": openvino_attention(q, k, v),
+    }
+    return fns, F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
 
 
 def main() -> None:
@@ -61,32 +66,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    totals: dict[str, float] = {}
     print(f"{torch.get_num_threads()} threads; ms per call, best of {args.reps}")
-    print(
-        "| queries x keys x head dim | per step | PyTorch SDPA | OpenVINO |\n| --- | --- | --- | --- |"
-    )
-    for (n, m, d), count in SHAPES.items():
-        q, k, v = tokens(n, d), tokens(m, d), tokens(m, d)
-        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
-        fns = {
-            "PyTorch SDPA": functools.partial(F.scaled_dot_product_attention, q, k, v),
-            "OpenVINO": openvino_attention(q, k, v),
-        }
-        for name, fn in fns.items():
-            err = ((fn() - ref).norm() / ref.norm()).item()
-            assert err < 1e-5, f"{name} on {(n, m, d)}: error {err:.1e}"
-        best = {name: float("inf") for name in fns}
-        for _ in range(args.reps):
-            for name, fn in fns.items():  # interleaved, so drift falls on both alike
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-        times = " | ".join(f"{1e3 * t:.1f}" for t in best.values())
-        print(f"| {n} x {m} x {d} | {count} | {times} |")
-        for name, t in best.items():
-            totals[name] = totals.get(name, 0.0) + count * t
-    print("| one step's attention, s | | " + " | ".join(f"{t:.3f}" for t in totals.values()) + " |")
+    print(kernel_table(SHAPES, kernels, args.reps, "queries x keys x head dim", "attention"))
 
 
 if __name__ == "__main__":

@@ -71,16 +71,52 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / min(timed(lambda: torch.mm(a, b)) for _ in range(reps)) / 1e9
 
 
-def median_times(fns: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds of each function over `reps` calls after `warmup`, the functions
-    interleaved so that load from elsewhere on the machine hits them alike."""
+def median_times(
+    fns: dict[str, Callable[[], object]],
+    warmup: int,
+    reps: int,
+    summary: Callable[[list[float]], float] = statistics.median,
+) -> dict[str, float]:
+    """Median (or `summary`, e.g. min) seconds of each function over `reps` calls after
+    `warmup`, the functions interleaved so that load from elsewhere on the machine hits them
+    alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + reps):
         for name, fn in fns.items():
             dt = timed(fn)
             if i >= warmup:
                 times[name].append(dt)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: summary(ts) for name, ts in times.items()}
+
+
+KernelCalls = dict[str, Callable[[], torch.Tensor]]
+
+
+def kernel_table(
+    shapes: dict[tuple[int, ...], int],
+    kernels: Callable[..., tuple[KernelCalls, torch.Tensor]],
+    reps: int,
+    shape_header: str,
+    what: str,
+) -> str:
+    """One row per shape (with how many times a U-Net step runs it): `kernels(*shape)` gives
+    the calls and their float64 reference; each call is checked against it (relative error
+    under 1e-5) before it is timed, then the best of `reps` interleaved calls, in ms. The last
+    row is each kernel's time over one step, in s."""
+    rows, totals = [], {}
+    for shape, count in shapes.items():
+        fns, ref = kernels(*shape)
+        for name, fn in fns.items():
+            err = ((fn() - ref).norm() / ref.norm()).item()
+            assert err < 1e-5, f"{name} on {shape}: error {err:.1e}"
+        best = median_times(fns, 0, reps, summary=min)
+        rows.append(
+            [" x ".join(map(str, shape)), count, *(f"{1e3 * t:.2f}" for t in best.values())]
+        )
+        for name, t in best.items():
+            totals[name] = totals.get(name, 0.0) + count * t
+    rows.append([f"one step's {what}, s", "", *(f"{t:.3f}" for t in totals.values())])
+    return markdown_table([shape_header, "per step", *fns], rows)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

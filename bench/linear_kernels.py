@@ -11,13 +11,14 @@ U-Net step runs each.
 """
 
 import argparse
-import time
 
 import numpy as np
-import openvino as ov
 import torch
 import torch.nn.functional as F
+from harness import KernelCalls, kernel_table
+from openvino import Model
 from openvino import opset13 as ops
+from openvino_peer import compile_cpu
 
 # (rows, in, out): how many per U-Net step, at batch 2 (77 text tokens, 4096 latent pixels)
 SHAPES = {
@@ -41,33 +42,24 @@ SHAPES = {
 }
 
 
-def kernels(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict:
-    rows = x.shape[0]
+def kernels(rows: int, k: int, n: int) -> tuple[KernelCalls, torch.Tensor]:
+    x, w, b = torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)
     mkl_packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
     onednn_packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    core = ov.Core()
     p = ops.parameter(list(x.shape), np.float32)
     mm = ops.matmul(p, ops.constant(w.numpy()), False, True)
-    ov_model = ov.Model([ops.add(mm, ops.constant(b.numpy()))], [p])
-    compiled = core.compile_model(
-        ov_model,
-        "CPU",
-        {
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-        },
-    )
-    request = compiled.create_infer_request()
+    model = Model([ops.add(mm, ops.constant(b.numpy()))], [p])
+    request = compile_cpu(model, "f32").create_infer_request()
     xn = x.numpy()
-    return {
+    fns = {
         "eager F.linear": lambda: F.linear(x, w, b),
         "MKL packed (Inductor)": lambda: torch.ops.mkl._mkl_linear(x, mkl_packed, w, b, rows),
         "oneDNN packed": lambda: torch.ops.mkldnn._linear_pointwise(
             x, onednn_packed, b, "none", [], ""
         ),
-        "OpenVINO MatMul": lambda: request.infer({0: xn}, share_inputs=True),
+        "OpenVINO MatMul": lambda: torch.from_numpy(request.infer({0: xn}, share_inputs=True)[0]),
     }
+    return fns, F.linear(x.double(), w.double(), b.double()).float()
 
 
 def main() -> None:
@@ -77,39 +69,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
     torch.manual_seed(0)
-    totals: dict[str, float] = {}
     print(f"{torch.get_num_threads()} threads; ms per call, best of {args.reps}")
-    header = None
-    for (rows, k, n), count in SHAPES.items():
-        x, w, b = torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)
-        ref = F.linear(x.double(), w.double(), b.double()).float()
-        fns = kernels(x, w, b)
-        for name, fn in fns.items():
-            out = fn()
-            out = torch.from_numpy(next(iter(out.values()))) if not torch.is_tensor(out) else out
-            err = ((out - ref).norm() / ref.norm()).item()
-            assert err < 1e-5, f"{name} on {(rows, k, n)}: error {err:.1e}"
-        best = {name: float("inf") for name in fns}
-        for _ in range(args.reps):
-            for name, fn in fns.items():  # interleaved, so drift falls on every kernel alike
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-        if header is None:
-            header = "| rows x in x out | per step | " + " | ".join(fns) + " |"
-            print(header + "\n|" + " --- |" * (len(fns) + 2))
-        print(
-            f"| {rows} x {k} x {n} | {count} | "
-            + " | ".join(f"{1e3 * t:.2f}" for t in best.values())
-            + " |"
-        )
-        for name, t in best.items():
-            totals[name] = totals.get(name, 0.0) + count * t
-    print(
-        "| one step's linear layers, s | | "
-        + " | ".join(f"{t:.3f}" for t in totals.values())
-        + " |"
-    )
+    print(kernel_table(SHAPES, kernels, args.reps, "rows x in x out", "linear layers"))
 
 
 if __name__ == "__main__":

@@ -184,10 +184,11 @@ def test_compiled_pipeline_matches_eager():
     eager = model.sample(2, steps=3, seed=0)
     pipe = Pipeline(model).compile()
     compiled, code = run_and_get_code(model.sample, 2, steps=3, seed=0)
+    code = "".join(code)
     assert pipe.model.unet._compiled_call_impl is not None
     # frozen: the convolutions and linear layers are prepacked oneDNN calls, weights constants
-    assert "mkldnn._convolution_pointwise" in "".join(code)
-    assert "mkldnn._linear_pointwise" in "".join(code) and "_mkl_linear" not in "".join(code)
+    assert "mkldnn._convolution_pointwise" in code
+    assert "mkldnn._linear_pointwise" in code and "_mkl_linear" not in code
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     # frozen weights: a change of them undoes the compilation rather than being ignored
     with torch.no_grad():
