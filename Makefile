@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
-	@# bf16 attention for CPUs with AVX512-BF16, built once per machine (~40 s); optional
-	@$(PY) -c "from difusion.nn.bf16_attention import main; main()" || true
+	@# the attention kernel for CPUs with AVX512-BF16, built once per machine (~40 s); optional
+	@$(PY) -c "from difusion.nn.cpu_attention import main; main()" || true
 
 demo: install
 	$(PY) -m difusion.demo --out out/demo

@@ -1,7 +1,8 @@
-"""The float32 attention of SD 1.5's U-Net, one call each: PyTorch's
-`scaled_dot_product_attention` (its CPU flash attention, what our U-Net runs eager and
-compiled) against OpenVINO's MatMul-Softmax-MatMul, which its CPU plugin fuses into one
-attention kernel, on the same queries, keys and values.
+"""The float32 attention of SD 1.5's U-Net, one call each: our attention kernel
+(`nn/cpu_attention.py`, what our U-Net runs eager and compiled on a CPU with AVX512-BF16) and
+PyTorch's `scaled_dot_product_attention` (its CPU flash attention, what it runs elsewhere)
+against OpenVINO's MatMul-Softmax-MatMul, which its CPU plugin fuses into one attention
+kernel, on the same queries, keys and values.
 
 The frozen profile (`openvino_peer.py --profile`) leaves attention as the one kind of kernel
 where OpenVINO's f32 step is clearly faster; this times it at full size, where attention's
@@ -21,6 +22,8 @@ from harness import KernelCalls, kernel_table
 from openvino import Model
 from openvino import opset13 as ops
 from openvino_peer import compile_cpu
+
+from difusion.nn import cpu_attention
 
 BATCH, HEADS = 2, 8
 SHAPES = {  # (queries, keys, head dim): per step; 5 transformer blocks a level, 1 in the middle
@@ -53,6 +56,7 @@ def openvino_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 def kernels(n: int, m: int, d: int) -> tuple[KernelCalls, torch.Tensor]:
     q, k, v = tokens(n, d), tokens(m, d), tokens(m, d)
     fns = {
+        "ours": functools.partial(cpu_attention.attention, q, k, v),
         "PyTorch SDPA": functools.partial(F.scaled_dot_product_attention, q, k, v),
         "OpenVINO": openvino_attention(q, k, v),
     }
@@ -65,6 +69,8 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
+    if not cpu_attention.kernel():
+        raise SystemExit("our attention kernel needs a CPU with AVX512-BF16 and a C++ compiler")
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads; ms per call, best of {args.reps}")
     print(kernel_table(SHAPES, kernels, args.reps, "queries x keys x head dim", "attention"))

@@ -343,7 +343,7 @@ PROFILE_KINDS = {  # a kernel counts for the first kind whose names it holds
     "fused element-wise (Inductor)": ("cpp_fused",),
     "convolution": ("convolution", "Convolution"),
     "norms": ("group_norm", "layer_norm", "GroupNorm", "MVN"),
-    "attention": ("scaled_dot_product", "flash_attention", "bf16_attention", "softmax", "bmm",
+    "attention": ("scaled_dot_product", "flash_attention", "cpu_attention", "softmax", "bmm",
                   "ScaledDotProductAttention", "Softmax", "Subgraph"),
     "matmul": ("addmm", "aten::mm", "aten::linear", "aten::matmul", "_linear", "MatMul",
                "FullyConnected"),

@@ -81,7 +81,7 @@ KINDS = {
     "attention": (
         "scaled_dot_product",
         "flash_attention",
-        "bf16_attention",
+        "cpu_attention",
         "bmm",
         "baddbmm",
         "softmax",

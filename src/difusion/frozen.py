@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .nn import bf16_attention
+from .nn import cpu_attention
 
 _onednn_linear = False  # set while compile_frozen's graphs compile
 
@@ -48,7 +48,7 @@ def compile_frozen(unet: torch.nn.Module) -> None:
     """torch.compile `unet` in place for CPU inference with Inductor's freezing (weights folded
     in as constants, convolutions and linear layers prepacked for oneDNN with their
     activations fused); bf16 weights keep the bf16 attention kernel, loaded before tracing."""
-    bf16_attention.load_for(unet)
+    cpu_attention.load_for(unet)
     if torch._C.has_mkl and torch.backends.mkldnn.is_available():
         _register_onednn_linear()
     compiled = torch.compile(unet._call_impl)  # as nn.Module.compile does

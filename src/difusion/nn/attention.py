@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import bf16_attention
+from . import cpu_attention
 
 
 class Attention(nn.Module):
@@ -50,8 +50,8 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)
         k, v = keys_values or self.keys_values(x if context is None else context)
-        if bf16_attention.applies(q, k, v):
-            h = bf16_attention.attention(q, k, v, mask)
+        if cpu_attention.applies(q, k, v):
+            h = cpu_attention.attention(q, k, v, mask)
         else:
             h = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if mask is None else mask[:, None, None, :]
