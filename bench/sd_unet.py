@@ -82,6 +82,8 @@ KINDS = {
         "scaled_dot_product",
         "flash_attention",
         "cpu_attention",
+        "bf16_attention",
+        "f32_attention",
         "bmm",
         "baddbmm",
         "softmax",
