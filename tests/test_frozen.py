@@ -53,3 +53,24 @@ def test_other_frozen_compilations_keep_inductors_choice():
     with torch._inductor.config.patch(freezing=True):
         _, code = compiled_code(block, x)
     assert "_mkl_linear" in code and "mkldnn._linear_pointwise" not in code
+
+
+def test_a_compilation_in_another_thread_meanwhile_keeps_inductors_choice():
+    """While one of ours compiles (the gate held in this thread), a user's own frozen
+    compilation in another thread still gets MKL's packed linear layers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from difusion.frozen import _onednn_linear_in_this_thread
+
+    torch.manual_seed(0)
+    compile_frozen(Block().eval())  # registers the pattern
+    block, x = Block().eval(), torch.randn(2, 50, 32)
+    block.compile()
+
+    def users_compilation() -> str:
+        with torch._inductor.config.patch(freezing=True):
+            return compiled_code(block, x)[1]
+
+    with _onednn_linear_in_this_thread(), ThreadPoolExecutor(1) as pool:
+        code = pool.submit(users_compilation).result()
+    assert "_mkl_linear" in code and "mkldnn._linear_pointwise" not in code

@@ -9,13 +9,27 @@ the float32 linear layers onto it, for the U-Nets compiled here only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 
 import torch
 
 from .nn import cpu_attention
 
-_onednn_linear = False  # set while compile_frozen's graphs compile
+_gate = threading.local()  # .onednn_linear: set while compile_frozen's graphs compile here
+
+
+@contextlib.contextmanager
+def _onednn_linear_in_this_thread() -> Iterator[None]:
+    """Inductor compiles a graph in the thread that calls it: a compilation of someone
+    else's in another thread meanwhile keeps its own choice."""
+    _gate.onednn_linear = True
+    try:
+        yield
+    finally:
+        _gate.onednn_linear = False
 
 
 @functools.cache
@@ -27,7 +41,7 @@ def _register_onednn_linear() -> None:
     # weight reorder it adds is folded into a constant with the rest
     @register_freezing_graph_pattern(
         CallFunction(torch.ops.mkl._mkl_linear, Arg(), Arg(), Arg(), Arg(), Arg()),
-        extra_check=lambda match: _onednn_linear,
+        extra_check=lambda match: getattr(_gate, "onednn_linear", False),
         pass_number=2,
     )
     def mkl_to_onednn(match, x, mkl_packed, weight, bias, batch_size):
@@ -54,14 +68,9 @@ def compile_frozen(unet: torch.nn.Module) -> None:
     compiled = torch.compile(unet._call_impl)  # as nn.Module.compile does
 
     def frozen(*args, **kwargs):
-        global _onednn_linear
         # Inductor reads `freezing` when a call compiles: given as torch.compile's option it
         # is not seen there, and the weights stay graph inputs, unpacked
-        _onednn_linear = True
-        try:
-            with torch._inductor.config.patch(freezing=True):
-                return compiled(*args, **kwargs)
-        finally:
-            _onednn_linear = False
+        with _onednn_linear_in_this_thread(), torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
 
     unet._compiled_call_impl = frozen
