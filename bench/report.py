@@ -117,29 +117,38 @@ def rates_line(results: list[dict]) -> str:
     return ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
 
 
-def versus(r: dict) -> tuple[str, str, float] | None:
-    """The summary's name, output difference and the other side's seconds for an ours-vs-peer
-    record (diffusers or OpenVINO), or None for a kind the summary does not track."""
+def versus(r: dict) -> list[tuple[str, str, float, float]]:
+    """The summary's rows for an ours-vs-peer record (diffusers or OpenVINO): name, output
+    difference, our seconds and the other side's; none for a kind the summary does not
+    track. Against OpenVINO, eager and compiled, each against OpenVINO's fastest conversion."""
     kind = r.get("kind")
     if kind == "unet_train_step":
         name = f"training step, ours / diffusers' {r['model']} (batch {r['batch']})"
-        return name, f"{r['rel_err']:.0e} (max rel.)", r["diffusers_s"]
+        return [(name, f"{r['rel_err']:.0e} (max rel.)", r["ours_s"], r["diffusers_s"])]
     if kind == "pipeline":
         name = f"Pipeline / diffusers ({r['batch']} images, {r['steps']} steps)"
         diff = f"{r['max_abs_diff']:.0e} max, {r['mean_abs_diff']:.0e} mean (abs.)"
-        return name, diff, r["diffusers_s"]
+        return [(name, diff, r["ours_s"], r["diffusers_s"])]
     if kind == "sd15_unet_step":
         name = f"SD 1.5 U-Net step, ours / diffusers (4x{r['size']}x{r['size']})"
-        return name, f"{r['rel_err']:.0e} (rel. norm)", r["diffusers_s"]
+        return [(name, f"{r['rel_err']:.0e} (rel. norm)", r["ours_s"], r["diffusers_s"])]
     if kind == "openvino_unet_step":
-        name = f"SD 1.5 U-Net step, ours / OpenVINO (4x{r['size']}x{r['size']})"
-        diff = f"{r['ours_rel_err']:.0e} / {r['openvino_rel_err']:.0e} (rel. to diffusers fp32)"
-        return name, diff, r["openvino_s"]
+        best = min(r["variants"].values(), key=lambda v: v["seconds"])
+        return [
+            (f"SD 1.5 U-Net step, ours{how} / OpenVINO (4x{r['size']}x{r['size']})",
+             f"{r[err]:.0e} / {best['rel_err']:.0e} (rel. to diffusers fp32)", r[s], best["seconds"])
+            for how, s, err in (("", "ours_s", "ours_rel_err"),
+                                (" compiled", "ours_compiled_s", "ours_compiled_rel_err"))
+        ]  # fmt: skip
     if kind == "openvino_pipeline":
-        name = f"Pipeline / its U-Net in OpenVINO ({r['batch']} images, {r['steps']} steps)"
-        diff = f"{r['ours_from_fp32']:.0e} / {r['openvino_from_fp32']:.0e} mean (abs., to fp32)"
-        return name, diff, r["openvino_s"]
-    return None
+        return [
+            (f"{how}Pipeline / its U-Net in OpenVINO ({r['batch']} images, {r['steps']} steps)",
+             f"{r[diff]:.0e} / {r['openvino_from_fp32']:.0e} mean (abs., to fp32)", r[s],
+             r["openvino_s"])
+            for how, s, diff in (("", "ours_s", "ours_from_fp32"),
+                                 ("compiled ", "ours_compiled_s", "ours_compiled_from_fp32"))
+        ]  # fmt: skip
+    return []
 
 
 def summary(results: list[dict]) -> str:
@@ -162,9 +171,7 @@ def summary(results: list[dict]) -> str:
             name = "training loop / bare step (images/s)"
             rows.append([name, shown, f"{loop / bare:.2f}", pct(flops * loop, prec),
                          pct(flops * bare, prec), ""])  # fmt: skip
-        elif (named := versus(r)) is not None:
-            name, diff, theirs = named
-            ours = r["ours_s"]
+        for name, diff, ours, theirs in versus(r):
             rows.append([name, shown, f"{theirs / ours:.2f}", pct(r["flops"] / ours, prec),
                          pct(r["flops"] / theirs, prec), diff])  # fmt: skip
     headers = ["ratio", "precision", "value", "ours: % of matmul rate",

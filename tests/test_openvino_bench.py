@@ -82,3 +82,23 @@ def test_bf16_sinusoid_fed_in_keeps_the_timestep(case, converted):
            for c, m in converted.items()}  # fmt: skip
     assert err["sinusoid"] < 5e-2
     assert err["sinusoid"] < err["timestep"]
+
+
+def test_report_sets_eager_and_compiled_against_openvinos_fastest_conversion():
+    from report import summary
+
+    variants = {
+        "OpenVINO bf16": {"seconds": 4.6, "rel_err": 0.14},
+        "OpenVINO bf16, sinusoid fed in f32": {"seconds": 4.4, "rel_err": 0.016},
+    }
+    record = {"kind": "openvino_unet_step", "precision": "bf16", "weights": "bf16", "size": 64,
+              "flops": 1.6e12, "ours_s": 5.5, "ours_rel_err": 0.017, "ours_compiled_s": 4.0,
+              "ours_compiled_rel_err": 0.012, "variants": variants}  # fmt: skip
+    rows = summary([{"records": [record]}]).splitlines()[2:]
+    assert len(rows) == 2
+    eager, compiled = (row.split(" | ") for row in rows)
+    assert eager[0] == "| SD 1.5 U-Net step, ours / OpenVINO (4x64x64)"
+    assert compiled[0] == "| SD 1.5 U-Net step, ours compiled / OpenVINO (4x64x64)"
+    assert eager[1] == compiled[1] == "bf16 weights"
+    assert (eager[2], compiled[2]) == (f"{4.4 / 5.5:.2f}", f"{4.4 / 4.0:.2f}")  # the fastest
+    assert compiled[5].startswith("1e-02 / 2e-02")  # its error beside
