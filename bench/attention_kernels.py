@@ -12,13 +12,12 @@ dim), and how many times one U-Net step runs each.
     OMP_NUM_THREADS=2 .venv/bin/python bench/attention_kernels.py [--reps 5]
 """
 
-import argparse
 import functools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from harness import KernelCalls, kernel_table
+from harness import KernelCalls, kernel_bench
 from openvino import Model
 from openvino import opset13 as ops
 from openvino_peer import compile_cpu
@@ -64,16 +63,9 @@ def kernels(n: int, m: int, d: int) -> tuple[KernelCalls, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
     if not cpu_attention.kernel():
         raise SystemExit("our attention kernel needs a CPU with AVX512-BF16 and a C++ compiler")
-    torch.manual_seed(0)
-    print(f"{torch.get_num_threads()} threads; ms per call, best of {args.reps}")
-    print(kernel_table(SHAPES, kernels, args.reps, "queries x keys x head dim", "attention"))
+    kernel_bench(__doc__, SHAPES, kernels, "queries x keys x head dim", "attention", reps=5)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,23 @@ def kernel_table(
     return markdown_table([shape_header, "per step", *fns], rows)
 
 
+def kernel_bench(
+    doc: str | None,
+    shapes: dict[tuple[int, ...], int],
+    kernels: Callable[..., tuple[KernelCalls, torch.Tensor]],
+    shape_header: str,
+    what: str,
+    reps: int,
+) -> None:
+    """A kernel script's main: its --reps (default `reps`), then `kernel_table` printed."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--reps", type=int, default=reps, help="timed calls a kernel (the best)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print(f"{torch.get_num_threads()} threads; ms per call, best of {args.reps}")
+    print(kernel_table(shapes, kernels, args.reps, shape_header, what))
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

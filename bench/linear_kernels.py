@@ -10,12 +10,10 @@ U-Net step runs each.
     OMP_NUM_THREADS=2 .venv/bin/python bench/linear_kernels.py [--reps 20]
 """
 
-import argparse
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from harness import KernelCalls, kernel_table
+from harness import KernelCalls, kernel_bench
 from openvino import Model
 from openvino import opset13 as ops
 from openvino_peer import compile_cpu
@@ -63,14 +61,7 @@ def kernels(rows: int, k: int, n: int) -> tuple[KernelCalls, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--reps", type=int, default=20)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    print(f"{torch.get_num_threads()} threads; ms per call, best of {args.reps}")
-    print(kernel_table(SHAPES, kernels, args.reps, "rows x in x out", "linear layers"))
+    kernel_bench(__doc__, SHAPES, kernels, "rows x in x out", "linear layers", reps=20)
 
 
 if __name__ == "__main__":
