@@ -61,7 +61,7 @@ def _register_onednn_linear() -> None:
 def compile_frozen(unet: torch.nn.Module) -> None:
     """torch.compile `unet` in place for CPU inference with Inductor's freezing (weights folded
     in as constants, convolutions and linear layers prepacked for oneDNN with their
-    activations fused); bf16 weights keep the bf16 attention kernel, loaded before tracing."""
+    activations fused); bf16 and f32 weights keep the attention kernel, loaded before tracing."""
     cpu_attention.load_for(unet)
     if torch._C.has_mkl and torch.backends.mkldnn.is_available():
         _register_onednn_linear()

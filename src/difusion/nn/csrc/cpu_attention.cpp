@@ -48,7 +48,9 @@ struct Floats {
   using Unit = float;
   using Row = __m512;
   static Row load(const Unit* b) { return _mm512_loadu_ps(b); }
-  static __m512 madd(__m512 acc, Unit a, Row b) { return _mm512_fmadd_ps(_mm512_set1_ps(a), b, acc); }
+  static __m512 madd(__m512 acc, Unit a, Row b) {
+    return _mm512_fmadd_ps(_mm512_set1_ps(a), b, acc);
+  }
 };
 
 // out[kRows, 16*C] (+)= A[kRows, n] B[n, 16*C]: A's row r at a + r*lda, B's zmm (p, c) at
@@ -199,8 +201,8 @@ void bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const bool* keep_b = keep_ptr ? keep_ptr + b * Lk : nullptr;
       for (int64_t j0 = 0; j0 < Lk; j0 += kKVBlock) {
         const int64_t kb = std::min(kKVBlock, Lkp - j0);  // a multiple of 16
-        product<Bf16Pairs>(qbuf.data(), P, rows_pad, kp + j0 * P, 16, P * 16, P, kb / 16, s.data(),
-                kKVBlock, false);
+        product<Bf16Pairs>(qbuf.data(), P, rows_pad, kp + j0 * P, 16, P * 16, P, kb / 16,
+                           s.data(), kKVBlock, false);
         const bool some_masked = j0 + kb > Lk || keep_b;
         for (int64_t r = 0; r < rows_pad; ++r) {
           float* sr = s.data() + r * kKVBlock;
@@ -231,8 +233,9 @@ void bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_loadu_ps(orow + c), _mm512_set1_ps(alpha)));
           }
         }
-        product<Bf16Pairs>(reinterpret_cast<const uint32_t*>(pbuf.data()), kKVBlock / 2, rows_pad,
-                vp + j0 / 2 * Dp, Dp, 16, kb / 2, Dp / 16, o.data(), Dp, true);
+        product<Bf16Pairs>(reinterpret_cast<const uint32_t*>(pbuf.data()), kKVBlock / 2,
+                           rows_pad, vp + j0 / 2 * Dp, Dp, 16, kb / 2, Dp / 16, o.data(), Dp,
+                           true);
       }
       for (int64_t r = 0; r < rows; ++r) {
         uint16_t* orow = od + b * out.stride(0) + h * out.stride(1) + (i0 + r) * out.stride(2);
@@ -247,7 +250,6 @@ void bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     }
   });
 }
-
 
 // The same attention in float32, transposed so that queries run along the lanes: S^T = K Q^T
 // (keys as rows of A, queries packed as B), then O^T += V^T P^T.  The online softmax then
@@ -295,9 +297,10 @@ void f32_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nqb, b = bh / H, h = bh % H, i0 = task % nqb * QB;
       const int64_t rows = std::min(QB, Lq - i0);
-      for (int64_t i = 0; i < QB; ++i) {  // Q^T, scaled for exp2
+      std::fill(qt.begin(), qt.end(), 0.f);
+      for (int64_t i = 0; i < rows; ++i) {  // Q^T, scaled for exp2
         const float* qr = qd + b * q.stride(0) + h * q.stride(1) + (i0 + i) * q.stride(2);
-        for (int64_t c = 0; c < D; ++c) qt[c * QB + i] = i < rows ? qr[c] * scale2 : 0.f;
+        for (int64_t c = 0; c < D; ++c) qt[c * QB + i] = qr[c] * scale2;
       }
       std::fill(ot.begin(), ot.end(), 0.f);
       __m512 m[NC], l[NC];
@@ -354,7 +357,7 @@ TORCH_LIBRARY(difusion, m) {
   m.def("f32_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor? mask, float scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(difusion, CPU, m) { 
+TORCH_LIBRARY_IMPL(difusion, CPU, m) {
   m.impl("bf16_attention", &bf16_attention);
   m.impl("f32_attention", &f32_attention);
 }
